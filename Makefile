@@ -1,0 +1,52 @@
+# metaad: `make train` and `make test` work on a fresh clone (they set up the venv first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The one place torch is pinned: installed before the project so pip never swaps in another build.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.install.stamp
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train eval score sweep benchmark test test-slow lint format tensorboard clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@echo '  pass Hydra overrides with ARGS="model=siamese dataset.k_shot=1"'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install torch, then the project (editable, with dev tools)
+
+train: $(STAMP) ## meta-train the default experiment (ARGS="..." for overrides)
+	$(BIN)/metaad-train $(ARGS)
+
+eval: $(STAMP) ## re-score a checkpoint: make eval ARGS="ckpt_path=outputs/.../best.ckpt"
+	$(BIN)/metaad-eval $(ARGS)
+
+test: $(STAMP) ## the default test suite (a few minutes on 2 cores)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+test-slow: $(STAMP) ## the slow tests: multi-process DDP, subprocess runs, sweeps (CI runs them too)
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+format: $(STAMP) ## ruff fix and format
+	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts
+
+tensorboard: $(STAMP) ## open TensorBoard on every run under outputs/
+	$(BIN)/tensorboard --logdir outputs
+
+clean: ## remove caches (keeps .venv and outputs/)
+	rm -rf .pytest_cache .ruff_cache src/*.egg-info
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,118 @@
+"""The LightningDataModule: a source, a task split and episode settings in; episode loaders out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from metaad.data.episodes import EpisodeDataset, EpisodeSampler
+from metaad.data.tasks import DataError, LabelledData, TaskPool, split_tasks
+
+
+class EpisodeDataModule(pl.LightningDataModule):
+    """Yields meta-batches of one-class episodes; val/test episodes are a fixed set.
+
+    Every process evaluates the whole fixed val/test set (no distributed sampler, no padding
+    duplicates), so DDP reports exactly the single-process metrics. Training episodes are
+    sharded across ranks by :class:`EpisodeSampler`.
+    """
+
+    def __init__(
+        self,
+        source: Callable[[], LabelledData],
+        val_tasks: Sequence,
+        test_tasks: Sequence,
+        train_tasks: Sequence | None = None,
+        k_shot: int = 5,
+        n_query: int = 20,
+        anomaly_ratio: float = 0.5,
+        meta_batch_size: int = 8,
+        train_episodes: int = 800,
+        val_episodes: int = 200,
+        test_episodes: int = 1000,
+        eval_batch_size: int = 50,
+        anomalies_from: str = "split",
+        require_disjoint: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("k_shot", k_shot),
+            ("n_query", n_query),
+            ("meta_batch_size", meta_batch_size),
+            ("train_episodes", train_episodes),
+            ("val_episodes", val_episodes),
+            ("test_episodes", test_episodes),
+            ("eval_batch_size", eval_batch_size),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise DataError(f"dataset.{name} must be a positive integer, got {value!r}")
+        if not 0.0 < anomaly_ratio < 1.0:
+            raise DataError(f"dataset.anomaly_ratio must be in (0, 1) so queries hold both kinds, got {anomaly_ratio}")
+        n_anomalies = round(n_query * anomaly_ratio)
+        if not 0 < n_anomalies < n_query:
+            raise DataError(
+                f"dataset.n_query={n_query} with anomaly_ratio={anomaly_ratio} gives {n_anomalies} anomalies; "
+                "a query needs at least one normal and one anomaly"
+            )
+        if train_episodes < meta_batch_size:
+            raise DataError(
+                f"dataset.train_episodes ({train_episodes}) is smaller than meta_batch_size ({meta_batch_size})"
+            )
+        self.source = source
+        self.split_args = dict(
+            train_tasks=train_tasks,
+            val_tasks=val_tasks,
+            test_tasks=test_tasks,
+            require_disjoint=require_disjoint,
+            anomalies_from=anomalies_from,
+            seed=seed,
+        )
+        self.episode_args = dict(k_shot=k_shot, n_query=n_query, anomaly_ratio=anomaly_ratio, seed=seed)
+        self.n_episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
+        self.meta_batch_size, self.eval_batch_size = meta_batch_size, eval_batch_size
+        self.num_workers = num_workers
+        self.pools: dict[str, TaskPool] = {}
+        self.datasets: dict[str, EpisodeDataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the source and check every split can supply its episodes (idempotent)."""
+        if self.datasets:
+            return
+        data = self.source()
+        self.pools = split_tasks(data, **self.split_args)
+        self.datasets = {
+            split: EpisodeDataset(pool, split, n_episodes=self.n_episodes[split], **self.episode_args)
+            for split, pool in self.pools.items()
+        }
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, e.g. ``(64,)`` or ``(1, 28, 28)``; needs :meth:`setup` first."""
+        if not self.pools:
+            raise RuntimeError("call setup() before asking for sample_shape")
+        return self.pools["train"].sample_shape
+
+    def _loader(self, split: str, batch_size: int, sampler: EpisodeSampler) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=split == "train",
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        sampler = EpisodeSampler(self.n_episodes["train"], rank, world)
+        return self._loader("train", self.meta_batch_size, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, EpisodeSampler(self.n_episodes["val"]))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, EpisodeSampler(self.n_episodes["test"]))

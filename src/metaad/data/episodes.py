@@ -1,0 +1,115 @@
+"""One-class episodes drawn from a :class:`TaskPool`; knows nothing of models.
+
+An episode picks a task, takes ``k_shot`` of its normal samples as the support set, and a query
+set of ``n_query`` samples of which ``round(n_query * anomaly_ratio)`` are anomalies. Every
+episode is a pure function of ``(seed, split, epoch, index)``: the same whatever the worker or
+process count, fixed for val/test, fresh each epoch for training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Sampler
+
+from metaad.data.tasks import DataError, TaskPool
+
+SPLIT_ID = {"train": 0, "val": 1, "test": 2}
+
+
+class Episode(NamedTuple):
+    """One episode, or a meta-batch of them after collation (a leading ``B`` on every field)."""
+
+    support: Tensor  # (K, *x) normal samples of the task
+    query: Tensor  # (Q, *x)
+    label: Tensor  # (Q,) 1 = anomaly, 0 = normal
+    task: Tensor  # () task id of the normal task
+    query_task: Tensor  # (Q,) task id each query sample comes from (-1: an in-task anomaly)
+
+
+class EpisodeDataset(Dataset):
+    """Map-style episodes; an index is ``(epoch, i)`` so training episodes change between epochs."""
+
+    def __init__(
+        self,
+        pool: TaskPool,
+        split: str,
+        k_shot: int,
+        n_query: int,
+        anomaly_ratio: float,
+        n_episodes: int,
+        seed: int,
+    ) -> None:
+        self.pool, self.split = pool, split
+        self.k_shot, self.n_query, self.n_episodes, self.seed = k_shot, n_query, n_episodes, seed
+        self.n_anomalies = int(round(n_query * anomaly_ratio))
+        self.n_normals = n_query - self.n_anomalies
+        self._check()
+
+    def _check(self) -> None:
+        need_normal = self.k_shot + self.n_normals
+        for t in self.pool.tasks:
+            have_n, have_a = len(self.pool.normal_rows[t]), len(self.pool.anomaly_rows[t])
+            if have_n < need_normal:
+                raise DataError(
+                    f"{self.split} task {t!r} has {have_n} normal samples but an episode needs "
+                    f"dataset.k_shot ({self.k_shot}) + normal queries ({self.n_normals}) = {need_normal}; "
+                    "lower k_shot or n_query"
+                )
+            if have_a < self.n_anomalies:
+                raise DataError(
+                    f"{self.split} task {t!r} has {have_a} anomalies but an episode needs "
+                    f"{self.n_anomalies} (dataset.n_query x dataset.anomaly_ratio); lower n_query or anomaly_ratio"
+                )
+
+    def __len__(self) -> int:
+        return self.n_episodes
+
+    def __getitem__(self, index: tuple[int, int] | int) -> Episode:
+        epoch, i = index if isinstance(index, tuple) else (0, index)
+        rng = np.random.default_rng([self.seed, SPLIT_ID[self.split], epoch, i])
+        pool = self.pool
+        # Training draws tasks at random; evaluation cycles through them so every task is covered evenly.
+        task = pool.tasks[rng.integers(len(pool.tasks))] if self.split == "train" else pool.tasks[i % len(pool.tasks)]
+        normals = rng.choice(pool.normal_rows[task], self.k_shot + self.n_normals, replace=False)
+        anomalies = rng.choice(pool.anomaly_rows[task], self.n_anomalies, replace=False)
+        query_rows = np.concatenate([normals[self.k_shot :], anomalies])
+        label = np.concatenate([np.zeros(self.n_normals), np.ones(self.n_anomalies)])
+        order = rng.permutation(self.n_query)
+        query_rows, label = query_rows[order], label[order]
+        return Episode(
+            support=torch.from_numpy(pool.x[normals[: self.k_shot]]),
+            query=torch.from_numpy(pool.x[query_rows]),
+            label=torch.from_numpy(label).long(),
+            task=torch.tensor(pool.task_id[task]),
+            query_task=torch.from_numpy(pool.row_task_id[query_rows]).long(),
+        )
+
+
+class EpisodeSampler(Sampler):
+    """Yields ``(epoch, i)`` for this process's share of the episodes.
+
+    Ranks take interleaved indices, so the union over ranks is the single-process set of episodes
+    (less a remainder of fewer than ``world_size``, so every rank runs the same number of steps)
+    and no episode is padded or repeated. Lightning calls ``set_epoch`` every epoch.
+    """
+
+    def __init__(self, n_episodes: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n_episodes, self.rank, self.world_size = n_episodes, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+    def _indices(self) -> range:
+        return range(self.rank, self.n_episodes - self.n_episodes % self.world_size, self.world_size)
