@@ -71,6 +71,8 @@ class EpisodeDataset(Dataset):
 
     def __getitem__(self, index: tuple[int, int] | int) -> Episode:
         epoch, i = index if isinstance(index, tuple) else (0, index)
+        if self.split != "train":
+            epoch = 0  # Lightning sets the epoch on eval samplers too; val/test episodes stay fixed
         rng = np.random.default_rng([self.seed, SPLIT_ID[self.split], epoch, i])
         pool = self.pool
         # Training draws tasks at random; evaluation cycles through them so every task is covered evenly.

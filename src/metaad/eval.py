@@ -1,0 +1,61 @@
+"""``metaad-eval ckpt_path=...``: re-score a trained checkpoint on its test episodes, write metrics.json.
+
+The model, backbone, baselines and dataset are rebuilt from the config stored in the checkpoint
+(plain data, loaded with ``weights_only=True``); keys given under ``dataset`` replace the stored
+ones, e.g. ``+dataset.k_shot=10`` to evaluate the same model with more shots.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metaad.build import build_datamodule, build_model, build_trainer
+from metaad.report import print_summary, write_metrics
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
+    """The checkpoint (tensors and plain data only) and the training config stored in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "metaad_config" not in checkpoint:
+        raise ValueError(f"ckpt_path: {path} was not written by metaad-train (no 'metaad_config' in it)")
+    return checkpoint, OmegaConf.create(checkpoint["metaad_config"])
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    checkpoint, run_cfg = load_checkpoint(cfg.ckpt_path)
+    run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, cfg.dataset)
+    datamodule = build_datamodule(run_cfg)
+    model = build_model(run_cfg, datamodule.sample_shape)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.on_load_checkpoint(checkpoint)
+    trainer = build_trainer(cfg)
+    trainer.test(model, datamodule=datamodule)
+    metrics = {
+        **run_cfg.names,
+        "k_shot": run_cfg.dataset.k_shot,
+        "seed": run_cfg.seed,
+        "checkpoint": str(cfg.ckpt_path),
+        **model.test_results,
+    }
+    if trainer.is_global_zero:
+        run_dir = Path(cfg.paths.output_dir)
+        write_metrics(run_dir / "metrics.json", metrics)
+        print_summary(metrics, run_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
