@@ -20,27 +20,32 @@ QUICK = [
     "dataset.eval_batch_size=20",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
+    "trainer.log_every_n_steps=1",
 ]
+
+
+def compose_in(
+    run_dir: Path, overrides: list[str] = (), config_name: str = "train", quick: bool = True
+) -> DictConfig:
+    """The config an app would see for these overrides, with its run folder at ``run_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module("metaad.conf", version_base="1.3"):
+        cfg = compose(
+            config_name, overrides=[*(QUICK if quick else []), *overrides], return_hydra_config=True
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 @pytest.fixture
 def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    """``compose_cfg(overrides, config_name="train")``: the config an app would see, run dir under tmp_path."""
+    """``compose_cfg(overrides, config_name="train", quick=True)``: a composed config, run dir in tmp_path."""
 
     def _compose(overrides: list[str] = (), config_name: str = "train", quick: bool = True) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_module("metaad.conf", version_base="1.3"):
-            cfg = compose(
-                config_name,
-                overrides=[*(QUICK if quick else []), *overrides],
-                return_hydra_config=True,
-            )
-        run_dir = tmp_path / "run"
-        run_dir.mkdir(exist_ok=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-        HydraConfig.instance().set_config(cfg)
-        return cfg
+        return compose_in(tmp_path / "run", overrides, config_name, quick)
 
     yield _compose
     GlobalHydra.instance().clear()

@@ -33,7 +33,12 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] = ()) -> pl.Trai
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config as plain data (safe to store in a checkpoint loaded with weights_only)."""
+    """The resolved config as plain data (safe to store in a checkpoint loaded with weights_only).
+
+    Hydra's own node (present when composed with ``return_hydra_config``) is left out.
+    """
+    if "hydra" in cfg:
+        cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     return OmegaConf.to_container(cfg, resolve=True)
 
 

@@ -32,7 +32,9 @@ class LabelledData:
 
     def __post_init__(self) -> None:
         if self.x.ndim < 2 or len(self.x) == 0:
-            raise DataError(f"{self.name}: expected a non-empty (N, features...) array, got shape {self.x.shape}")
+            raise DataError(
+                f"{self.name}: expected a non-empty (N, features...) array, got shape {self.x.shape}"
+            )
         if len(self.task) != len(self.x):
             raise DataError(f"{self.name}: {len(self.x)} samples but {len(self.task)} task labels")
         if self.anomalous is not None and len(self.anomalous) != len(self.x):

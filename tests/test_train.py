@@ -1,0 +1,98 @@
+"""End to end through Hydra, in-process: train -> test -> metrics.json, TensorBoard, checkpoints, eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from metaad.baselines import SupportMeanDistance
+from metaad.build import build_datamodule
+from metaad.data import DataError
+from metaad.eval import evaluate
+from metaad.metrics import EpisodeMetrics
+from metaad.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One quick real run shared by the assertions below (training twice would double the cost)."""
+    from tests.conftest import compose_in
+
+    cfg = compose_in(tmp_path_factory.mktemp("train"), [])
+    return cfg, train(cfg)
+
+
+def test_run_writes_metrics_json_with_learner_and_baselines(trained):
+    cfg, metrics = trained
+    on_disk = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk["model"] == "protonet" and on_disk["dataset"] == "digits" and on_disk["k_shot"] == 5
+    for block in (on_disk["test"], *on_disk["baselines"].values()):
+        assert 0.0 <= block["auroc"]["mean"] <= 1.0 and block["auroc"]["ci95"] > 0
+        assert block["auroc"]["n_episodes"] == 40
+    assert set(on_disk["baselines"]) == {"mean_euclidean", "nn_cosine"}
+
+
+def test_baseline_numbers_are_computed_on_the_fixed_test_episodes(trained):
+    cfg, metrics = trained
+    datamodule = build_datamodule(cfg)
+    baseline, collected = SupportMeanDistance("euclidean"), EpisodeMetrics()
+    for batch in datamodule.test_dataloader():
+        collected.update(baseline.score(baseline.adapt(batch.support), batch.query), batch.label)
+    expected = collected.compute()["auroc"]["mean"]
+    assert metrics["baselines"]["mean_euclidean"]["auroc"]["mean"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_tensorboard_has_the_curves_and_real_hparams(trained):
+    cfg, metrics = trained
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "val/auroc", "val/auroc_best", "test/auroc", "test/aupr", "hp/val_auroc"):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    assert "test/baseline/mean_euclidean/auroc" in tags
+    test_auroc = events.Scalars("test/auroc")[-1].value
+    assert test_auroc == pytest.approx(metrics["test"]["auroc"]["mean"], abs=1e-6)
+    hp = events.Scalars("hp/val_auroc")[-1].value
+    assert hp == pytest.approx(metrics["val_auroc_best"], abs=1e-6) and hp > 0
+
+
+def test_checkpoints_hold_plain_config_and_eval_reproduces_the_test(trained, compose_cfg):
+    cfg, metrics = trained
+    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    assert (ckpt_dir / "best.ckpt").is_file() and (ckpt_dir / "last.ckpt").is_file()
+    checkpoint = torch.load(ckpt_dir / "best.ckpt", weights_only=True)
+    assert checkpoint["metaad_config"]["dataset"]["k_shot"] == 5
+    eval_cfg = compose_cfg([f"ckpt_path={ckpt_dir / 'best.ckpt'}"], config_name="eval", quick=False)
+    evaluated = evaluate(eval_cfg)
+    assert evaluated["test"]["auroc"]["mean"] == pytest.approx(metrics["test"]["auroc"]["mean"], abs=1e-6)
+    assert (Path(eval_cfg.paths.output_dir) / "metrics.json").is_file()
+
+
+def test_same_seed_same_numbers_and_another_seed_differs(trained, tmp_path):
+    from tests.conftest import compose_in
+
+    cfg, metrics = trained
+    again = train(compose_in(tmp_path / "again", []))
+    assert again["test"]["auroc"]["mean"] == pytest.approx(metrics["test"]["auroc"]["mean"], abs=1e-6)
+    other = train(compose_in(tmp_path / "other", ["seed=1"]))
+    assert other["test"]["auroc"]["mean"] != pytest.approx(metrics["test"]["auroc"]["mean"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "override, error, message",
+    [
+        ("dataset.k_shot=500", DataError, "k_shot"),
+        ("dataset.train_tasks=[0,1,6]", DataError, "overlaps val/test tasks"),
+        ("dataset.test_tasks=[]", DataError, "test_tasks is empty"),
+        ("dataset=no_such_dataset", MissingConfigException, "no_such_dataset"),
+    ],
+)
+def test_bad_requests_stop_before_training(compose_cfg, override, error, message):
+    with pytest.raises(error, match=message):
+        train(compose_cfg([override]))
