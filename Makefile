@@ -15,11 +15,13 @@ help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
 	@echo '  pass Hydra overrides with ARGS="model=siamese dataset.k_shot=1"'
 
+# pip's output goes to .venv/install.log and is shown only if the install fails.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
+	@echo "installing $(TORCH_PIN), then metaad and its dependencies (log: $(VENV)/install.log)"
+	@( $(BIN)/python -m pip install "$(TORCH_PIN)" && \
+	   $(BIN)/python -m pip install -e ".[dev]" "$(TORCH_PIN)" ) > $(VENV)/install.log 2>&1 \
+	   || { tail -40 $(VENV)/install.log; exit 1; }
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install torch, then the project (editable, with dev tools)
