@@ -6,10 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from metaad.build import compose_config
 
 # A few steps: enough to run every stage of a real experiment in seconds.
 QUICK = [
@@ -27,17 +27,8 @@ QUICK = [
 def compose_in(
     run_dir: Path, overrides: list[str] = (), config_name: str = "train", quick: bool = True
 ) -> DictConfig:
-    """The config an app would see for these overrides, with its run folder at ``run_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_module("metaad.conf", version_base="1.3"):
-        cfg = compose(
-            config_name, overrides=[*(QUICK if quick else []), *overrides], return_hydra_config=True
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    """The config an app would see for these overrides (quick settings first), run folder ``run_dir``."""
+    return compose_config([*(QUICK if quick else []), *overrides], run_dir, config_name)
 
 
 @pytest.fixture

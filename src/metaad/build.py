@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaad.data.datamodule import EpisodeDataModule
 from metaad.learners.base import EpisodicModule
@@ -20,10 +24,12 @@ def build_datamodule(cfg: DictConfig) -> EpisodeDataModule:
 
 
 def build_model(cfg: DictConfig, sample_shape: tuple[int, ...]) -> EpisodicModule:
-    """The learner with its backbone sized for ``sample_shape`` and the baselines it reports beside."""
+    """The learner with its backbone sized for ``sample_shape``, the baselines it reports beside and
+    the threshold that turns its scores into decisions (none without a ``threshold`` config)."""
     backbone = instantiate(cfg.backbone, sample_shape=list(sample_shape))
     baselines = {name: instantiate(conf) for name, conf in (cfg.get("baselines") or {}).items()}
-    return instantiate(cfg.model, backbone=backbone, baselines=baselines)
+    threshold = instantiate(cfg.threshold) if cfg.get("threshold") else None
+    return instantiate(cfg.model, backbone=backbone, baselines=baselines, threshold=threshold)
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] = ()) -> pl.Trainer:
@@ -43,10 +49,29 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
 
 
 class StoreConfig(pl.Callback):
-    """Stores the run's resolved config in every checkpoint, so eval and scoring can rebuild the model."""
+    """Stores the run's resolved config (and the sample shape) in every checkpoint, so eval and
+    scoring can rebuild the model."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.config = plain(cfg)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint["metaad_config"] = self.config
+        if trainer.datamodule is not None:
+            checkpoint["metaad_sample_shape"] = list(trainer.datamodule.sample_shape)
+
+
+def compose_config(overrides: list[str], run_dir: Path, config_name: str = "train") -> DictConfig:
+    """Compose an app's config in-process (tests, the benchmark), with its run folder at ``run_dir``.
+
+    Sets Hydra's global run state as ``@hydra.main`` would, so ``${hydra:...}`` interpolations
+    (run names, ``paths.output_dir``) resolve exactly as on the command line.
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_module("metaad.conf", version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
