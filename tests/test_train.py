@@ -35,7 +35,8 @@ def test_run_writes_metrics_json_with_learner_and_baselines(trained):
     for block in (on_disk["test"], *on_disk["baselines"].values()):
         assert 0.0 <= block["auroc"]["mean"] <= 1.0 and block["auroc"]["ci95"] > 0
         assert block["auroc"]["n_episodes"] == 40
-    assert set(on_disk["baselines"]) == {"mean_euclidean", "nn_cosine"}
+    fast = {"mean_euclidean", "mean_cosine", "nn_euclidean", "nn_cosine", "mahalanobis"}
+    assert set(on_disk["baselines"]) == fast
 
 
 def test_baseline_numbers_are_computed_on_the_fixed_test_episodes(trained):

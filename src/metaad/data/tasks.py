@@ -6,6 +6,7 @@ A *source* (see ``sources``) returns one :class:`LabelledData`; this module turn
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -86,7 +87,8 @@ def split_tasks(
 ) -> dict[str, TaskPool]:
     """Build the ``train`` / ``val`` / ``test`` pools.
 
-    ``train_tasks: null`` means every task not used for val or test. When val and test share a
+    ``train_tasks: null`` means every task not used for val or test. A listed entry with shell
+    wildcards (``Greek/*``, ``MVTec-AD_*``) stands for every task it matches. When val and test share a
     task, its rows are halved (seeded) so no sample is both tuned on and tested on.
     ``anomalies_from``: ``split`` draws a one-vs-rest task's anomalies from the other classes of
     the same split; ``all`` from every other class (OC-MAML's MT-MNIST protocol).
@@ -102,7 +104,7 @@ def split_tasks(
                 raise DataError(f"dataset.{split}_tasks must list tasks; only train_tasks may be null")
             used = set(asked["val"]) | set(asked["test"])
             tasks = [t for t in names if t not in used]
-        tasks = [str(t) for t in tasks]
+        tasks = _expand([str(t) for t in tasks], names)
         unknown = [t for t in tasks if t not in known]
         if unknown:
             raise DataError(
@@ -136,6 +138,15 @@ def split_tasks(
         own = {t: halves.get(split, {}).get(t, rows_of[t]) for t in tasks}
         pools[split] = _pool(data, tasks, own, task_id, rows_of, anomalies_from)
     return pools
+
+
+def _expand(entries: list[str], names: list[str]) -> list[str]:
+    """Replace each wildcard entry that is not itself a task name by the tasks it matches, in order."""
+    expanded = []
+    for entry in entries:
+        matches = [] if entry in names else [n for n in names if fnmatch.fnmatchcase(n, entry)]
+        expanded += matches or [entry]
+    return expanded
 
 
 def _pool(data, tasks, own_rows, task_id, rows_of, anomalies_from) -> TaskPool:
