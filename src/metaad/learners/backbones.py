@@ -9,7 +9,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` with its affine step done apart, so second-order MAML under ``vmap`` is exact.
+
+    torch's batching rule for the fused affine layer-norm backward gives wrong double-backward
+    gradients under ``vmap`` (pytorch/functorch#534; seen in torch 2.13); normalising without
+    weight and then scaling and shifting is exact. Same parameters and state_dict keys.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.layer_norm(x, self.normalized_shape, eps=self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        return y if self.bias is None else y + self.bias
 
 
 class MLP(nn.Module):
@@ -22,7 +38,7 @@ class MLP(nn.Module):
         dims = [math.prod(sample_shape), *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for d_in, d_out in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(d_in, d_out), nn.LayerNorm(d_out), nn.ReLU()]
+            layers += [nn.Linear(d_in, d_out), LayerNorm(d_out), nn.ReLU()]
         layers.append(nn.Linear(dims[-1], embed_dim))
         self.net = nn.Sequential(*layers)
         self.out_dim = embed_dim
