@@ -32,6 +32,9 @@ train: $(STAMP) ## meta-train the default experiment (ARGS="..." for overrides)
 eval: $(STAMP) ## re-score a checkpoint: make eval ARGS="ckpt_path=outputs/.../best.ckpt"
 	$(BIN)/metaad-eval $(ARGS)
 
+score: $(STAMP) ## score your data: make score ARGS="ckpt_path=... support=normal.csv query=new.csv output=scores.csv"
+	$(BIN)/metaad-score $(ARGS)
+
 test: $(STAMP) ## the default test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 

@@ -1,7 +1,9 @@
-"""Per-episode ranking metrics and their summary over episodes.
+"""Per-episode ranking and decision metrics, and their summary over episodes.
 
-Scores of different episodes are not on one scale, so metrics are computed within each episode
-on raw scores (no sigmoid, no pooling) and then averaged, with a normal-approximation 95% CI.
+Scores of different episodes are not on one scale, so ranking metrics are computed within each
+episode on raw scores (no sigmoid, no pooling) and then averaged, with a normal-approximation
+95% CI. Decision metrics (F1, precision, recall, balanced accuracy) take the yes/no decisions a
+threshold made (see ``metaad.thresholds``) and are averaged over episodes the same way.
 """
 
 from __future__ import annotations
@@ -38,6 +40,34 @@ def episode_average_precision(scores: Tensor, labels: Tensor) -> Tensor:
     return (last * (recall - prev_recall) * precision).sum(1)
 
 
+def decision_metrics(tp: Tensor, fp: Tensor, fn: Tensor, tn: Tensor) -> dict[str, Tensor]:
+    """F1, precision, recall and balanced accuracy from confusion counts of any (matching) shape.
+
+    Precision with no positive decision is 0 (scikit-learn's ``zero_division=0``); so is F1 with
+    neither a true anomaly nor a false alarm.
+    """
+    tp, fp, fn, tn = (t.double() for t in (tp, fp, fn, tn))
+    recall = tp / (tp + fn).clamp(min=1)
+    specificity = tn / (tn + fp).clamp(min=1)
+    return {
+        "f1": 2 * tp / (2 * tp + fp + fn).clamp(min=1),
+        "precision": tp / (tp + fp).clamp(min=1),
+        "recall": recall,
+        "balanced_accuracy": (recall + specificity) / 2,
+    }
+
+
+def episode_decision_metrics(is_anomaly: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """Decision metrics of each episode. (B, Q) decisions and labels -> name: (B,)."""
+    predicted, actual = is_anomaly.bool(), labels.bool()
+    return decision_metrics(
+        (predicted & actual).sum(1),
+        (predicted & ~actual).sum(1),
+        (~predicted & actual).sum(1),
+        (~predicted & ~actual).sum(1),
+    )
+
+
 def summarize(values: Tensor) -> dict[str, float]:
     """Mean and 95% CI half-width (1.96 sd / sqrt(n)) over episodes."""
     values = values.double().flatten()
@@ -47,7 +77,11 @@ def summarize(values: Tensor) -> dict[str, float]:
 
 
 class EpisodeMetrics:
-    """Collects per-episode metric values of one detector over an evaluation loop."""
+    """Collects per-episode metric values of one detector over an evaluation loop.
+
+    ``update`` adds the ranking metrics of a batch of episodes; ``add_decisions`` the decision
+    metrics, once a threshold has made its decisions.
+    """
 
     def __init__(self) -> None:
         self.values: dict[str, list[Tensor]] = defaultdict(list)
@@ -56,6 +90,10 @@ class EpisodeMetrics:
         scores, labels = scores.detach().float().cpu(), labels.cpu()
         self.values["auroc"].append(episode_auroc(scores, labels))
         self.values["aupr"].append(episode_average_precision(scores, labels))
+
+    def add_decisions(self, is_anomaly: Tensor, labels: Tensor) -> None:
+        for name, values in episode_decision_metrics(is_anomaly.cpu(), labels.cpu()).items():
+            self.values[name].append(values)
 
     def per_episode(self) -> dict[str, Tensor]:
         return {name: torch.cat(chunks) for name, chunks in self.values.items()}

@@ -14,11 +14,34 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     path.write_text(json.dumps(metrics, indent=2))
 
 
+DECISION_COLUMNS = ("F1", "bal. acc.")
+
+
+def print_threshold(threshold: dict[str, Any], console: Console) -> None:
+    """The rule and value behind the decision columns (or why there are none)."""
+    if "skipped" in threshold:
+        console.print(f"threshold {threshold['rule']} not applied: {threshold['skipped']}")
+        return
+    shown = ("rule", "value", "mean_per_episode")
+    settings = ", ".join(f"{k}={v}" for k, v in threshold.items() if k not in shown)
+    value = threshold.get("value")
+    value = f"{value:.3f}" if value is not None else f"per episode, mean {threshold['mean_per_episode']:.3f}"
+    rule = f"{threshold['rule']}({settings})" if settings else threshold["rule"]
+    console.print(f"decisions at threshold {rule} = {value} on the support-normalised score")
+
+
 def print_summary(metrics: dict[str, Any], run_dir: Path, console: Console | None = None) -> None:
     """Learner and baselines side by side, best first, and where to look next."""
     console = console or Console()
     table = Table(title=f"{metrics['model']} on {metrics['dataset']} (K={metrics['k_shot']}), test episodes")
-    for column in ("detector", "AUROC (mean ± 95% CI)", "AUPR", "episodes"):
+    decisions = [m for m in ("f1", "balanced_accuracy") if m in metrics["test"]]
+    for column in (
+        "detector",
+        "AUROC (mean ± 95% CI)",
+        "AUPR",
+        *DECISION_COLUMNS[: len(decisions)],
+        "episodes",
+    ):
         table.add_column(column)
     rows = [(metrics["model"], metrics["test"])]
     rows += [(f"baseline: {name}", value) for name, value in metrics["baselines"].items()]
@@ -30,10 +53,14 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, console: Console | Non
             name,
             f"{auroc['mean']:.3f} ± {auroc['ci95']:.3f}",
             f"{aupr['mean']:.3f} ± {aupr['ci95']:.3f}",
+            *(f"{value[m]['mean']:.3f} ± {value[m]['ci95']:.3f}" if m in value else "-" for m in decisions),
             str(auroc["n_episodes"]),
             style=style,
         )
     console.print(table)
+    threshold = metrics.get("threshold")
+    if threshold:
+        print_threshold(threshold, console)
     learner = metrics["test"]["auroc"]
     for name, value in metrics["baselines"].items():
         base = value["auroc"]
