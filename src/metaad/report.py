@@ -14,7 +14,7 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     path.write_text(json.dumps(metrics, indent=2))
 
 
-DECISION_COLUMNS = ("F1", "bal. acc.")
+DECISION_COLUMNS = {"f1": "F1", "balanced_accuracy": "bal. acc."}
 
 
 def print_threshold(threshold: dict[str, Any], console: Console) -> None:
@@ -34,12 +34,12 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, console: Console | Non
     """Learner and baselines side by side, best first, and where to look next."""
     console = console or Console()
     table = Table(title=f"{metrics['model']} on {metrics['dataset']} (K={metrics['k_shot']}), test episodes")
-    decisions = [m for m in ("f1", "balanced_accuracy") if m in metrics["test"]]
+    decisions = [m for m in DECISION_COLUMNS if m in metrics["test"]]
     for column in (
         "detector",
         "AUROC (mean ± 95% CI)",
         "AUPR",
-        *DECISION_COLUMNS[: len(decisions)],
+        *(DECISION_COLUMNS[m] for m in decisions),
         "episodes",
     ):
         table.add_column(column)

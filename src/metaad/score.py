@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig
-from rich.console import Console
 
 from metaad.build import build_model
 from metaad.data import DataError
@@ -81,6 +80,8 @@ def _read_csv(path: Path, role: str) -> tuple[list[str], np.ndarray]:
     try:
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:
+        frame = pd.DataFrame()
+    if frame.empty:
         return [], np.empty((0, 0))
     if _all_numbers(frame.columns):  # no header row: the first line was a sample
         frame = pd.read_csv(path, header=None)
@@ -215,7 +216,7 @@ def score(cfg: DictConfig) -> pd.DataFrame:
     output = Path(cfg.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(output, index=False)
-    Console().print(
+    print(
         f"{len(table)} query samples scored against {len(support_ids)} normal support samples: "
         f"{int(table.is_anomaly.sum())} anomalies at threshold {threshold.rule} = "
         f"{thresholds[0].item():.4g} (normalised score) -> {output}"
