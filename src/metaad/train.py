@@ -1,38 +1,62 @@
-"""``metaad-train``: meta-train a learner, test it beside the baselines, write metrics.json."""
+"""``metaad-train``: meta-train a learner, test it beside the baselines, write metrics.json.
+
+``ckpt_path=last`` (with ``hydra.run.dir=<the run's folder>``) or ``ckpt_path=<file>`` resumes a
+run where its checkpoint left it; ``trainer=ddp`` trains across processes, also inside sweeps.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from metaad.build import StoreConfig, build_datamodule, build_model, build_trainer, plain
+from metaad.distributed import check_launch, job_scope
 from metaad.report import print_summary, write_metrics
+from metaad.resume import load_resume_state, resolve_ckpt_path
+
+log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment; returns the metrics written to ``metrics.json`` (empty if ``test=false``)."""
+    """Run one experiment; returns the metrics written to ``metrics.json``.
+
+    With ``test=false`` nothing is written and only ``val_auroc_best`` and ``global_step`` return.
+    """
     pl.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    resumed = load_resume_state(ckpt_path, cfg) if ckpt_path else None
     datamodule = build_datamodule(cfg)
     model = build_model(cfg, datamodule.sample_shape)
-    trainer = build_trainer(cfg, callbacks=[StoreConfig(cfg)])
-    for logger in trainer.loggers:
-        hparams = {key: plain(cfg[key]) for key in ("names", "dataset", "backbone", "model")} | {"seed": cfg.seed}
-        logger.log_hyperparams(hparams, metrics={"hp/val_auroc": 0.0, "hp/test_auroc": 0.0})
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if not cfg.test:
-        return {}
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+    trainer = build_trainer(
+        _continue_curves(cfg, resumed["global_step"]) if resumed else cfg, [StoreConfig(cfg)]
+    )
+    check_launch(trainer)
+    hparams = {key: plain(cfg[key]) for key in ("names", "dataset", "backbone", "model")} | {"seed": cfg.seed}
+    with job_scope():
+        if resumed is None:  # a resumed run's folder has them already
+            for logger in trainer.loggers:
+                logger.log_hyperparams(hparams, metrics={"hp/val_auroc": 0.0, "hp/test_auroc": 0.0})
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        log.info("rank %d/%d trained %s", trainer.global_rank, trainer.world_size, json.dumps(hparams))
+        trained = {"val_auroc_best": model.val_auroc_best, "global_step": trainer.global_step}
+        if not cfg.test:
+            return trained
+        best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if _tracks_best(cb)), "")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
     metrics = {
         **cfg.names,
         "k_shot": cfg.dataset.k_shot,
         "seed": cfg.seed,
-        "val_auroc_best": model.val_auroc_best,
+        **trained,
         "checkpoint": best,
         **model.test_results,
     }
@@ -42,11 +66,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _tracks_best(callback: pl.Callback) -> bool:
+    return isinstance(callback, ModelCheckpoint) and callback.monitor is not None
+
+
+def _continue_curves(cfg: DictConfig, step: int) -> DictConfig:
+    """The config with TensorBoard told to hide what the crashed process logged from ``step`` on."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for conf in (cfg.get("logger") or {}).values():
+            if str(conf.get("_target_", "")).endswith("TensorBoardLogger"):
+                conf.purge_step = step
+    return cfg
+
+
 @hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Returns the best validation AUROC: the value a Hydra sweeper (Optuna) optimises."""
-    metrics = train(cfg)
-    return metrics.get("val_auroc_best", float("nan"))
+    """Returns the best validation AUROC: the value a Hydra sweeper (Optuna) maximises."""
+    return train(cfg)["val_auroc_best"]
 
 
 if __name__ == "__main__":

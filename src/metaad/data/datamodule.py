@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
@@ -11,12 +12,35 @@ from metaad.data.episodes import EpisodeDataset, EpisodeSampler
 from metaad.data.tasks import DataError, LabelledData, TaskPool, split_tasks
 
 
+class ResumableLoader(DataLoader):
+    """The training loader, resumable mid-epoch through Lightning's loader ``state_dict`` protocol.
+
+    Its state (saved in every checkpoint) is the epoch and how many meta-batches the fit loop has
+    trained on in it; loading it makes the sampler leave those episodes out, so a resumed run
+    draws exactly the episode stream of an uninterrupted one. (Lightning restarts a plain
+    map-style loader at the epoch's first batch, repeating episodes.)
+    """
+
+    def __init__(self, *args, batches_done: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.skip(state["epoch"], state["batches_done"] * self.batch_size)
+
+
 class EpisodeDataModule(pl.LightningDataModule):
     """Yields meta-batches of one-class episodes; val/test episodes are a fixed set.
 
     Every process evaluates the whole fixed val/test set (no distributed sampler, no padding
     duplicates), so DDP reports exactly the single-process metrics. Training episodes are
-    sharded across ranks by :class:`EpisodeSampler`.
+    sharded across ranks by :class:`EpisodeSampler`, and ``meta_batch_size`` is the meta-batch
+    of one optimizer step over all ranks (each takes ``meta_batch_size / world_size`` episodes):
+    DDP averages the gradients of exactly the episodes one process would use for that step, so
+    the run does not depend on the process count (up to float summation order).
     """
 
     def __init__(
@@ -51,16 +75,19 @@ class EpisodeDataModule(pl.LightningDataModule):
             if not isinstance(value, int) or value < 1:
                 raise DataError(f"dataset.{name} must be a positive integer, got {value!r}")
         if not 0.0 < anomaly_ratio < 1.0:
-            raise DataError(f"dataset.anomaly_ratio must be in (0, 1) so queries hold both kinds, got {anomaly_ratio}")
+            raise DataError(
+                f"dataset.anomaly_ratio must be in (0, 1) so queries hold both kinds, got {anomaly_ratio}"
+            )
         n_anomalies = round(n_query * anomaly_ratio)
         if not 0 < n_anomalies < n_query:
             raise DataError(
-                f"dataset.n_query={n_query} with anomaly_ratio={anomaly_ratio} gives {n_anomalies} anomalies; "
-                "a query needs at least one normal and one anomaly"
+                f"dataset.n_query={n_query} with anomaly_ratio={anomaly_ratio} gives {n_anomalies} "
+                "anomalies; a query needs at least one normal and one anomaly"
             )
         if train_episodes < meta_batch_size:
             raise DataError(
-                f"dataset.train_episodes ({train_episodes}) is smaller than meta_batch_size ({meta_batch_size})"
+                f"dataset.train_episodes ({train_episodes}) is smaller than "
+                f"meta_batch_size ({meta_batch_size})"
             )
         self.source = source
         self.split_args = dict(
@@ -96,20 +123,32 @@ class EpisodeDataModule(pl.LightningDataModule):
             raise RuntimeError("call setup() before asking for sample_shape")
         return self.pools["train"].sample_shape
 
-    def _loader(self, split: str, batch_size: int, sampler: EpisodeSampler) -> DataLoader:
-        return DataLoader(
+    def _loader(self, split: str, batch_size: int, sampler: EpisodeSampler, **kwargs: Any) -> DataLoader:
+        return (ResumableLoader if split == "train" else DataLoader)(
             self.datasets[split],
             batch_size=batch_size,
             sampler=sampler,
             drop_last=split == "train",
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            **kwargs,
         )
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        if self.meta_batch_size % world:
+            raise DataError(
+                f"dataset.meta_batch_size ({self.meta_batch_size}) must be divisible by the number of "
+                f"processes ({world}): it is the meta-batch of one optimizer step, split across them"
+            )
         sampler = EpisodeSampler(self.n_episodes["train"], rank, world)
-        return self._loader("train", self.meta_batch_size, sampler)
+        return self._loader(
+            "train", self.meta_batch_size // world, sampler, batches_done=self._train_batches_done
+        )
+
+    def _train_batches_done(self) -> int:
+        """Meta-batches the fit loop has trained on in the current epoch (0 outside fitting)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, EpisodeSampler(self.n_episodes["val"]))

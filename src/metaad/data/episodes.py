@@ -63,7 +63,8 @@ class EpisodeDataset(Dataset):
             if have_a < self.n_anomalies:
                 raise DataError(
                     f"{self.split} task {t!r} has {have_a} anomalies but an episode needs "
-                    f"{self.n_anomalies} (dataset.n_query x dataset.anomaly_ratio); lower n_query or anomaly_ratio"
+                    f"{self.n_anomalies} (dataset.n_query x dataset.anomaly_ratio); "
+                    "lower n_query or anomaly_ratio"
                 )
 
     def __len__(self) -> int:
@@ -76,7 +77,11 @@ class EpisodeDataset(Dataset):
         rng = np.random.default_rng([self.seed, SPLIT_ID[self.split], epoch, i])
         pool = self.pool
         # Training draws tasks at random; evaluation cycles through them so every task is covered evenly.
-        task = pool.tasks[rng.integers(len(pool.tasks))] if self.split == "train" else pool.tasks[i % len(pool.tasks)]
+        task = (
+            pool.tasks[rng.integers(len(pool.tasks))]
+            if self.split == "train"
+            else pool.tasks[i % len(pool.tasks)]
+        )
         normals = rng.choice(pool.normal_rows[task], self.k_shot + self.n_normals, replace=False)
         anomalies = rng.choice(pool.anomaly_rows[task], self.n_anomalies, replace=False)
         query_rows = np.concatenate([normals[self.k_shot :], anomalies])
@@ -98,17 +103,27 @@ class EpisodeSampler(Sampler):
     Ranks take interleaved indices, so the union over ranks is the single-process set of episodes
     (less a remainder of fewer than ``world_size``, so every rank runs the same number of steps)
     and no episode is padded or repeated. Lightning calls ``set_epoch`` every epoch.
+
+    A run resumed mid-epoch calls :meth:`skip` so the episodes already trained on are not drawn
+    again; ``len`` stays the epoch's full share because Lightning counts the batches already done.
     """
 
     def __init__(self, n_episodes: int, rank: int = 0, world_size: int = 1) -> None:
         self.n_episodes, self.rank, self.world_size = n_episodes, rank, world_size
         self.epoch = 0
+        self.skipped: tuple[int, int] = (0, 0)  # (epoch, this rank's leading indices left out in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def skip(self, epoch: int, n: int) -> None:
+        """Leave out this rank's first ``n`` indices of ``epoch`` (consumed before a restart)."""
+        self.skipped = (epoch, n)
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, i) for i in self._indices())
+        epoch, indices = self.epoch, self._indices()
+        start = self.skipped[1] if self.skipped[0] == epoch else 0
+        return ((epoch, i) for i in indices[start:])
 
     def __len__(self) -> int:
         return len(self._indices())
