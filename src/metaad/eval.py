@@ -2,7 +2,8 @@
 
 The model, backbone, baselines and dataset are rebuilt from the config stored in the checkpoint
 (plain data, loaded with ``weights_only=True``); keys given under ``dataset`` replace the stored
-ones, e.g. ``+dataset.k_shot=10`` to evaluate the same model with more shots.
+ones, e.g. ``+dataset.k_shot=10`` to evaluate the same model with more shots, and
+``baselines=all`` scores another set of baselines beside it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint, run_cfg = load_checkpoint(cfg.ckpt_path)
     run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, cfg.dataset)
+    if cfg.get("baselines") is not None:
+        run_cfg.baselines = cfg.baselines
     datamodule = build_datamodule(run_cfg)
     model = build_model(run_cfg, datamodule.sample_shape)
     model.load_state_dict(checkpoint["state_dict"])
