@@ -22,7 +22,6 @@ import pytorch_lightning as pl
 import torch.distributed
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning_fabric.plugins.environments import TorchElasticEnvironment
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
@@ -91,20 +90,22 @@ def rank_command(app: str) -> tuple[list[str], str]:
 
 
 def check_launch(trainer: pl.Trainer) -> None:
-    """Stop before training when this Hydra multirun job would start its ranks with the whole sweep."""
+    """Stop before training when this Hydra multirun job's ranks would run the whole sweep."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN or trainer.world_size == 1:
         return
     strategy = trainer.strategy
-    if isinstance(strategy.cluster_environment, TorchElasticEnvironment):
+    if strategy.cluster_environment.creates_processes_externally:
+        # submitit starts every rank of a job with that job's config; torchrun or srun start the sweep
+        if "submitit" not in HydraConfig.get().launcher.get("_target_", ""):
+            raise RuntimeError(
+                "--multirun with processes started by torchrun or srun: each of them would run the whole "
+                "sweep. Start one torchrun/srun per job (no -m), or sweep on SLURM with the submitit "
+                "launcher (hydra/launcher=submitit_slurm), which starts each job's ranks itself."
+            )
+    elif type(strategy.launcher) is _SubprocessScriptLauncher:
         raise RuntimeError(
-            "--multirun under torchrun: every torchrun process would run the whole sweep. Start one "
-            "torchrun per job (no -m), or sweep over nodes with the submitit launcher "
-            "(hydra/launcher=submitit_slurm)."
-        )
-    if type(strategy.launcher) is _SubprocessScriptLauncher:
-        raise RuntimeError(
-            f"trainer.strategy={type(strategy).__name__} inside --multirun: Lightning would start the other "
-            "ranks with this command line, so each would replay the whole sweep. Use trainer=ddp "
+            f"{type(strategy).__name__} with Lightning's own launcher inside --multirun: it would start the "
+            "other ranks with this command line, so each would replay the whole sweep. Use trainer=ddp "
             "(metaad's HydraDDPStrategy starts each job's ranks with that job's overrides)."
         )
 
