@@ -17,8 +17,14 @@ from tests.conftest import compose_in
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A quick run with the anomaly-free threshold rule: its config, metrics and TensorBoard events."""
-    cfg = compose_in(tmp_path_factory.mktemp("pictures"), ["threshold=support_quantile", "baselines=none"])
+    """A quick run with the anomaly-free threshold rule, for the learner and one baseline."""
+    overrides = [
+        "threshold=support_quantile",
+        "threshold.baselines=true",
+        "baselines=none",
+        "+baselines.mean._target_=metaad.baselines.SupportMeanDistance",
+    ]
+    cfg = compose_in(tmp_path_factory.mktemp("pictures"), overrides)
     metrics = train(cfg)
     logdir = Path(cfg.paths.output_dir) / "tensorboard"
     events = EventAccumulator(str(logdir), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
@@ -49,6 +55,8 @@ def test_decision_metrics_are_logged_and_reported(run):
             metrics["test"][name]["mean"], abs=1e-6
         )
         assert metrics["test"][name]["ci95"] > 0
+    assert metrics["baselines"]["mean"]["balanced_accuracy"]["n_episodes"] == 40
+    assert "test/baseline/mean/f1" in scalars
     threshold = metrics["threshold"]
     assert threshold["rule"] == "support_quantile" and threshold["q"] == 1.0 and threshold["value"] is None
     assert events.Scalars("test/threshold")[-1].value == pytest.approx(

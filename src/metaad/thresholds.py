@@ -86,13 +86,19 @@ def score_episodes(detector: Detector, support: Tensor, query: Tensor, normalise
 
 
 class Threshold:
-    """A rule on the normalised score: ``per_episode`` gives each episode's threshold (B,)."""
+    """A rule on the normalised score: ``per_episode`` gives each episode's threshold (B,).
+
+    ``baselines``: also decide for the baselines at test time (each then needs its leave-one-out
+    scores, K more adaptations per episode, and for ``f1_optimal`` a pass over the validation
+    episodes: cheap for the torch baselines, several times the cost of the scikit-learn ones).
+    """
 
     rule: ClassVar[str]
     fits_on_validation: ClassVar[bool] = False
 
-    def __init__(self) -> None:
+    def __init__(self, baselines: bool = False) -> None:
         self.value: float | None = None
+        self.baselines = bool(baselines)
 
     def params(self) -> dict[str, float]:
         return {}
@@ -168,8 +174,8 @@ class SupportQuantile(Threshold):
 
     rule = "support_quantile"
 
-    def __init__(self, q: float = 1.0, margin: float = 1.0) -> None:
-        super().__init__()
+    def __init__(self, q: float = 1.0, margin: float = 1.0, baselines: bool = False) -> None:
+        super().__init__(baselines)
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"threshold.q must be in [0, 1] (1 = the maximum), got {q}")
         if margin <= 0:
@@ -188,8 +194,8 @@ class Fixed(Threshold):
 
     rule = "fixed"
 
-    def __init__(self, value: float) -> None:
-        super().__init__()
+    def __init__(self, value: float, baselines: bool = False) -> None:
+        super().__init__(baselines)
         self.value = float(value)
 
     def params(self) -> dict[str, float]:

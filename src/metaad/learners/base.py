@@ -99,13 +99,13 @@ class EpisodicModule(pl.LightningModule):
         self._collected = {name: _Collected() for name in self._metrics}
 
     def _evaluate(self, name: str, detector: Detector, batch: Episode) -> None:
-        scored = score_episodes(detector, batch.support, batch.query, normalise=self.threshold is not None)
+        scored = score_episodes(detector, batch.support, batch.query, normalise=name in self._thresholds)
         self._metrics[name].update(scored.scores, batch.label)
         self._collected[name].add(scored, batch.label)
 
-    def _decide(self, name: str, threshold: Threshold | None) -> Tensor | None:
+    def _decide(self, name: str) -> Tensor | None:
         """Decisions of one detector at its threshold, added to its metrics; its per-episode thresholds."""
-        collected = self._collected[name]
+        collected, threshold = self._collected[name], self._thresholds.get(name)
         normalised = collected.get("normalised")
         if threshold is None or normalised is None:
             return None
@@ -121,6 +121,7 @@ class EpisodicModule(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._start_evaluation(["model"])
+        self._thresholds = {"model": self.threshold} if self.threshold is not None else {}
 
     def validation_step(self, batch: Episode, batch_idx: int) -> None:
         self._evaluate("model", self, batch)
@@ -133,7 +134,7 @@ class EpisodicModule(pl.LightningModule):
             and not self._warn_if_k1("validation")
         ):
             self.threshold.fit(collected.get("normalised"), collected.get("labels"))
-        thresholds = self._decide("model", self.threshold)
+        thresholds = self._decide("model")
         summary = self._metrics["model"].compute()
         auroc = summary["auroc"]["mean"]
         if not self.trainer.sanity_checking:
@@ -163,7 +164,7 @@ class EpisodicModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         k1 = self._warn_if_k1("test")
-        thresholds = {name: self._decide(name, self._thresholds.get(name)) for name in self._metrics}
+        thresholds = {name: self._decide(name) for name in self._metrics}
         results = {name: metrics.compute() for name, metrics in self._metrics.items()}
         logged = {f"test/{metric}": value["mean"] for metric, value in results["model"].items()}
         logged["hp/test_auroc"] = results["model"]["auroc"]["mean"]
@@ -186,19 +187,21 @@ class EpisodicModule(pl.LightningModule):
         self._log_pictures("test", thresholds["model"])
 
     def _test_thresholds(self) -> dict[str, Threshold]:
-        """The threshold of each detector; a rule fitted on validation is fitted for each baseline too.
+        """The threshold of each detector that decides: the learner, and the baselines if the rule says so.
 
         The learner's own fitted threshold comes from its last validation (or the checkpoint);
-        if it has none (no validation ran), it is fitted here on the validation episodes.
+        if it has none (no validation ran), it is fitted here on the validation episodes. A rule
+        fitted on validation is fitted for each baseline on the same validation episodes.
         """
         if self.threshold is None:
             return {}
+        deciding = self.baselines if self.threshold.baselines else {}
         if not self.threshold.fits_on_validation:
-            return dict.fromkeys(self._metrics, self.threshold)
+            return dict.fromkeys(["model", *deciding], self.threshold)
         if self.threshold.value is None:
             self._fit_on_validation(self, self.threshold)
         thresholds = {"model": self.threshold}
-        for name, detector in self.baselines.items():
+        for name, detector in deciding.items():
             thresholds[name] = copy.deepcopy(self.threshold)
             self._fit_on_validation(detector, thresholds[name])
         return thresholds
