@@ -30,6 +30,7 @@ from metaad.data.episodes import Episode
 from metaad.learners.base import EpisodicModule
 
 Params = dict[str, Tensor]
+Rates = dict[str, Tensor | float]
 
 
 class ScoreNet(nn.Module):
@@ -116,7 +117,7 @@ class MAML(EpisodicModule):
         return balanced_bce(self.anomaly_scores(batch.support, batch.query), batch.label).mean()
 
     # --- helpers -----------------------------------------------------------------------------
-    def _meta_params(self) -> tuple[Params, Params, Params]:
+    def _meta_params(self) -> tuple[Params, Params, Rates]:
         """(adapted, fixed, inner lrs) by parameter name; detached unless training."""
         params = dict(self.net.named_parameters())
         lrs = dict(zip(self.adapted_names, self.inner_lrs)) if self.meta_sgd else {}
@@ -156,7 +157,7 @@ def _inner_loss(adapted: Params, net: nn.Module, fixed: Params, support: Tensor)
 def _adapt_task(
     net: nn.Module,
     fixed: Params,
-    lrs: dict[str, Tensor | float],
+    lrs: Rates,
     steps: int,
     first_order: bool,
     adapted: Params,
