@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import Tensor
 
 
@@ -107,7 +108,9 @@ class _SupportFitted:
     """Fits a fresh scikit-learn novelty detector on each episode's support set, in input space.
 
     The score is ``-score_samples`` (scikit-learn's is higher for more normal samples). Episodes
-    are fitted one by one on the CPU, so these cost far more than the torch baselines. Below
+    are fitted one by one on the CPU, so these cost far more than the torch baselines; each runs
+    single-threaded, as an episode is too small for threads to pay (on a busy machine OpenMP
+    threads made LOF 100x slower). Below
     ``min_support`` samples the estimator cannot model anything: the scores are then constant
     (AUROC exactly 0.5) and a warning says why.
     """
@@ -126,15 +129,16 @@ class _SupportFitted:
                 stacklevel=2,
             )
             return None
-        return [self.estimator(len(s)).fit(s) for s in x]
+        with threadpool_limits(1):
+            return [self.estimator(len(s)).fit(s) for s in x]
 
     def score(self, state: list | None, query: Tensor) -> Tensor:
         q = query.flatten(2).detach().cpu().double().numpy()
-        scores = (
-            np.zeros(q.shape[:2])
-            if state is None
-            else np.stack([-m.score_samples(x) for m, x in zip(state, q)])
-        )
+        if state is None:
+            scores = np.zeros(q.shape[:2])
+        else:
+            with threadpool_limits(1):
+                scores = np.stack([-m.score_samples(x) for m, x in zip(state, q)])
         return torch.from_numpy(scores).to(device=query.device, dtype=torch.float32)
 
 
