@@ -123,9 +123,9 @@ def test_checkpoint_keeps_the_threshold_and_eval_reproduces_the_decisions(traine
         (lambda x: x[:5], lambda x: x[:, :10], "10 features per sample, but the checkpoint's model takes 64"),
         (lambda x: x[:0], lambda x: x, "holds no samples"),
         (lambda x: np.where(np.arange(64) == 3, np.nan, x[:5]), lambda x: x, "NaN"),
-        (lambda x: x[:1], lambda x: x, "at least 2 normal samples"),
+        (lambda x: x[:2], lambda x: x, r"holds 2 sample\(s\); k_shot=2: .* needs at least 3 support samples"),
     ],
-    ids=["width", "empty", "nan", "one-sample"],
+    ids=["width", "empty", "nan", "two-samples"],
 )
 def test_refuses_bad_files_with_a_clear_message(trained, tmp_path, make_support, make_query, message):
     x = np.random.default_rng(0).random((20, 64), dtype=np.float32)
@@ -135,6 +135,12 @@ def test_refuses_bad_files_with_a_clear_message(trained, tmp_path, make_support,
     pd.DataFrame(make_query(x)).add_prefix("f").to_csv(query, index=False)
     with pytest.raises(DataError, match=message):
         run_score(tmp_path, trained[2], support, query)
+
+
+def test_refuses_a_threshold_the_checkpoint_did_not_fit(trained, episode, tmp_path):
+    support = write_csv(tmp_path / "normal.csv", episode.support)
+    with pytest.raises(ValueError, match="holds no f1_optimal threshold fitted .*'normalise': 'none'"):
+        run_score(tmp_path, trained[2], support, support, "threshold=f1_optimal", "threshold.normalise=none")
 
 
 def test_refuses_text_columns_missing_files_and_images_for_a_vector_model(trained, tmp_path):

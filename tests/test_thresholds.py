@@ -80,12 +80,33 @@ def test_batched_leave_one_out_equals_adapting_on_each_subset(detector):
             assert batched[:, k] == pytest.approx(alone, abs=1e-5)
 
 
-def test_one_support_sample_gives_no_normalised_score():
-    support, query = torch.randn(2, 1, 4), torch.randn(2, 3, 4)
+def test_each_rule_scores_only_what_it_needs_and_no_fewer_shots_than_it_can_decide_with():
+    detector, query = SupportMeanDistance(), torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="at least 2 support samples"):
-        leave_one_out_scores(SupportMeanDistance(), support)
-    scored = score_episodes(SupportMeanDistance(), support, query)
-    assert scored.scores.shape == (2, 3) and scored.normalised is None and scored.support_normalised is None
+        leave_one_out_scores(detector, torch.randn(2, 1, 4))
+    two = torch.randn(2, 2, 4)
+    # K=2: a distance to the other sample, both ways: equal leave-one-out scores, no spread for a z-score
+    loo = leave_one_out_scores(detector, two)
+    assert loo[:, 0] == pytest.approx(loo[:, 1])
+    minimum = [
+        F1Optimal().min_k_shot,
+        SupportQuantile(normalise="none").min_k_shot,
+        Fixed(1, "none").min_k_shot,
+    ]
+    assert minimum == [3, 2, 1]
+    assert score_episodes(detector, two, query, F1Optimal()).normalised is None
+    assert "threshold.normalise=none" in F1Optimal().too_few(2)
+    raw = score_episodes(detector, torch.randn(2, 1, 4), query, F1Optimal(normalise="none"))
+    assert torch.equal(raw.normalised, raw.scores) and raw.support_normalised is None
+    assert (
+        score_episodes(detector, torch.randn(2, 1, 4), query, SupportQuantile(normalise="none")).normalised
+        is None
+    )
+    quantile = score_episodes(detector, two, query, SupportQuantile(normalise="none"))
+    assert torch.equal(quantile.support_normalised, leave_one_out_scores(detector, two))
+    zscore = score_episodes(detector, torch.randn(2, 4, 4), query, Fixed(2.0))
+    assert zscore.normalised.shape == (2, 3) and zscore.support_normalised.shape == (2, 4)
+    assert score_episodes(detector, two, query).normalised is None  # no threshold: ranking only
 
 
 def test_f1_optimal_finds_the_only_threshold_that_separates_every_episode():
@@ -125,19 +146,24 @@ def test_f1_optimal_refuses_nan_and_being_used_unfitted():
 
 def test_support_quantile_per_episode():
     support_z = torch.tensor([[-1.0, 0.0, 1.0, 2.0], [-1.5, -0.5, 0.5, 1.5]])
-    assert SupportQuantile(q=1.0).per_episode(support_z).tolist() == [2.0, 1.5]
-    assert SupportQuantile(q=1.0, margin=1.5).per_episode(support_z).tolist() == [3.0, 2.25]
-    median = SupportQuantile(q=0.5).per_episode(support_z)
-    assert median.tolist() == pytest.approx(np.quantile(support_z.numpy(), 0.5, axis=1).tolist())
-    quantile = SupportQuantile(q=0.8, margin=2.0).per_episode(support_z)
-    assert quantile.tolist() == pytest.approx((2 * np.quantile(support_z.numpy(), 0.8, axis=1)).tolist())
     z = torch.tensor([[2.0, 2.1], [1.4, 1.6]])
+    assert SupportQuantile(q=1.0).per_episode(z, support_z).tolist() == [2.0, 1.5]
+    assert SupportQuantile(q=1.0, margin=1.5).per_episode(z, support_z).tolist() == [3.0, 2.25]
+    median = SupportQuantile(q=0.5).per_episode(z, support_z)
+    assert median.tolist() == pytest.approx(np.quantile(support_z.numpy(), 0.5, axis=1).tolist())
+    quantile = SupportQuantile(q=0.8, margin=2.0).per_episode(z, support_z)
+    assert quantile.tolist() == pytest.approx((2 * np.quantile(support_z.numpy(), 0.8, axis=1)).tolist())
     is_anomaly, _ = SupportQuantile().decide(z, support_z)
     assert is_anomaly.tolist() == [[False, True], [False, True]]  # strictly above the episode's threshold
 
 
 @pytest.mark.parametrize(
-    "kwargs, message", [({"q": 1.5}, "threshold.q"), ({"margin": 0}, "threshold.margin")]
+    "kwargs, message",
+    [
+        ({"q": 1.5}, "threshold.q"),
+        ({"margin": 0}, "threshold.margin"),
+        ({"normalise": "minmax"}, "threshold.normalise"),
+    ],
 )
 def test_support_quantile_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -151,21 +177,37 @@ def test_state_is_plain_data_and_reloads_only_under_the_same_rule():
     torch.save({"metaad_threshold": fitted.state_dict()}, buffer)
     buffer.seek(0)
     stored = torch.load(buffer, weights_only=True)["metaad_threshold"]
-    assert stored == {"rule": "f1_optimal", "value": 1.5}
+    assert stored == {"rule": "f1_optimal", "normalise": "zscore", "value": 1.5}
     again = F1Optimal()
     assert again.load_state_dict(stored) and again.value == 1.5
     assert not Fixed(2.0).load_state_dict(stored)
+    assert not F1Optimal(normalise="none").load_state_dict(stored)  # fitted on another scale
     quantile = SupportQuantile(q=0.9, margin=1.2)
-    assert quantile.state_dict() == {"rule": "support_quantile", "q": 0.9, "margin": 1.2, "value": None}
+    expected = {"rule": "support_quantile", "normalise": "zscore", "q": 0.9, "margin": 1.2, "value": None}
+    assert quantile.state_dict() == expected
     assert not SupportQuantile(q=1.0).load_state_dict(quantile.state_dict())
-    assert json.loads(json.dumps(Fixed(2.0).state_dict())) == {"rule": "fixed", "value": 2.0}
+    fixed = {"rule": "fixed", "normalise": "none", "value": 2.0}
+    assert json.loads(json.dumps(Fixed(2.0, "none").state_dict())) == fixed
 
 
-def test_k_shot_1_reports_ranking_metrics_and_says_why_there_are_no_decisions(tmp_path: Path):
+def test_too_few_shots_for_a_z_score_reports_ranking_metrics_and_says_why(tmp_path: Path):
     from tests.conftest import compose_in
 
-    cfg = compose_in(tmp_path, ["dataset.k_shot=1", "baselines=none", "logger=none"])
-    with pytest.warns(UserWarning, match="k_shot=1"):
+    cfg = compose_in(tmp_path, ["dataset.k_shot=2", "baselines=none", "logger=none"])
+    with pytest.warns(UserWarning, match="k_shot=2"):
         metrics = train(cfg)
     assert "auroc" in metrics["test"] and "f1" not in metrics["test"]
-    assert metrics["threshold"]["rule"] == "f1_optimal" and "k_shot=1" in metrics["threshold"]["skipped"]
+    assert (
+        metrics["threshold"]["rule"] == "f1_optimal" and "needs at least 3" in metrics["threshold"]["skipped"]
+    )
+
+
+def test_raw_scores_decide_from_one_shot(tmp_path: Path):
+    from tests.conftest import compose_in
+
+    cfg = compose_in(
+        tmp_path, ["dataset.k_shot=1", "threshold.normalise=none", "baselines=none", "logger=none"]
+    )
+    metrics = train(cfg)
+    assert 0.0 < metrics["test"]["balanced_accuracy"]["mean"] <= 1.0 and "skipped" not in metrics["threshold"]
+    assert metrics["threshold"]["normalise"] == "none" and metrics["threshold"]["value"] is not None

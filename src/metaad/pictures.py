@@ -5,10 +5,10 @@ global backend switch), written with ``add_figure``:
 
 - ``<stage>/roc``: ROC curves of a few example episodes and the mean curve (per-episode step
   curves averaged at fixed false-positive rates): per episode, like the AUROC we report.
-- ``<stage>/score_histogram``: normalised scores of normal vs anomalous queries, pooled over
-  episodes (normalisation puts them on one scale), with the threshold marked (a line, or for a
-  per-episode rule its median and 5-95% band).
-- ``<stage>/pr_curve`` (``add_pr_curve``): pooled normalised scores mapped into [0, 1] as
+- ``<stage>/score_histogram``: the scores the threshold sees (z-scores, or raw scores with
+  ``threshold.normalise=none``) of normal vs anomalous queries, pooled over episodes, with the
+  threshold marked (a line, or for a per-episode rule its median and 5-95% band).
+- ``<stage>/pr_curve`` (``add_pr_curve``): those pooled scores mapped into [0, 1] as
   ``sigmoid(z - t)`` with ``t`` the episode's threshold, so 0.5 is the decision boundary and the
   order within an episode is kept.
 - ``test/embeddings`` (``add_embedding``, learners with ``embed``): support, query and support
@@ -65,7 +65,7 @@ def roc_figure(scores: Tensor, labels: Tensor, n_examples: int = 4) -> Figure:
     return fig
 
 
-def histogram_figure(normalised: Tensor, labels: Tensor, thresholds: Tensor) -> Figure:
+def histogram_figure(normalised: Tensor, labels: Tensor, thresholds: Tensor, zscore: bool = True) -> Figure:
     """Normalised scores of normals vs anomalies with the threshold marked; outliers in the edge bins."""
     z, y, t = normalised.flatten().numpy(), labels.flatten().bool().numpy(), thresholds.numpy()
     lo, hi = np.percentile(z, [0.5, 99.5])
@@ -81,7 +81,8 @@ def histogram_figure(normalised: Tensor, labels: Tensor, thresholds: Tensor) -> 
         low, mid, high = np.percentile(t, [5, 50, 95])
         ax.axvspan(low, high, color="grey", alpha=0.2, label="threshold 5-95% of episodes")
         ax.axvline(mid, color="black", ls="--", label=f"median threshold {mid:.3g}")
-    ax.set(xlabel="normalised score (support leave-one-out spreads)", ylabel="density")
+    xlabel = "normalised score (support leave-one-out spreads)" if zscore else "score"
+    ax.set(xlabel=xlabel, ylabel="density")
     ax.set_title("scores of normal vs anomalous queries (outliers clipped to the edges)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -101,13 +102,14 @@ def log_evaluation(
     labels: Tensor,
     normalised: Tensor | None = None,
     thresholds: Tensor | None = None,
+    zscore: bool = True,
 ) -> None:
-    """ROC figure always; histogram and PR curve when there are normalised scores and a threshold."""
+    """ROC figure always; histogram and PR curve when a threshold decided (on z-scores or raw scores)."""
     writer.add_figure(f"{stage}/roc", roc_figure(scores, labels), global_step=step)
     if normalised is None or thresholds is None:
         return
     writer.add_figure(
-        f"{stage}/score_histogram", histogram_figure(normalised, labels, thresholds), global_step=step
+        f"{stage}/score_histogram", histogram_figure(normalised, labels, thresholds, zscore), global_step=step
     )
     writer.add_pr_curve(
         f"{stage}/pr_curve",

@@ -7,12 +7,13 @@ The model is rebuilt from the config stored in the checkpoint (loaded with ``wei
 adapts to the given normal ``support`` samples exactly as in evaluation (same ``adapt``/``score``,
 eval mode, no gradients), so it serves a category it never saw in training, and writes a CSV with
 one row per ``query`` sample: ``id``, ``score`` (raw, higher = more anomalous),
-``normalised_score`` (in leave-one-out spreads of the support, see ``metaad.thresholds``) and
-``is_anomaly`` (1/0) at the threshold stored in the checkpoint (``threshold=...`` replaces it).
+``normalised_score`` (the score the threshold sees: in leave-one-out spreads of the support by
+default, the raw score with ``normalise=none``; see ``metaad.thresholds``) and ``is_anomaly``
+(1/0) at the threshold stored in the checkpoint (``threshold=...`` replaces it).
 
 Inputs (see ``read_samples``) must be in the representation the model was trained on; a wrong
-feature count or image size, an empty support set, fewer than 2 support samples (no
-normalisation) or a NaN is refused with a message naming the file.
+feature count or image size, an empty support set, fewer support samples than the threshold
+needs (3 for the z-score) or a NaN is refused with a message naming the file.
 """
 
 from __future__ import annotations
@@ -182,14 +183,6 @@ def score(cfg: DictConfig) -> pd.DataFrame:
             f"ckpt_path: {cfg.ckpt_path} was trained without a threshold; choose one with "
             "threshold=support_quantile or threshold=fixed"
         )
-    support_ids, support = read_samples(cfg.support, sample_shape, "support", cfg.invert_images)
-    if len(support) < 2:
-        raise DataError(
-            f"support={cfg.support} holds 1 sample; normalised scores and decisions need at least 2 normal "
-            "samples (each is scored by the model adapted to the others)"
-        )
-    query_ids, query = read_samples(cfg.query, sample_shape, "query", cfg.invert_images)
-
     run_cfg.baselines = None  # not scored here
     model = build_model(run_cfg, sample_shape)
     model.load_state_dict(checkpoint["state_dict"])
@@ -197,13 +190,21 @@ def score(cfg: DictConfig) -> pd.DataFrame:
     threshold = model.threshold
     if threshold.fits_on_validation and threshold.value is None:
         raise ValueError(
-            f"ckpt_path: {cfg.ckpt_path} holds no {threshold.rule} threshold fitted on validation episodes; "
-            "choose threshold=support_quantile or threshold=fixed"
+            f"ckpt_path: {cfg.ckpt_path} holds no {threshold.rule} threshold fitted on validation episodes "
+            f"with the settings {threshold.params()}; choose threshold=support_quantile or threshold=fixed"
         )
+    support_ids, support = read_samples(cfg.support, sample_shape, "support", cfg.invert_images)
+    if len(support) < threshold.min_k_shot:
+        raise DataError(
+            f"support={cfg.support} holds {len(support)} sample(s); {threshold.too_few(len(support))}"
+        )
+    query_ids, query = read_samples(cfg.query, sample_shape, "query", cfg.invert_images)
     torch.manual_seed(run_cfg.get("seed", 0))
     model.eval()
     with torch.no_grad():  # as in evaluation (Lightning's loops, inference_mode=false)
-        scored = score_episodes(model, torch.from_numpy(support)[None], torch.from_numpy(query)[None])
+        scored = score_episodes(
+            model, torch.from_numpy(support)[None], torch.from_numpy(query)[None], threshold
+        )
     is_anomaly, thresholds = threshold.decide(scored.normalised, scored.support_normalised)
     table = pd.DataFrame(
         {
@@ -219,7 +220,7 @@ def score(cfg: DictConfig) -> pd.DataFrame:
     print(
         f"{len(table)} query samples scored against {len(support_ids)} normal support samples: "
         f"{int(table.is_anomaly.sum())} anomalies at threshold {threshold.rule} = "
-        f"{thresholds[0].item():.4g} (normalised score) -> {output}"
+        f"{thresholds[0].item():.4g} (normalise={threshold.normalise}) -> {output}"
     )
     return table
 

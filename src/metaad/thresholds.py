@@ -1,31 +1,37 @@
 """From anomaly scores to decisions: the support-normalised score and the threshold rules.
 
-**Normalisation.** Raw scores of different episodes are not on one scale (a distance in one task's
-embedding is not a distance in another's), so every threshold applies to a normalised score that
-uses only the episode's own support set. Each of the K normal support samples is scored by the
-detector adapted to the other K-1 (leave-one-out, one batched ``adapt``/``score`` call over all
-held-out samples of all episodes, through the same interface every detector answers). With
-``loo`` those K scores, a query score ``s`` becomes
+**Normalisation** (``threshold.normalise``). Raw scores of different episodes need not be on one
+scale (a distance in one task's embedding is not a distance in another's), so by default
+(``zscore``) a threshold applies to a normalised score that uses only the episode's own support
+set. Each of the K normal support samples is scored by the detector adapted to the other K-1
+(leave-one-out: one batched ``adapt``/``score`` call over all held-out samples of all episodes,
+through the interface every detector answers). With ``loo`` those K scores, a query score ``s``
+becomes
 
     z = (s - mean(loo)) / (std(loo) + 1e-6)        (std: sample standard deviation)
 
 i.e. "how many support spreads above a typical held-out normal". Leave-one-out scores come from
 a state adapted to K-1 samples, so they run slightly higher than the scores of normal queries
-under the full support: thresholds placed on them err towards fewer false alarms.
+under the full support. ``none`` thresholds the raw scores: a learned embedding may already put
+episodes on one scale, and then one raw threshold transfers better than a z-score estimated
+from a handful of samples (measure it on validation episodes: both are a config switch away).
 
-**K=1.** With a single support sample there is no leave-one-out score, so no normalised score
-and no decision: evaluation then reports the ranking metrics only (with a warning and a note in
-``metrics.json``) and ``metaad-score`` refuses, asking for at least two normal samples. No
-fallback invents a scale the support set cannot give.
+**Too few shots.** The z-score needs K >= 3: with K=2 a distance-based detector's two
+leave-one-out scores are the same distance, so there is no spread. With K=1 there is no
+leave-one-out score at all, so ``support_quantile`` needs K >= 2 even on raw scores, while
+``f1_optimal`` and ``fixed`` on raw scores work from K=1. Below a rule's minimum, evaluation
+reports the ranking metrics only (with a warning and a note in ``metrics.json``) and
+``metaad-score`` refuses, saying how many normal samples it needs. No fallback invents a scale
+the support set cannot give.
 
-**Rules** (``conf/threshold/``); a query is an anomaly iff ``z > threshold`` of its episode:
+**Rules** (``conf/threshold/``); a query is an anomaly iff its score ``> threshold`` of its episode:
 
 - ``f1_optimal``: the one threshold that maximises the mean per-episode F1 over the validation
   episodes (which contain anomalies); fitted on validation only, then applied to test episodes
   and to a user's data.
 - ``support_quantile``: needs no anomalies: ``margin x`` the ``q``-quantile of the episode's own
-  standardised leave-one-out scores (``q=1``: their maximum), so a per-episode threshold.
-- ``fixed``: a given value on the normalised scale.
+  (normalised) leave-one-out support scores (``q=1``: their maximum), so a per-episode threshold.
+- ``fixed``: a given value on the (normalised) scale.
 
 A rule's settings and fitted value are plain data (``state_dict``), stored in checkpoints.
 """
@@ -41,6 +47,7 @@ from metaad.detector import Detector
 from metaad.metrics import decision_metrics
 
 EPS = 1e-6
+NORMALISATIONS = ("zscore", "none")
 
 
 def anomaly_scores(detector: Detector, support: Tensor, query: Tensor) -> Tensor:
@@ -69,55 +76,85 @@ def standardise(scores: Tensor, loo: Tensor) -> Tensor:
 
 
 class Scored(NamedTuple):
-    """Scores of a batch of episodes; the normalised fields are None when K=1."""
+    """Scores of a batch of episodes; ``normalised`` is None when the threshold cannot decide (K too low)."""
 
     scores: Tensor  # (B, Q) raw anomaly scores
-    normalised: Tensor | None  # (B, Q) query scores on the support-normalised scale
-    support_normalised: Tensor | None  # (B, K) standardised leave-one-out scores of the support
+    normalised: Tensor | None  # (B, Q) query scores on the threshold's scale
+    support_normalised: Tensor | None  # (B, K) leave-one-out support scores on that scale, if used
 
 
-def score_episodes(detector: Detector, support: Tensor, query: Tensor, normalise: bool = True) -> Scored:
-    """Raw scores as in evaluation, plus (when asked and K >= 2) their normalised versions."""
+def score_episodes(
+    detector: Detector, support: Tensor, query: Tensor, threshold: Threshold | None = None
+) -> Scored:
+    """Raw scores as in evaluation, plus what ``threshold`` needs to decide (leave-one-out if it must)."""
     scores = anomaly_scores(detector, support, query)
-    if not normalise or support.shape[1] < 2:
+    if threshold is None or support.shape[1] < threshold.min_k_shot:
         return Scored(scores, None, None)
+    if threshold.normalise == "none" and not threshold.uses_support_scores:
+        return Scored(scores, scores.detach().float(), None)
     loo = leave_one_out_scores(detector, support)
+    if threshold.normalise == "none":
+        return Scored(scores, scores.detach().float(), loo.detach().float())
     return Scored(scores, standardise(scores, loo), standardise(loo, loo))
 
 
 class Threshold:
-    """A rule on the normalised score: ``per_episode`` gives each episode's threshold (B,).
+    """A rule on the (normalised) score: ``per_episode`` gives each episode's threshold (B,).
 
-    ``baselines``: also decide for the baselines at test time (each then needs its leave-one-out
-    scores, K more adaptations per episode, and for ``f1_optimal`` a pass over the validation
-    episodes: cheap for the torch baselines, several times the cost of the scikit-learn ones).
+    ``normalise``: ``zscore`` (the support-normalised score, needs K >= 3) or ``none`` (raw
+    scores). ``baselines``: also decide for the baselines at test time (each then needs its own
+    leave-one-out scores, K more adaptations per episode, and for ``f1_optimal`` a pass over the
+    validation episodes: cheap for the torch baselines, several times the cost of the
+    scikit-learn ones).
     """
 
     rule: ClassVar[str]
     fits_on_validation: ClassVar[bool] = False
+    uses_support_scores: ClassVar[bool] = False
 
-    def __init__(self, baselines: bool = False) -> None:
-        self.value: float | None = None
+    def __init__(self, normalise: str = "zscore", baselines: bool = False) -> None:
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"threshold.normalise must be one of {NORMALISATIONS}, got {normalise!r}")
+        self.normalise = normalise
         self.baselines = bool(baselines)
+        self.value: float | None = None
 
-    def params(self) -> dict[str, float]:
-        return {}
+    @property
+    def min_k_shot(self) -> int:
+        """Fewest support samples this rule can decide with."""
+        return 3 if self.normalise == "zscore" else 2 if self.uses_support_scores else 1
 
-    def per_episode(self, support_normalised: Tensor) -> Tensor:
-        """(B, K) standardised leave-one-out support scores -> (B,) thresholds."""
+    def too_few(self, k_shot: int) -> str:
+        """Why ``k_shot`` support samples are too few for this rule."""
+        why = (
+            "the z-score divides by the spread of the support's leave-one-out scores, and with 2 samples a "
+            "distance-based detector's two are equal; use threshold.normalise=none"
+            if self.normalise == "zscore"
+            else "it is set from the support's leave-one-out scores"
+        )
+        return (
+            f"k_shot={k_shot}: threshold {self.rule} (normalise={self.normalise}) needs at least "
+            f"{self.min_k_shot} support samples: {why}"
+        )
+
+    def params(self) -> dict[str, Any]:
+        return {"normalise": self.normalise}
+
+    def per_episode(self, normalised: Tensor, support_normalised: Tensor | None) -> Tensor:
+        """(B, Q) query and (B, K) leave-one-out support scores, normalised -> (B,) thresholds."""
         if self.value is None:
             raise RuntimeError(
                 f"threshold={self.rule} has not been fitted on validation episodes (no validation ran and "
                 "none was available to fit it)"
             )
-        return torch.full(support_normalised.shape[:1], self.value, device=support_normalised.device)
+        return torch.full(normalised.shape[:1], self.value, device=normalised.device)
 
     def fit(self, normalised: Tensor, labels: Tensor) -> None:
         """Fit on validation episodes' normalised scores (E, Q) and labels; most rules have nothing to fit."""
 
-    def decide(self, normalised: Tensor, support_normalised: Tensor) -> tuple[Tensor, Tensor]:
+    def decide(self, normalised: Tensor, support_normalised: Tensor | None) -> tuple[Tensor, Tensor]:
         """(is_anomaly (B, Q), thresholds (B,))."""
-        thresholds = self.per_episode(support_normalised)
+        thresholds = self.per_episode(normalised, support_normalised)
         return normalised > thresholds.unsqueeze(1), thresholds
 
     def state_dict(self) -> dict[str, Any]:
@@ -130,11 +167,6 @@ class Threshold:
             return False
         self.value = state.get("value")
         return True
-
-    def describe(self) -> str:
-        settings = ", ".join(f"{k}={v:g}" for k, v in self.params().items())
-        value = "per episode" if self.value is None else f"{self.value:.4g}"
-        return f"{self.rule}({settings}) = {value} on the normalised score"
 
 
 class F1Optimal(Threshold):
@@ -173,19 +205,22 @@ class SupportQuantile(Threshold):
     """``margin`` x the ``q``-quantile of the episode's standardised leave-one-out support scores."""
 
     rule = "support_quantile"
+    uses_support_scores = True
 
-    def __init__(self, q: float = 1.0, margin: float = 1.0, baselines: bool = False) -> None:
-        super().__init__(baselines)
+    def __init__(
+        self, q: float = 1.0, margin: float = 1.0, normalise: str = "zscore", baselines: bool = False
+    ) -> None:
+        super().__init__(normalise, baselines)
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"threshold.q must be in [0, 1] (1 = the maximum), got {q}")
         if margin <= 0:
             raise ValueError(f"threshold.margin must be positive, got {margin}")
         self.q, self.margin = float(q), float(margin)
 
-    def params(self) -> dict[str, float]:
-        return {"q": self.q, "margin": self.margin}
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "q": self.q, "margin": self.margin}
 
-    def per_episode(self, support_normalised: Tensor) -> Tensor:
+    def per_episode(self, normalised: Tensor, support_normalised: Tensor | None) -> Tensor:
         return self.margin * torch.quantile(support_normalised.double(), self.q, dim=1).float()
 
 
@@ -194,9 +229,9 @@ class Fixed(Threshold):
 
     rule = "fixed"
 
-    def __init__(self, value: float, baselines: bool = False) -> None:
-        super().__init__(baselines)
+    def __init__(self, value: float, normalise: str = "zscore", baselines: bool = False) -> None:
+        super().__init__(normalise, baselines)
         self.value = float(value)
 
-    def params(self) -> dict[str, float]:
-        return {"value": self.value}
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "value": self.value}

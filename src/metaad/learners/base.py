@@ -35,7 +35,6 @@ from metaad.thresholds import Scored, Threshold, score_episodes
 
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 DECISION_METRICS = ("f1", "precision", "recall", "balanced_accuracy")
-K1_NOTE = "k_shot=1: no leave-one-out support score, so no normalised score and no decision metrics"
 
 
 class _Collected:
@@ -43,13 +42,15 @@ class _Collected:
 
     def __init__(self) -> None:
         self.parts: dict[str, list[Tensor]] = defaultdict(list)
+        self.k_shot = 0
 
-    def add(self, scored: Scored, labels: Tensor) -> None:
+    def add(self, scored: Scored, k_shot: int, labels: Tensor) -> None:
+        self.k_shot = k_shot
         self.parts["scores"].append(scored.scores.detach().cpu())
         self.parts["labels"].append(labels.cpu())
-        if scored.normalised is not None:
-            self.parts["normalised"].append(scored.normalised.cpu())
-            self.parts["support_normalised"].append(scored.support_normalised.cpu())
+        for name in ("normalised", "support_normalised"):
+            if getattr(scored, name) is not None:
+                self.parts[name].append(getattr(scored, name).cpu())
 
     def get(self, name: str) -> Tensor | None:
         return torch.cat(self.parts[name]) if self.parts.get(name) else None
@@ -99,9 +100,9 @@ class EpisodicModule(pl.LightningModule):
         self._collected = {name: _Collected() for name in self._metrics}
 
     def _evaluate(self, name: str, detector: Detector, batch: Episode) -> None:
-        scored = score_episodes(detector, batch.support, batch.query, normalise=name in self._thresholds)
+        scored = score_episodes(detector, batch.support, batch.query, self._thresholds.get(name))
         self._metrics[name].update(scored.scores, batch.label)
-        self._collected[name].add(scored, batch.label)
+        self._collected[name].add(scored, batch.support.shape[1], batch.label)
 
     def _decide(self, name: str) -> Tensor | None:
         """Decisions of one detector at its threshold, added to its metrics; its per-episode thresholds."""
@@ -113,11 +114,14 @@ class EpisodicModule(pl.LightningModule):
         self._metrics[name].add_decisions(is_anomaly, collected.get("labels"))
         return thresholds
 
-    def _warn_if_k1(self, stage: str) -> bool:
-        if self.threshold is not None and self._collected["model"].get("normalised") is None:
-            rank_zero_warn(f"{stage}: {K1_NOTE} (threshold={self.threshold.rule} is not applied)")
-            return True
-        return False
+    def _too_few_shots(self, stage: str) -> str | None:
+        """Why the threshold could not decide (too few support samples), warned once a loop; else None."""
+        collected = self._collected["model"]
+        if self.threshold is None or collected.get("normalised") is not None:
+            return None
+        note = self.threshold.too_few(collected.k_shot)
+        rank_zero_warn(f"{stage}: no decision metrics: {note}")
+        return note
 
     def on_validation_epoch_start(self) -> None:
         self._start_evaluation(["model"])
@@ -131,7 +135,7 @@ class EpisodicModule(pl.LightningModule):
         if (
             self.threshold is not None
             and self.threshold.fits_on_validation
-            and not self._warn_if_k1("validation")
+            and not self._too_few_shots("validation")
         ):
             self.threshold.fit(collected.get("normalised"), collected.get("labels"))
         thresholds = self._decide("model")
@@ -163,7 +167,7 @@ class EpisodicModule(pl.LightningModule):
             self._embeddings = pictures.episode_embeddings(self.embed, batch)
 
     def on_test_epoch_end(self) -> None:
-        k1 = self._warn_if_k1("test")
+        too_few = self._too_few_shots("test")
         thresholds = {name: self._decide(name) for name in self._metrics}
         results = {name: metrics.compute() for name, metrics in self._metrics.items()}
         logged = {f"test/{metric}": value["mean"] for metric, value in results["model"].items()}
@@ -181,8 +185,8 @@ class EpisodicModule(pl.LightningModule):
             stored = self.threshold.state_dict()
             if thresholds["model"] is not None:
                 stored["mean_per_episode"] = thresholds["model"].mean().item()
-            if k1:
-                stored["skipped"] = K1_NOTE
+            if too_few:
+                stored["skipped"] = too_few
             self.test_results["threshold"] = stored
         self._log_pictures("test", thresholds["model"])
 
@@ -215,9 +219,9 @@ class EpisodicModule(pl.LightningModule):
         normalised, labels = [], []
         for batch in datamodule.val_dataloader():
             batch = move_data_to_device(batch, self.device)
-            scored = score_episodes(detector, batch.support, batch.query)
+            scored = score_episodes(detector, batch.support, batch.query, threshold)
             if scored.normalised is None:
-                return  # K=1: nothing to fit; reported at the end of the test
+                return  # too few shots to decide: reported at the end of the test
             normalised.append(scored.normalised.cpu())
             labels.append(batch.label.cpu())
         threshold.fit(torch.cat(normalised), torch.cat(labels))
@@ -236,6 +240,7 @@ class EpisodicModule(pl.LightningModule):
             collected.get("labels"),
             collected.get("normalised") if thresholds is not None else None,
             thresholds,
+            zscore=self.threshold is not None and self.threshold.normalise == "zscore",
         )
         if stage == "test" and self._embeddings is not None:
             writer.add_embedding(**self._embeddings, tag="test/embeddings", global_step=self.global_step)
