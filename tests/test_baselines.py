@@ -105,13 +105,22 @@ def test_sklearn_detectors_are_fitted_on_each_support_set(ours, reference):
     torch.testing.assert_close(_scores(ours, support, query), scores)  # deterministic
 
 
-@pytest.mark.parametrize("detector", [IsolationForest(), LocalOutlierFactor()])
-def test_one_shot_is_constant_with_a_warning_where_a_detector_needs_two(detector):
-    support, query = _episodes(2, 1, 6, 4)
-    with pytest.warns(UserWarning, match="needs at least 2 support samples"):
+@pytest.mark.parametrize("detector, k, least", [(IsolationForest(), 2, 3), (LocalOutlierFactor(), 1, 2)])
+def test_too_few_shots_give_constant_scores_with_a_warning(detector, k, least):
+    support, query = _episodes(2, k, 6, 4)
+    with pytest.warns(UserWarning, match=f"needs at least {least} support samples, got {k}:"):
         scores = _scores(detector, support, query)
     assert (scores == 0).all()
     assert episode_auroc(scores, torch.tensor([[0, 0, 0, 1, 1, 1]] * 2)).eq(0.5).all()
+
+
+def test_isolation_forest_needs_three_shots_because_sklearns_is_constant_below():
+    support, query = _episodes(1, 2, 6, 4)
+    assert (
+        np.unique(SkForest(random_state=0).fit(support[0].numpy()).score_samples(query[0].numpy())).size == 1
+    )
+    support, query = _episodes(1, 3, 6, 4)
+    assert _scores(IsolationForest(), support, query).unique().numel() > 1
 
 
 def test_one_class_svm_works_from_one_shot():

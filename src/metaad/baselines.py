@@ -125,7 +125,7 @@ class _SupportFitted:
         if x.shape[1] < self.min_support:
             warnings.warn(
                 f"baseline {type(self).__name__} needs at least {self.min_support} support samples, got "
-                f"k_shot={x.shape[1]}: its scores are constant (AUROC 0.5)",
+                f"{x.shape[1]}: its scores are constant (AUROC 0.5)",
                 stacklevel=2,
             )
             return None
@@ -145,11 +145,11 @@ class _SupportFitted:
 class IsolationForest(_SupportFitted):
     """scikit-learn's IsolationForest on the support set; a fixed ``random_state`` keeps it deterministic.
 
-    Its trees subsample ``min(256, K)`` points, so with a handful of shots they are shallow. K = 1:
-    constant scores.
+    Its trees subsample ``min(256, K)`` points, so with a handful of shots they are shallow; with
+    K <= 2 every query ends in a one-point leaf at the same depth, so K <= 2 gives constant scores.
     """
 
-    min_support = 2
+    min_support = 3
 
     def __init__(self, n_estimators: int = 100, random_state: int = 0) -> None:
         self.n_estimators, self.random_state = n_estimators, random_state
