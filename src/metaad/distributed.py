@@ -53,6 +53,8 @@ class JobLauncher(_SubprocessScriptLauncher):
         self.app = app
 
     def _call_children_scripts(self) -> None:
+        if not HydraConfig.initialized():  # not a Hydra app: Lightning's command line is the run's
+            return super()._call_children_scripts()
         # The DDP variables as Lightning's launcher sets them (job_scope removes them after the job).
         self._check_can_spawn_children()
         env = self.cluster_environment
