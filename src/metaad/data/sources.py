@@ -101,13 +101,8 @@ def _omniglot_pngs(root: Path) -> tuple[dict[tuple[str, str, str], tuple[str, by
             with zipfile.ZipFile(archive) as zf:
                 for member in zf.infolist():
                     if not member.is_dir() and member.filename.lower().endswith(".png"):
-                        found.append(
-                            (
-                                f"{archive}:{member.filename}",
-                                tuple(member.filename.split("/")),
-                                zf.read(member),
-                            )
-                        )
+                        origin = f"{archive}:{member.filename}"
+                        found.append((origin, tuple(member.filename.split("/")), zf.read(member)))
         except zipfile.BadZipFile as error:
             raise DataError(f"{archive}: not a readable zip file ({error})") from error
     if not found:
@@ -166,15 +161,17 @@ def task_files(root: str, pattern: str = "*.npz") -> LabelledData:
 def _task_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [key for key in ("X", "y") if key not in npz.files]
-            if missing:
-                raise DataError(
-                    f"{path}: no {' or '.join(missing)}; a task file holds X (samples x features) and "
-                    f"y (0 normal / 1 anomalous), this one has {npz.files}"
-                )
-            x, y = npz["X"], npz["y"]
+            arrays = {key: npz[key] for key in npz.files if key in ("X", "y")}
+            keys = npz.files
     except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise DataError(f"{path}: cannot read it as .npz ({error})") from error
+    missing = [key for key in ("X", "y") if key not in arrays]
+    if missing:
+        raise DataError(
+            f"{path}: no {' or '.join(missing)}; a task file holds X (samples x features) and "
+            f"y (0 normal / 1 anomalous), this one has {keys}"
+        )
+    x, y = arrays["X"], arrays["y"]
     if x.ndim < 2 or len(x) == 0 or not np.issubdtype(x.dtype, np.number):
         raise DataError(
             f"{path}: X must be a non-empty numeric (samples, features) array, got {x.dtype} {x.shape}"
@@ -250,11 +247,7 @@ def table(
         raise DataError(f"{path}: dataset.source.features include the label column(s) {leaked}")
     if not features:
         raise DataError(f"{path}: no feature columns left (columns: {columns[:20]})")
-    text = [
-        c
-        for c in features
-        if not pd.api.types.is_numeric_dtype(frame[c]) or pd.api.types.is_bool_dtype(frame[c])
-    ]
+    text = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])]  # bools count as 0/1
     if text:
         raise DataError(
             f"{path}: feature column(s) {text[:10]} are not numeric; list them in "
