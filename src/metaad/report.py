@@ -27,7 +27,8 @@ def print_threshold(threshold: dict[str, Any], console: Console) -> None:
     value = threshold.get("value")
     value = f"{value:.3f}" if value is not None else f"per episode, mean {threshold['mean_per_episode']:.3f}"
     rule = f"{threshold['rule']}({settings})" if settings else threshold["rule"]
-    console.print(f"decisions at threshold {rule} = {value} on the support-normalised score")
+    scale = "raw score" if threshold.get("normalise") == "none" else "support-normalised score"
+    console.print(f"decisions at threshold {rule} = {value} on the {scale}")
 
 
 def print_summary(metrics: dict[str, Any], run_dir: Path, console: Console | None = None) -> None:
