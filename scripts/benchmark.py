@@ -2,7 +2,8 @@
 
     python scripts/benchmark.py                 # preset=full (make benchmark)
     python scripts/benchmark.py preset=quick    # a few minutes (make benchmark-quick)
-    python scripts/benchmark.py preset=full preset.suites.digits.models=[protonet]
+    python scripts/benchmark.py suites=digits,mvtec            # some suites of the preset
+    python scripts/benchmark.py preset.suites.digits.models=[protonet] trainer.max_epochs=2
 
 A preset (``conf/preset/*.yaml``) lists suites: a dataset protocol, its folds (e.g. each MVTec
 category held out in turn), the learners, the K values. Each learner is meta-trained once per
@@ -17,7 +18,6 @@ from __future__ import annotations
 import csv
 import math
 import sys
-import time
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
@@ -59,10 +59,14 @@ def merge_summaries(parts: list[dict]) -> dict:
     return {"mean": mean, "ci95": 1.96 * sd / math.sqrt(n), "n_episodes": n}
 
 
-def run(preset: DictConfig, out_dir: Path, extra: list[str]) -> list[dict]:
+def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | None) -> list[dict]:
+    unknown = set(only or []) - set(preset.suites)
+    if unknown:
+        raise SystemExit(f"suites: {sorted(unknown)} not in this preset, which has {list(preset.suites)}")
     jobs = [
         (name, suite, fold_index, fold, model)
         for name, suite in preset.suites.items()
+        if not only or name in only
         for fold_index, fold in enumerate(folds_of(suite))
         for model in suite.models
     ]
@@ -86,9 +90,7 @@ def run(preset: DictConfig, out_dir: Path, extra: list[str]) -> list[dict]:
             ]
             overrides += [f"dataset.k_shot={suite.train_k_shot}", "test=false", "baselines=none", *extra]
             overrides += ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-            started = time.perf_counter()
             train(compose_config(overrides, run_dir / "train"))
-            train_seconds = time.perf_counter() - started
             checkpoint = run_dir / "train" / "checkpoints" / "best.ckpt"
             first_model = model == suite.models[0]
             for k in suite.k_shots:
@@ -106,9 +108,6 @@ def run(preset: DictConfig, out_dir: Path, extra: list[str]) -> list[dict]:
                 for detector, values in detectors.items():
                     for metric, summary in values.items():
                         collected[(name, k, detector, metric)].append(summary)
-                collected[(name, k, model, "train_seconds")].append(
-                    {"mean": train_seconds, "ci95": 0.0, "n_episodes": 1}
-                )
             progress.advance(bar)
     rows = []
     for (name, k, detector, metric), parts in collected.items():
@@ -146,6 +145,8 @@ def table_rows(rows: list[dict], references: DictConfig) -> list[dict]:
                 "auroc_ci95": auroc["ci95"],
                 "aupr": metrics.get("aupr", {}).get("mean", float("nan")),
                 "aupr_ci95": metrics.get("aupr", {}).get("ci95", float("nan")),
+                # at the run's threshold (learners only; baselines decide only with threshold.baselines)
+                "balanced_accuracy": metrics.get("balanced_accuracy", {}).get("mean", float("nan")),
                 "n_episodes": auroc["n_episodes"],
                 "vs_best_baseline": auroc["mean"] - best_baseline,
                 "reference": references.get(suite, {}).get(str(k), ""),
@@ -161,23 +162,37 @@ def write_tables(rows: list[dict], out_dir: Path) -> str:
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        "| suite | K | detector | AUROC ± 95% CI | AUPR ± 95% CI | vs best baseline | episodes |",
-        "|---|---|---|---|---|---|---|",
+        "| suite | K | detector | AUROC ± 95% CI | AUPR ± 95% CI | vs best baseline | bal. acc. | episodes |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         gap = "" if r["detector"].startswith("baseline:") else f"{r['vs_best_baseline']:+.3f}"
         lines.append(
             f"| {r['suite']} | {r['k_shot']} | {r['detector']} | {r['auroc']:.3f} ± {r['auroc_ci95']:.3f} | "
-            f"{r['aupr']:.3f} ± {r['aupr_ci95']:.3f} | {gap} | {r['n_episodes']} |"
+            f"{r['aupr']:.3f} ± {r['aupr_ci95']:.3f} | {gap} | {_pct(r['balanced_accuracy'])} | "
+            f"{r['n_episodes']} |"
         )
     markdown = "\n".join(lines) + "\n"
     (out_dir / "results.md").write_text(markdown)
     return markdown
 
 
+def _pct(value: float) -> str:
+    return "" if math.isnan(value) else f"{100 * value:.1f}%"
+
+
 def print_table(rows: list[dict]) -> None:
     table = Table(title="metaad benchmark: mean AUROC over fixed test episodes of unseen tasks")
-    for column in ("suite", "K", "detector", "AUROC ± CI", "AUPR", "vs best baseline", "reference"):
+    for column in (
+        "suite",
+        "K",
+        "detector",
+        "AUROC ± CI",
+        "AUPR",
+        "vs best baseline",
+        "bal. acc.",
+        "reference",
+    ):
         table.add_column(column)
     for r in rows:
         learner = not r["detector"].startswith("baseline:")
@@ -190,6 +205,7 @@ def print_table(rows: list[dict]) -> None:
             f"{r['auroc']:.3f} ± {r['auroc_ci95']:.3f}",
             f"{r['aupr']:.3f}",
             gap,
+            _pct(r["balanced_accuracy"]),
             r["reference"],
             style=style,
         )
@@ -198,11 +214,13 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str]) -> None:
     out_dir = Path("outputs/benchmark") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    only = [a.split("=", 1)[1].split(",") for a in argv if a.startswith("suites=")]
     preset_overrides = [a for a in argv if a.startswith("preset")]
-    extra = [a for a in argv if not a.startswith("preset")]
+    extra = [a for a in argv if not a.startswith(("preset", "suites="))]
     cfg = compose_config(preset_overrides or ["preset=full"], out_dir, "benchmark")
     OmegaConf.save(cfg.preset, out_dir / "preset.yaml")
-    rows = table_rows(run(cfg.preset, out_dir, extra), cfg.preset.get("references", {}))
+    rows = run(cfg.preset, out_dir, extra, only[0] if only else None)
+    rows = table_rows(rows, cfg.preset.get("references", {}))
     markdown = write_tables(rows, out_dir)
     print_table(rows)
     print(markdown)

@@ -26,8 +26,9 @@ COLUMNS = ["id", "score", "normalised_score", "is_anomaly"]
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A quick real run with the default threshold (f1_optimal): its config, metrics and best checkpoint."""
-    cfg = compose_in(tmp_path_factory.mktemp("train"), ["baselines=none", "logger=none"])
+    """A quick real run, f1_optimal on z-scores: its config, metrics and best checkpoint."""
+    overrides = ["threshold=f1_optimal", "threshold.normalise=zscore", "baselines=none", "logger=none"]
+    cfg = compose_in(tmp_path_factory.mktemp("train"), overrides)
     metrics = train(cfg)
     return cfg, metrics, Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
 

@@ -193,7 +193,9 @@ def test_state_is_plain_data_and_reloads_only_under_the_same_rule():
 def test_too_few_shots_for_a_z_score_reports_ranking_metrics_and_says_why(tmp_path: Path):
     from tests.conftest import compose_in
 
-    cfg = compose_in(tmp_path, ["dataset.k_shot=2", "baselines=none", "logger=none"])
+    cfg = compose_in(
+        tmp_path, ["dataset.k_shot=2", "threshold.normalise=zscore", "baselines=none", "logger=none"]
+    )
     with pytest.warns(UserWarning, match="k_shot=2"):
         metrics = train(cfg)
     assert "auroc" in metrics["test"] and "f1" not in metrics["test"]

@@ -2,8 +2,8 @@
 
 The model, backbone, baselines and dataset are rebuilt from the config stored in the checkpoint
 (plain data, loaded with ``weights_only=True``); keys given under ``dataset`` replace the stored
-ones, e.g. ``+dataset.k_shot=10`` to evaluate the same model with more shots, and
-``baselines=all`` scores another set of baselines beside it.
+ones, e.g. ``+dataset.k_shot=10`` to evaluate the same model with more shots; ``baselines=all``
+scores another set of baselines beside it and ``threshold=...`` decides by another rule.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metaad.build import build_datamodule, build_model, build_trainer
+from metaad.distributed import check_launch, job_scope
 from metaad.report import print_summary, write_metrics
 
 
@@ -33,14 +34,17 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint, run_cfg = load_checkpoint(cfg.ckpt_path)
     run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, cfg.dataset)
-    if cfg.get("baselines") is not None:
-        run_cfg.baselines = cfg.baselines
+    for group in ("baselines", "threshold"):  # chosen on the command line: replaces the stored one
+        if cfg.get(group) is not None:
+            run_cfg[group] = cfg[group]
     datamodule = build_datamodule(run_cfg)
     model = build_model(run_cfg, datamodule.sample_shape)
     model.load_state_dict(checkpoint["state_dict"])
     model.on_load_checkpoint(checkpoint)
     trainer = build_trainer(cfg)
-    trainer.test(model, datamodule=datamodule)
+    check_launch(trainer)
+    with job_scope():
+        trainer.test(model, datamodule=datamodule)
     metrics = {
         **run_cfg.names,
         "k_shot": run_cfg.dataset.k_shot,
