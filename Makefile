@@ -9,10 +9,10 @@ STAMP := $(VENV)/.install.stamp
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval score sweep benchmark test test-slow lint format tensorboard clean
+.PHONY: help install train eval score sweep benchmark benchmark-quick speed test test-slow lint format tensorboard clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 	@echo '  pass Hydra overrides with ARGS="model=siamese dataset.k_shot=1"'
 
 # pip's output goes to .venv/install.log and is shown only if the install fails.
@@ -41,6 +41,15 @@ SWEEP_DIR := outputs/multirun/$(shell date +%Y-%m-%d_%H-%M-%S)_sweep
 sweep: $(STAMP) ## grid sweep + table of each job's val/test AUROC (SWEEP="model=a,b dataset.k_shot=1,5", ARGS=...)
 	$(BIN)/metaad-train -m $(SWEEP) hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
 	$(BIN)/python scripts/summarize_sweep.py $(SWEEP_DIR)
+
+benchmark: $(STAMP) ## every learner vs every baseline on digits, mnist, omniglot, mvtec (about an hour)
+	$(BIN)/python scripts/benchmark.py preset=full $(ARGS)
+
+benchmark-quick: $(STAMP) ## the benchmark's whole pipeline in a few minutes (smoke test, not numbers to quote)
+	$(BIN)/python scripts/benchmark.py preset=quick $(ARGS)
+
+speed: $(STAMP) ## meta-training throughput of each learner; vmapped vs per-task-loop MAML
+	$(BIN)/python scripts/bench_speed.py $(ARGS)
 
 test: $(STAMP) ## the default test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
