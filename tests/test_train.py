@@ -97,3 +97,8 @@ def test_same_seed_same_numbers_and_another_seed_differs(trained, tmp_path):
 def test_bad_requests_stop_before_training(compose_cfg, override, error, message):
     with pytest.raises(error, match=message):
         train(compose_cfg([override]))
+
+
+def test_required_dataset_settings_are_named(compose_cfg):
+    with pytest.raises(DataError, match=r"source.root.*dataset.val_tasks=\.\.\."):
+        train(compose_cfg(["dataset=task_files"]))

@@ -13,11 +13,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaad.data.datamodule import EpisodeDataModule
+from metaad.data.tasks import DataError
 from metaad.learners.base import EpisodicModule
 
 
 def build_datamodule(cfg: DictConfig) -> EpisodeDataModule:
     """Instantiate the dataset and load it now, so bad data stops the run before training."""
+    missing = sorted(OmegaConf.missing_keys(cfg.dataset))
+    if missing:
+        settings = " ".join(f"dataset.{key}=..." for key in missing)
+        raise DataError(f"the dataset config leaves {missing} unset (???); give them: {settings}")
     datamodule = instantiate(cfg.dataset)
     datamodule.setup()
     return datamodule

@@ -56,13 +56,13 @@ class EpisodeDataset(Dataset):
             have_n, have_a = len(self.pool.normal_rows[t]), len(self.pool.anomaly_rows[t])
             if have_n < need_normal:
                 raise DataError(
-                    f"{self.split} task {t!r} has {have_n} normal samples but an episode needs "
-                    f"dataset.k_shot ({self.k_shot}) + normal queries ({self.n_normals}) = {need_normal}; "
+                    f"{self.pool.name}: {self.split} task {t!r} has {have_n} normal samples but an "
+                    f"episode needs dataset.k_shot ({self.k_shot}) + normal queries ({self.n_normals}) = {need_normal}; "
                     "lower k_shot or n_query"
                 )
             if have_a < self.n_anomalies:
                 raise DataError(
-                    f"{self.split} task {t!r} has {have_a} anomalies but an episode needs "
+                    f"{self.pool.name}: {self.split} task {t!r} has {have_a} anomalies but an episode needs "
                     f"{self.n_anomalies} (dataset.n_query x dataset.anomaly_ratio); "
                     "lower n_query or anomaly_ratio"
                 )

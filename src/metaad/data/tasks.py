@@ -70,6 +70,7 @@ class TaskPool:
     normal_rows: dict[str, np.ndarray]
     anomaly_rows: dict[str, np.ndarray]
     row_task_id: np.ndarray  # (N,) task id of each row; -1 for in-task anomalies
+    name: str = "data"  # the source's name, for messages
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -169,4 +170,5 @@ def _pool(data, tasks, own_rows, task_id, rows_of, anomalies_from) -> TaskPool:
         normal_rows=normal,
         anomaly_rows=anomaly,
         row_task_id=row_task_id,
+        name=data.name,
     )
