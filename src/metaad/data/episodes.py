@@ -57,8 +57,8 @@ class EpisodeDataset(Dataset):
             if have_n < need_normal:
                 raise DataError(
                     f"{self.pool.name}: {self.split} task {t!r} has {have_n} normal samples but an "
-                    f"episode needs dataset.k_shot ({self.k_shot}) + normal queries ({self.n_normals}) = {need_normal}; "
-                    "lower k_shot or n_query"
+                    f"episode needs dataset.k_shot ({self.k_shot}) + normal queries ({self.n_normals}) "
+                    f"= {need_normal}; lower k_shot or n_query"
                 )
             if have_a < self.n_anomalies:
                 raise DataError(

@@ -38,7 +38,9 @@ class ProtoNet(EpisodicModule):
             raise ValueError(f"model.loss must be 'one_class' or 'nway', got {loss!r}")
         pairwise_distance(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), distance)  # validate early
         self.backbone, self.distance, self.loss_kind = backbone, distance, loss
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
+        self.log_temperature = nn.Parameter(
+            torch.tensor(math.log(temperature)), requires_grad=learn_temperature
+        )
 
     def embed(self, x: Tensor) -> Tensor:
         """(B, N, *x) -> (B, N, D)."""
