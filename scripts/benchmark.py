@@ -89,7 +89,7 @@ def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | N
                 *suite.get("model_overrides", {}).get(model, []),
             ]
             overrides += [f"dataset.k_shot={suite.train_k_shot}", "test=false", "baselines=none", *extra]
-            overrides += ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+            overrides += ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
             train(compose_config(overrides, run_dir / "train"))
             checkpoint = run_dir / "train" / "checkpoints" / "best.ckpt"
             first_model = model == suite.models[0]
