@@ -89,7 +89,11 @@ def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | N
                 *suite.get("model_overrides", {}).get(model, []),
             ]
             overrides += [f"dataset.k_shot={suite.train_k_shot}", "test=false", "baselines=none", *extra]
-            overrides += ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+            overrides += [
+                "logger=none",
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false",
+            ]
             train(compose_config(overrides, run_dir / "train"))
             checkpoint = run_dir / "train" / "checkpoints" / "best.ckpt"
             first_model = model == suite.models[0]
@@ -213,8 +217,9 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    out_dir = Path("outputs/benchmark") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     only = [a.split("=", 1)[1].split(",") for a in argv if a.startswith("suites=")]
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out_dir = Path("outputs/benchmark") / "_".join([stamp, *(only[0] if only else [])])
     preset_overrides = [a for a in argv if a.startswith("preset")]
     extra = [a for a in argv if not a.startswith(("preset", "suites="))]
     cfg = compose_config(preset_overrides or ["preset=full"], out_dir, "benchmark")
