@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from metaad.build import build_datamodule, build_model
+from metaad.build import build_datamodule, build_model, load_checkpoint
 from metaad.data import DataError
-from metaad.eval import evaluate, load_checkpoint
+from metaad.eval import evaluate
 from metaad.score import read_samples, score
 from metaad.thresholds import leave_one_out_scores, standardise
 from metaad.train import train

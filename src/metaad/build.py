@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -35,6 +36,27 @@ def build_model(cfg: DictConfig, sample_shape: tuple[int, ...]) -> EpisodicModul
     baselines = {name: instantiate(conf) for name, conf in (cfg.get("baselines") or {}).items()}
     threshold = instantiate(cfg.threshold) if cfg.get("threshold") else None
     return instantiate(cfg.model, backbone=backbone, baselines=baselines, threshold=threshold)
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
+    """A metaad checkpoint (tensors and plain data only) and the run config stored in it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at {path}")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "metaad_config" not in checkpoint:
+        raise ValueError(f"ckpt_path: {path} was not written by metaad-train (no 'metaad_config' in it)")
+    return checkpoint, OmegaConf.create(checkpoint["metaad_config"])
+
+
+def restore_model(
+    checkpoint: dict[str, Any], cfg: DictConfig, sample_shape: tuple[int, ...]
+) -> EpisodicModule:
+    """The model of ``cfg`` with the checkpoint's weights and state (best val AUROC, threshold)."""
+    model = build_model(cfg, sample_shape)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.on_load_checkpoint(checkpoint)
+    return model
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] = ()) -> pl.Trainer:

@@ -12,23 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metaad.build import build_datamodule, build_model, build_trainer
+from metaad.build import build_datamodule, build_trainer, load_checkpoint, restore_model
 from metaad.distributed import check_launch, job_scope
 from metaad.report import print_summary, write_metrics
-
-
-def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
-    """The checkpoint (tensors and plain data only) and the training config stored in it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "metaad_config" not in checkpoint:
-        raise ValueError(f"ckpt_path: {path} was not written by metaad-train (no 'metaad_config' in it)")
-    return checkpoint, OmegaConf.create(checkpoint["metaad_config"])
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -38,9 +26,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get(group) is not None:
             run_cfg[group] = cfg[group]
     datamodule = build_datamodule(run_cfg)
-    model = build_model(run_cfg, datamodule.sample_shape)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.on_load_checkpoint(checkpoint)
+    model = restore_model(checkpoint, run_cfg, datamodule.sample_shape)
     trainer = build_trainer(cfg)
     check_launch(trainer)
     with job_scope():

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Checkpoint
+
+from metaad.build import load_checkpoint
 
 # Config sections that decide what is trained; a resume must not change them.
 RUN_DEFINING = ("dataset", "backbone", "model", "seed")
@@ -77,10 +78,8 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
 
 def load_resume_state(path: Path, cfg: DictConfig) -> dict[str, Any]:
     """The checkpoint to resume (plain data, ``weights_only``); refused if trained with another config."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    stored = checkpoint.get("metaad_config")
-    if stored is None:
-        raise ValueError(f"ckpt_path: {path} was not written by metaad-train (no 'metaad_config' in it)")
+    checkpoint, _ = load_checkpoint(path)
+    stored = checkpoint["metaad_config"]
     now = {key: _plain(cfg.get(key)) for key in RUN_DEFINING}
     changed = _differences({k: stored.get(k) for k in RUN_DEFINING}, now)
     if changed:

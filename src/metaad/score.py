@@ -28,9 +28,8 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
-from metaad.build import build_model
+from metaad.build import load_checkpoint, restore_model
 from metaad.data import DataError
-from metaad.eval import load_checkpoint
 from metaad.thresholds import score_episodes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -184,9 +183,7 @@ def score(cfg: DictConfig) -> pd.DataFrame:
             "threshold=support_quantile or threshold=fixed"
         )
     run_cfg.baselines = None  # not scored here
-    model = build_model(run_cfg, sample_shape)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.on_load_checkpoint(checkpoint)
+    model = restore_model(checkpoint, run_cfg, sample_shape)
     threshold = model.threshold
     if threshold.fits_on_validation and threshold.value is None:
         raise ValueError(
