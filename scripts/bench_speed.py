@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from metaad.build import build_model, compose_config
 from metaad.data import Episode, EpisodeDataset, split_tasks
 from metaad.data.sources import digits
-from metaad.learners.base import EpisodicModule
+from metaad.detectors.base import EpisodicModule
 
 LEARNERS = ["protonet", "protonet_nway", "siamese", "maml", "fomaml", "metasgd", "anil", "ocmaml"]
 console = Console(stderr=True)

@@ -11,11 +11,11 @@ model=covariance dataset=mvtec`` scores. Every detector is scored on the same ep
 
 Detectors:
 
-- ``nn_cosine``: 1-NN cosine distance to the support (``metaad.baselines``);
+- ``nn_cosine``: 1-NN cosine distance to the support (``metaad.detectors.baselines``);
 - ``lw_mahalanobis``: Mahalanobis to the support mean, Ledoit-Wolf support covariance (idem);
 - ``pooled_whitening``: whiten with the within-category covariance of all normals of the 13
   training categories (+ its mean eigenvalue on the diagonal), then 1-NN cosine;
-- ``covariance/<variant>``: :class:`metaad.learners.covariance.CovariancePrior` as
+- ``covariance/<variant>``: :class:`metaad.detectors.covariance.CovariancePrior` as
   ``conf/model/covariance.yaml``, meta-trained on episodes of the training categories by its
   own ``update_prior`` and ``loss`` and its configured optimiser (a plain loop over ``--steps``
   meta-batches of 8; ``metaad-train`` runs the same code under Lightning, with
@@ -44,11 +44,11 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from metaad.baselines import Mahalanobis, NearestNeighbourDistance
 from metaad.data.episodes import Episode, EpisodeDataset
 from metaad.data.sources import task_files
 from metaad.data.tasks import TaskPool, split_tasks
-from metaad.learners.covariance import CovariancePrior
+from metaad.detectors.baselines import Mahalanobis, NearestNeighbourDistance
+from metaad.detectors.covariance import CovariancePrior
 from metaad.metrics import episode_auroc, summarize
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,17 +11,10 @@ from omegaconf import DictConfig
 
 from metaad.build import compose_config
 
-# A few steps: enough to run every stage of a real experiment in seconds.
-QUICK = [
-    "trainer.max_epochs=1",
-    "dataset.train_episodes=32",
-    "dataset.val_episodes=20",
-    "dataset.test_episodes=40",
-    "dataset.eval_batch_size=20",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.log_every_n_steps=1",
-]
+# Every stage of a real experiment in seconds (conf/debug/quick.yaml).
+QUICK = ["debug=quick"]
+# Every learner is one config in conf/model/: the generic tests run each of them.
+LEARNERS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "model").glob("*.yaml"))
 
 
 def compose_in(

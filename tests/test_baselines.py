@@ -13,7 +13,7 @@ from sklearn.ensemble import IsolationForest as SkForest
 from sklearn.neighbors import LocalOutlierFactor as SkLOF
 from sklearn.svm import OneClassSVM as SkSVM
 
-from metaad.baselines import (
+from metaad.detectors.baselines import (
     IsolationForest,
     LocalOutlierFactor,
     Mahalanobis,

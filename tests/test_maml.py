@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,8 +9,8 @@ from torch.func import functional_call
 
 from metaad.data import Episode, EpisodeDataset, split_tasks
 from metaad.data.sources import digits
-from metaad.learners.backbones import MLP
-from metaad.learners.maml import MAML, balanced_bce
+from metaad.detectors.backbones import MLP
+from metaad.detectors.maml import MAML, balanced_bce
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,7 @@ def batch() -> Episode:
 def make_maml(**kwargs) -> MAML:
     torch.manual_seed(0)
     args = dict(inner_steps=2, inner_lr=0.3) | kwargs
-    model = MAML(MLP((64,), hidden=(16,), embed_dim=8), optimizer=partial(torch.optim.SGD, lr=0.1), **args)
+    model = MAML(MLP((64,), hidden=(16,), embed_dim=8), **args)
     return model.double().train()
 
 
@@ -98,7 +96,7 @@ def test_meta_sgd_learning_rates_receive_gradients_and_learn(batch: Episode) -> 
     model = make_maml(meta_sgd=True)
     assert len(model.inner_lrs) == len(list(model.net.parameters()))
     before = [lr.detach().clone() for lr in model.inner_lrs]
-    optimizer = model.configure_optimizers()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model.loss(batch).backward()
     for lr in model.inner_lrs:
         assert lr.grad is not None and torch.isfinite(lr.grad).all() and lr.grad.abs().sum() > 0

@@ -22,7 +22,7 @@ def run(tmp_path_factory):
         "threshold=support_quantile",
         "threshold.baselines=true",
         "baselines=none",
-        "+baselines.mean._target_=metaad.baselines.SupportMeanDistance",
+        "+baselines.mean._target_=metaad.detectors.baselines.SupportMeanDistance",
     ]
     cfg = compose_in(tmp_path_factory.mktemp("pictures"), overrides)
     metrics = train(cfg)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from metaad.baselines import NearestNeighbourDistance
 from metaad.build import build_datamodule
 from metaad.data import EpisodeDataModule
 from metaad.data.sources import omniglot, task_files
+from metaad.detectors.baselines import NearestNeighbourDistance
 from metaad.metrics import EpisodeMetrics
 
 # The same place conf/paths/default.yaml looks, but from the repository root rather than the cwd.

@@ -38,16 +38,7 @@ _spec = importlib.util.spec_from_file_location(
 summarize_sweep = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(summarize_sweep)
 
-TINY = [
-    "trainer.max_epochs=2",
-    "dataset.train_episodes=32",
-    "dataset.meta_batch_size=4",
-    "dataset.val_episodes=20",
-    "dataset.test_episodes=40",
-    "dataset.eval_batch_size=20",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-]
+TINY = ["debug=quick", "trainer.max_epochs=2", "dataset.meta_batch_size=4"]
 
 
 # --- fast: the pieces -------------------------------------------------------------------------

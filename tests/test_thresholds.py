@@ -11,9 +11,9 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score
 
-from metaad.baselines import NearestNeighbourDistance, SupportMeanDistance
-from metaad.learners.backbones import MLP
-from metaad.learners.protonet import ProtoNet
+from metaad.detectors.backbones import MLP
+from metaad.detectors.baselines import NearestNeighbourDistance, SupportMeanDistance
+from metaad.detectors.protonet import ProtoNet
 from metaad.metrics import episode_decision_metrics
 from metaad.thresholds import (
     F1Optimal,
@@ -65,7 +65,7 @@ def test_leave_one_out_by_hand():
     [
         SupportMeanDistance("euclidean"),
         NearestNeighbourDistance("cosine"),
-        ProtoNet(MLP([6], hidden=[8], embed_dim=4), optimizer=torch.optim.Adam),
+        ProtoNet(MLP([6], hidden=[8], embed_dim=4)),
     ],
     ids=["mean", "nn", "protonet"],
 )

@@ -10,9 +10,9 @@ import torch
 from hydra.errors import MissingConfigException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from metaad.baselines import SupportMeanDistance
 from metaad.build import build_datamodule
 from metaad.data import DataError
+from metaad.detectors.baselines import SupportMeanDistance
 from metaad.eval import evaluate
 from metaad.metrics import EpisodeMetrics
 from metaad.train import train

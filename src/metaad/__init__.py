@@ -1,7 +1,11 @@
 """metaad: config-driven few-shot (meta-learning) anomaly detection on PyTorch Lightning and Hydra.
 
-Entry points: ``metaad-train`` (:mod:`metaad.train`), ``metaad-eval`` (:mod:`metaad.eval`) and
-``metaad-score`` (:mod:`metaad.score`); configs live in ``conf/`` (shipped as ``metaad.conf``).
+Python API (no Lightning import): :func:`load` a trained learner, :func:`baseline` a no-learning
+detector, both behind ``fit`` / ``decision_function`` / ``predict`` (:class:`FewShotDetector`).
+Apps: ``metaad-train``, ``metaad-eval``, ``metaad-score``, ``metaad-benchmark``, ``metaad-summarize``.
 """
 
-__version__ = "0.1.0"
+from metaad.api import FewShotDetector, baseline, load
+
+__version__ = "0.2.0"
+__all__ = ["FewShotDetector", "baseline", "load"]

@@ -1,11 +1,14 @@
-"""Config -> components. The only place the apps call ``hydra.utils.instantiate``."""
+"""Config -> components. The only place the apps call ``hydra.utils.instantiate``.
+
+Lightning is imported only by :func:`build_trainer` and :func:`build_training`, so the Python API
+and ``metaad-score`` rebuild a detector from a checkpoint without it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -13,12 +16,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metaad.data.datamodule import EpisodeDataModule
 from metaad.data.tasks import DataError
-from metaad.learners.base import EpisodicModule
+from metaad.detectors.base import Detector, Learner
+from metaad.evaluation import Evaluator
+from metaad.thresholds import Threshold
 
 
-def build_datamodule(cfg: DictConfig) -> EpisodeDataModule:
+def build_datamodule(cfg: DictConfig) -> Any:
     """Instantiate the dataset and load it now, so bad data stops the run before training."""
     missing = sorted(OmegaConf.missing_keys(cfg.dataset))
     if missing:
@@ -29,13 +33,28 @@ def build_datamodule(cfg: DictConfig) -> EpisodeDataModule:
     return datamodule
 
 
-def build_model(cfg: DictConfig, sample_shape: tuple[int, ...]) -> EpisodicModule:
-    """The learner with its backbone sized for ``sample_shape``, the baselines it reports beside and
-    the threshold that turns its scores into decisions (none without a ``threshold`` config)."""
+def build_learner(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Learner:
+    """The learner of ``cfg.model`` on a backbone sized for ``sample_shape``, without the optimizer
+    (training's, not the learner's)."""
     backbone = instantiate(cfg.backbone, sample_shape=list(sample_shape))
-    baselines = {name: instantiate(conf) for name, conf in (cfg.get("baselines") or {}).items()}
-    threshold = instantiate(cfg.threshold) if cfg.get("threshold") else None
-    return instantiate(cfg.model, backbone=backbone, baselines=baselines, threshold=threshold)
+    learner = OmegaConf.masked_copy(cfg.model, [key for key in cfg.model if key != "optimizer"])
+    return instantiate(learner, backbone=backbone)
+
+
+def build_baselines(cfg: DictConfig) -> dict[str, Detector]:
+    return {name: instantiate(conf) for name, conf in (cfg.get("baselines") or {}).items()}
+
+
+def build_threshold(cfg: DictConfig) -> Threshold | None:
+    return instantiate(cfg.threshold) if cfg.get("threshold") else None
+
+
+def build_training(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Any:
+    """The LightningModule that meta-trains the configured learner, with its evaluator."""
+    from metaad.training import MetaTraining
+
+    evaluator = Evaluator(build_baselines(cfg), build_threshold(cfg))
+    return MetaTraining(build_learner(cfg, sample_shape), instantiate(cfg.model.optimizer), evaluator)
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
@@ -49,17 +68,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
     return checkpoint, OmegaConf.create(checkpoint["metaad_config"])
 
 
-def restore_model(
-    checkpoint: dict[str, Any], cfg: DictConfig, sample_shape: tuple[int, ...]
-) -> EpisodicModule:
-    """The model of ``cfg`` with the checkpoint's weights and state (best val AUROC, threshold)."""
-    model = build_model(cfg, sample_shape)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.on_load_checkpoint(checkpoint)
-    return model
+def learner_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The learner's own weights in a training checkpoint (the LightningModule holds it as ``learner``)."""
+    return {k.removeprefix("learner."): v for k, v in checkpoint["state_dict"].items()}
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback] = ()) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, callbacks: list = ()) -> Any:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     return instantiate(cfg.trainer, logger=loggers or False, callbacks=[*configured, *callbacks])
@@ -73,19 +87,6 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
     if "hydra" in cfg:
         cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-class StoreConfig(pl.Callback):
-    """Stores the run's resolved config (and the sample shape) in every checkpoint, so eval and
-    scoring can rebuild the model."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        self.config = plain(cfg)
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        checkpoint["metaad_config"] = self.config
-        if trainer.datamodule is not None:
-            checkpoint["metaad_sample_shape"] = list(trainer.datamodule.sample_shape)
 
 
 def compose_config(overrides: list[str], run_dir: Path, config_name: str = "train") -> DictConfig:

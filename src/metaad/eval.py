@@ -14,9 +14,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from metaad.build import build_datamodule, build_trainer, load_checkpoint, restore_model
+from metaad.build import build_datamodule, build_trainer, build_training, learner_state, load_checkpoint
 from metaad.distributed import check_launch, job_scope
-from metaad.report import print_summary, write_metrics
+from metaad.report import print_summary, results, write_metrics
+from metaad.training import evaluation_loaders
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -26,17 +27,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get(group) is not None:
             run_cfg[group] = cfg[group]
     datamodule = build_datamodule(run_cfg)
-    model = restore_model(checkpoint, run_cfg, datamodule.sample_shape)
+    model = build_training(run_cfg, datamodule.sample_shape)
+    model.learner.load_state_dict(learner_state(checkpoint))
+    model.on_load_checkpoint(checkpoint)
     trainer = build_trainer(cfg)
     check_launch(trainer)
     with job_scope():
-        trainer.test(model, datamodule=datamodule)
+        trainer.test(model, dataloaders=evaluation_loaders(datamodule), verbose=False)
     metrics = {
         **run_cfg.names,
         "k_shot": run_cfg.dataset.k_shot,
         "seed": run_cfg.seed,
+        "data": getattr(datamodule, "data_name", None),
         "checkpoint": str(cfg.ckpt_path),
-        **model.test_results,
+        **results(model.report),
     }
     if trainer.is_global_zero:
         run_dir = Path(cfg.paths.output_dir)

@@ -10,6 +10,27 @@ from rich.console import Console
 from rich.table import Table
 
 
+def results(report: Any) -> dict[str, Any]:
+    """The part of ``metrics.json`` an evaluation gives: the learner and each baseline on the test
+    episodes, every detector on the validation episodes, and the learner's threshold."""
+    test = report.metrics["test"]
+    out: dict[str, Any] = {
+        "test": test["model"],
+        "baselines": {name: value for name, value in test.items() if name != "model"},
+        "val": report.metrics.get("val", {}),
+    }
+    threshold = report.thresholds.get("model")
+    if threshold is not None:
+        stored = threshold.state_dict()
+        values = report.per_episode_thresholds.get(("test", "model"))
+        if values is not None:
+            stored["mean_per_episode"] = values.mean().item()
+        if "model" in report.notes:
+            stored["skipped"] = report.notes["model"]
+        out["threshold"] = stored
+    return out
+
+
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     path.write_text(json.dumps(metrics, indent=2))
 

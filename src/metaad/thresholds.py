@@ -43,17 +43,11 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from metaad.detector import Detector
+from metaad.detectors.base import Detector, anomaly_scores
 from metaad.metrics import decision_metrics
 
 EPS = 1e-6
 NORMALISATIONS = ("zscore", "none")
-
-
-def anomaly_scores(detector: Detector, support: Tensor, query: Tensor) -> Tensor:
-    """``score(adapt(support), query)``, through a learner's own ``anomaly_scores`` where it has one."""
-    own = getattr(detector, "anomaly_scores", None)
-    return own(support, query) if own is not None else detector.score(detector.adapt(support), query)
 
 
 def leave_one_out_scores(detector: Detector, support: Tensor) -> Tensor:
@@ -118,6 +112,11 @@ class Threshold:
         self.normalise = normalise
         self.baselines = bool(baselines)
         self.value: float | None = None
+
+    @property
+    def value_known(self) -> bool:
+        """Whether the rule can decide now: a rule fitted on validation needs its fit first."""
+        return not self.fits_on_validation or self.value is not None
 
     @property
     def min_k_shot(self) -> int:

@@ -17,10 +17,11 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from metaad.build import StoreConfig, build_datamodule, build_model, build_trainer, plain
+from metaad.build import build_datamodule, build_trainer, build_training, plain
 from metaad.distributed import check_launch, job_scope
-from metaad.report import print_summary, write_metrics
+from metaad.report import print_summary, results, write_metrics
 from metaad.resume import load_resume_state, resolve_ckpt_path
+from metaad.training import StoreConfig, evaluation_loaders
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     resumed = load_resume_state(ckpt_path, cfg) if ckpt_path else None
     datamodule = build_datamodule(cfg)
-    model = build_model(cfg, datamodule.sample_shape)
+    model = build_training(cfg, datamodule.sample_shape)
     trainer = build_trainer(
-        _continue_curves(cfg, resumed["global_step"]) if resumed else cfg, [StoreConfig(cfg)]
+        _continue_curves(cfg, resumed["global_step"]) if resumed else cfg, [StoreConfig(plain(cfg))]
     )
     check_launch(trainer)
     hparams = {key: plain(cfg[key]) for key in ("names", "dataset", "backbone", "model")} | {"seed": cfg.seed}
@@ -51,14 +52,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if not cfg.test:
             return trained
         best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if _tracks_best(cb)), "")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        trainer.test(
+            model,
+            dataloaders=evaluation_loaders(datamodule),
+            ckpt_path=best or None,
+            weights_only=True,
+            verbose=False,
+        )
     metrics = {
         **cfg.names,
         "k_shot": cfg.dataset.k_shot,
         "seed": cfg.seed,
+        "data": getattr(datamodule, "data_name", None),
         **trained,
         "checkpoint": best,
-        **model.test_results,
+        **results(model.report),
     }
     if trainer.is_global_zero:
         write_metrics(run_dir / "metrics.json", metrics)

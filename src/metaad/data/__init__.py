@@ -1,6 +1,11 @@
-"""Data: sources -> task pools -> episodes -> the LightningDataModule."""
+"""Data: sources -> task pools -> episodes -> the LightningDataModule.
 
-from metaad.data.datamodule import EpisodeDataModule
+The datamodule (which imports Lightning) is loaded on first use, so reading data and scoring with
+a trained detector never pay for importing Lightning.
+"""
+
+from typing import Any
+
 from metaad.data.episodes import Episode, EpisodeDataset, EpisodeSampler
 from metaad.data.tasks import DataError, LabelledData, TaskPool, split_tasks
 
@@ -14,3 +19,11 @@ __all__ = [
     "TaskPool",
     "split_tasks",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "EpisodeDataModule":
+        from metaad.data.datamodule import EpisodeDataModule
+
+        return EpisodeDataModule
+    raise AttributeError(f"module 'metaad.data' has no attribute {name!r}")

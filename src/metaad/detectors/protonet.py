@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaad.baselines import pairwise_distance
 from metaad.data.episodes import Episode
-from metaad.learners.base import EpisodicModule
+from metaad.detectors.base import Learner, check_distance, pairwise_distance
 
 
-class ProtoNet(EpisodicModule):
+class ProtoNet(Learner):
     def __init__(
         self,
         backbone: nn.Module,
@@ -31,13 +30,11 @@ class ProtoNet(EpisodicModule):
         loss: str = "one_class",
         temperature: float = 1.0,
         learn_temperature: bool = True,
-        **base,
     ) -> None:
-        super().__init__(**base)
+        super().__init__()
         if loss not in ("one_class", "nway"):
             raise ValueError(f"model.loss must be 'one_class' or 'nway', got {loss!r}")
-        pairwise_distance(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), distance)  # validate early
-        self.backbone, self.distance, self.loss_kind = backbone, distance, loss
+        self.backbone, self.distance, self.loss_kind = backbone, check_distance(distance), loss
         self.log_temperature = nn.Parameter(
             torch.tensor(math.log(temperature)), requires_grad=learn_temperature
         )

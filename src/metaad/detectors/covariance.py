@@ -35,7 +35,7 @@ depend on ``strength`` while it is small (the support's own directions are then 
 ``strength`` fitted by the ranking loss on other categories can grow until the support is
 ignored, which cost up to 0.07 AUROC on a held-out category: hence not learned by default.
 
-The ``backbone`` that ``build.py`` passes is not used: the learner works on the (flattened)
+The ``backbone`` that ``metaad.build`` passes is not used: the learner works on the (flattened)
 inputs, which for this learner should already be good embeddings.
 """
 
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
-from metaad.learners.base import EpisodicModule
+from metaad.detectors.base import Learner
 
 LOSSES = ("ranking", "likelihood")
 
@@ -64,7 +64,7 @@ class CovarianceState(NamedTuple):
     chol: Tensor  # (B, K, K) Cholesky factor of I + factor diag(1/diagonal) factor^T
 
 
-class CovariancePrior(EpisodicModule):
+class CovariancePrior(Learner):
     def __init__(
         self,
         backbone: nn.Module | None = None,
@@ -75,9 +75,8 @@ class CovariancePrior(EpisodicModule):
         learn_strength: bool = False,
         temperature: float = 1.0,
         refresh: float = 0.25,
-        **base,
     ) -> None:
-        super().__init__(**base)
+        super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"model.loss must be one of {LOSSES}, got {loss!r}")
         if not 0.0 < isotropy < 1.0:
@@ -208,14 +207,12 @@ class CovariancePrior(EpisodicModule):
         return self._mahalanobis(state, query).to(query.dtype)
 
     # --- meta-training ------------------------------------------------------------------------
-    def training_step(self, batch: Episode, batch_idx: int) -> Tensor | None:
+    def loss(self, batch: Episode) -> Tensor | None:
+        """The prior takes in the batch; then the configured loss, each episode scored with the prior
+        of the other half of the tasks (None when nothing is learned by gradient)."""
         self.update_prior(batch)
         if not self.learn:
             return None  # the prior estimate is all there is to fit
-        return super().training_step(batch, batch_idx)
-
-    def loss(self, batch: Episode) -> Tensor:
-        """The configured loss, each episode scored with the prior of the other half of the tasks."""
         x, half = batch.support.flatten(2), batch.task % 2
         losses = []
         for h in (0, 1):

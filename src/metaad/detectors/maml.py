@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metaad.data.episodes import Episode
-from metaad.learners.base import EpisodicModule
+from metaad.detectors.base import Learner
 
 Params = dict[str, Tensor]
 Rates = dict[str, Tensor | float]
@@ -54,7 +54,7 @@ def balanced_bce(logits: Tensor, label: Tensor) -> Tensor:
     return 0.5 * (anomaly + normal)
 
 
-class MAML(EpisodicModule):
+class MAML(Learner):
     """Gradient-based meta-learning of an initialisation that one-class fine-tuning turns into a detector."""
 
     def __init__(
@@ -68,9 +68,8 @@ class MAML(EpisodicModule):
         anil: bool = False,
         chunk_size: int | None = None,
         vectorize: bool = True,
-        **base,
     ) -> None:
-        super().__init__(**base)
+        super().__init__()
         test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         for name, value, least in (
             ("inner_steps", inner_steps, 1),

@@ -16,15 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaad.baselines import pairwise_distance
 from metaad.data.episodes import Episode
-from metaad.learners.base import EpisodicModule
+from metaad.detectors.base import Learner, pairwise_distance
 
 DISTANCES = ("euclidean", "cosine", "learned")
 AGGREGATIONS = ("min", "mean", "knn")
 
 
-class Siamese(EpisodicModule):
+class Siamese(Learner):
     def __init__(
         self,
         backbone: nn.Module,
@@ -33,9 +32,8 @@ class Siamese(EpisodicModule):
         aggregation: str = "min",
         k: int = 3,
         head_hidden: int = 64,
-        **base,
     ) -> None:
-        super().__init__(**base)
+        super().__init__()
         if distance not in DISTANCES:
             raise ValueError(f"model.distance must be one of {DISTANCES}, got {distance!r}")
         if aggregation not in AGGREGATIONS:

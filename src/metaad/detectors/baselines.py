@@ -1,6 +1,6 @@
 """No-learning detectors, scored on the very same episodes as every learner.
 
-They answer the same ``adapt`` / ``score`` interface as the learners (see ``metaad.detector``),
+They answer the same ``adapt`` / ``score`` interface as the learners (see ``metaad.detectors.base``),
 work in input space on flattened samples, and have no parameters and no loss. The torch ones are
 batched over episodes and cheap; the scikit-learn ones fit one estimator per episode
 (``conf/baselines/all.yaml`` adds them).
@@ -15,26 +15,14 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-
-def pairwise_distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
-    """Distances between rows of ``a`` (B, Q, D) and ``b`` (B, M, D) -> (B, Q, M).
-
-    ``euclidean`` is squared Euclidean; ``cosine`` is 1 - cosine similarity.
-    """
-    if distance == "euclidean":
-        return (a.unsqueeze(2) - b.unsqueeze(1)).pow(2).sum(-1)
-    if distance == "cosine":
-        a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
-        return 1.0 - a @ b.transpose(1, 2)
-    raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+from metaad.detectors.base import check_distance, pairwise_distance
 
 
 class SupportMeanDistance:
     """Distance of each query to the mean of the support samples, in raw input space."""
 
     def __init__(self, distance: str = "euclidean") -> None:
-        pairwise_distance(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), distance)  # validate early
-        self.distance = distance
+        self.distance = check_distance(distance, "baseline distance")
 
     def adapt(self, support: Tensor) -> Tensor:
         return support.flatten(2).mean(1, keepdim=True)
@@ -47,8 +35,7 @@ class NearestNeighbourDistance:
     """Distance of each query to its nearest support sample (1-NN), in raw input space."""
 
     def __init__(self, distance: str = "euclidean") -> None:
-        pairwise_distance(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), distance)
-        self.distance = distance
+        self.distance = check_distance(distance, "baseline distance")
 
     def adapt(self, support: Tensor) -> Tensor:
         return support.flatten(2)

@@ -1,0 +1,68 @@
+"""The one interface every detector answers, learned or not: adapt to a support set, then score.
+
+A *learner* is a plain ``nn.Module`` that also has a meta-training ``loss``. Nothing here (nor
+in any detector) imports Lightning: :mod:`metaad.training` meta-trains a learner, and the Python
+API (:mod:`metaad.api`) scores with one without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """``state = adapt(support)`` with support ``(B, K, *x)`` normal samples; then
+    ``score(state, query)`` maps a query ``(B, Q, *x)`` to ``(B, Q)`` scores, higher = more anomalous.
+    """
+
+    def adapt(self, support: Tensor) -> Any: ...
+
+    def score(self, state: Any, query: Tensor) -> Tensor: ...
+
+
+class Learner(nn.Module):
+    """A detector with parameters and a meta-training loss on a meta-batch of episodes.
+
+    ``loss`` may return ``None`` for a step with nothing to optimise (a learner that only
+    accumulates statistics from the episodes, such as the covariance prior).
+    """
+
+    def adapt(self, support: Tensor) -> Any:
+        raise NotImplementedError
+
+    def score(self, state: Any, query: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, episodes: Any) -> Tensor | None:
+        raise NotImplementedError
+
+    def anomaly_scores(self, support: Tensor, query: Tensor) -> Tensor:
+        return self.score(self.adapt(support), query)
+
+
+def anomaly_scores(detector: Detector, support: Tensor, query: Tensor) -> Tensor:
+    """``score(adapt(support), query)`` for any detector."""
+    return detector.score(detector.adapt(support), query)
+
+
+def pairwise_distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
+    """Distances between rows of ``a`` (B, Q, D) and ``b`` (B, M, D) -> (B, Q, M).
+
+    ``euclidean`` is squared Euclidean; ``cosine`` is 1 - cosine similarity.
+    """
+    if distance == "euclidean":
+        return (a.unsqueeze(2) - b.unsqueeze(1)).pow(2).sum(-1)
+    if distance == "cosine":
+        a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
+        return 1.0 - a @ b.transpose(1, 2)
+    raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+
+
+def check_distance(distance: str, setting: str = "model.distance") -> str:
+    if distance not in ("euclidean", "cosine"):
+        raise ValueError(f"{setting} must be 'euclidean' or 'cosine', got {distance!r}")
+    return distance

@@ -1,0 +1,165 @@
+"""One evaluator for every detector: learners and baselines are scored alike, on the same episodes.
+
+The evaluator keeps, per detector and split, what each episode gave (raw scores, labels and the
+normalised scores a threshold decides on), tagged with the episode's index. Records are plain
+tensors, so the shares of several processes are gathered into exactly the one-process set
+(:meth:`Evaluator.gather`). :meth:`Evaluator.finish` then fits each threshold that learns from
+validation on the validation records it already holds, turns scores into decisions and
+summarises every metric over episodes (mean and 95% CI). It never asks a detector what it is:
+``"model"`` is only the name the training module gives its learner.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metaad.data.episodes import Episode
+from metaad.detectors.base import Detector
+from metaad.metrics import EpisodeMetrics
+from metaad.thresholds import Scored, Threshold, score_episodes
+
+FIELDS = ("index", "scores", "labels", "normalised", "support_normalised")
+
+
+@dataclass
+class Records:
+    """What one detector gave on the episodes of one split, in the order they were scored."""
+
+    parts: dict[str, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
+    k_shot: int = 0
+
+    def add(self, index: Tensor, scored: Scored, labels: Tensor, k_shot: int) -> None:
+        self.k_shot = k_shot
+        values = (index, scored.scores.detach(), labels, scored.normalised, scored.support_normalised)
+        for name, value in zip(FIELDS, values):
+            if value is not None:
+                self.parts[name].append(value.cpu())
+
+    def get(self, name: str) -> Tensor | None:
+        return torch.cat(self.parts[name]) if self.parts.get(name) else None
+
+    def state(self) -> dict[str, Any]:
+        return {"k_shot": self.k_shot, **{name: self.get(name) for name in FIELDS}}
+
+    @classmethod
+    def merged(cls, states: list[dict[str, Any]]) -> Records:
+        """The records of several processes as one, ordered by episode index."""
+        records = cls(k_shot=max(s["k_shot"] for s in states))
+        present = [s for s in states if s["index"] is not None]
+        if not present:
+            return records
+        index = torch.cat([s["index"] for s in present])
+        order = index.argsort()
+        for name in FIELDS:
+            if all(s[name] is not None for s in present):
+                records.parts[name] = [torch.cat([s[name] for s in present])[order]]
+        return records
+
+
+@dataclass
+class Report:
+    """Every detector's metrics per split, and the thresholds behind the decisions."""
+
+    metrics: dict[str, dict[str, dict[str, dict[str, float]]]]  # split -> detector -> metric -> summary
+    thresholds: dict[str, Threshold]  # detector -> its (fitted) rule
+    per_episode_thresholds: dict[tuple[str, str], Tensor]  # (split, detector) -> (E,) thresholds
+    notes: dict[str, str]  # detector -> why its threshold could not decide
+    records: dict[tuple[str, str], Records]
+
+
+class Evaluator:
+    """Scores detectors on episodes and summarises them; ``threshold`` is the learner's rule.
+
+    ``baselines`` are scored wherever :meth:`detectors` is asked for the test split; with
+    ``threshold.baselines`` each gets its own copy of the rule, fitted on its own validation
+    scores.
+    """
+
+    def __init__(self, baselines: Mapping[str, Detector] | None = None, threshold: Threshold | None = None):
+        self.baselines = dict(baselines or {})
+        self.threshold = threshold
+        self._baseline_thresholds: dict[str, Threshold] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.records: dict[tuple[str, str], Records] = {}
+        self._seen: dict[tuple[str, str], int] = defaultdict(int)
+
+    def detectors(self, learner: Detector, with_baselines: bool) -> dict[str, Detector]:
+        return {"model": learner, **(self.baselines if with_baselines else {})}
+
+    def threshold_of(self, name: str) -> Threshold | None:
+        if self.threshold is None:
+            return None
+        if name == "model":
+            return self.threshold
+        if not self.threshold.baselines:
+            return None
+        if name not in self._baseline_thresholds:
+            self._baseline_thresholds[name] = copy.deepcopy(self.threshold)
+            self._baseline_thresholds[name].value = (
+                None if self.threshold.fits_on_validation else self.threshold.value
+            )
+        return self._baseline_thresholds[name]
+
+    def add(
+        self, split: str, detectors: Mapping[str, Detector], batch: Episode, index: Tensor | None = None
+    ) -> None:
+        """Score a batch of episodes with every detector; ``index`` numbers the episodes in the split."""
+        for name, detector in detectors.items():
+            key = (split, name)
+            n = batch.support.shape[0]
+            ids = index if index is not None else torch.arange(self._seen[key], self._seen[key] + n)
+            self._seen[key] += n
+            scored = score_episodes(detector, batch.support, batch.query, self.threshold_of(name))
+            self.records.setdefault(key, Records()).add(ids, scored, batch.label, batch.support.shape[1])
+
+    def gather(self) -> None:
+        """Merge the records of every process (a no-op in one process)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return
+        mine = {key: records.state() for key, records in self.records.items()}
+        everyone: list[dict] = [None] * world  # type: ignore[list-item]
+        torch.distributed.all_gather_object(everyone, mine)
+        keys = sorted({key for states in everyone for key in states})
+        self.records = {key: Records.merged([s[key] for s in everyone if key in s]) for key in keys}
+
+    def finish(self) -> Report:
+        """Fit thresholds on the validation records, decide, and summarise every detector and split."""
+        metrics: dict[str, dict[str, Any]] = defaultdict(dict)
+        per_episode: dict[tuple[str, str], Tensor] = {}
+        thresholds, notes = {}, {}
+        names = sorted({name for _, name in self.records}, key=lambda n: (n != "model", n))
+        for name in names:
+            threshold = self.threshold_of(name)
+            validation = self.records.get(("val", name))
+            if threshold is not None:
+                thresholds[name] = threshold
+                if threshold.fits_on_validation and validation is not None:
+                    if validation.get("normalised") is not None:
+                        threshold.fit(validation.get("normalised"), validation.get("labels"))
+            for split in ("val", "test"):
+                records = self.records.get((split, name))
+                if records is None:
+                    continue
+                summary = EpisodeMetrics()
+                summary.update(records.get("scores"), records.get("labels"))
+                normalised = records.get("normalised")
+                if threshold is not None and normalised is None:
+                    notes[name] = threshold.too_few(records.k_shot)
+                elif threshold is not None and threshold.value_known:
+                    is_anomaly, values = threshold.decide(normalised, records.get("support_normalised"))
+                    summary.add_decisions(is_anomaly, records.get("labels"))
+                    per_episode[(split, name)] = values
+                metrics[split][name] = summary.compute()
+        return Report(dict(metrics), thresholds, per_episode, notes, dict(self.records))

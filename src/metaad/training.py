@@ -1,0 +1,178 @@
+"""The one LightningModule: it meta-trains any learner and hands evaluation to the evaluator.
+
+A learner (:mod:`metaad.detectors`) says only what is its own: ``adapt``, ``score``, ``loss``.
+This module owns the optimiser, the loops, what is logged and what a checkpoint carries; every
+contact with Lightning's internals (loggers, dataloaders of a loop, ranks) is here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+from metaad import pictures
+from metaad.data.episodes import Episode
+from metaad.detectors.base import Learner
+from metaad.evaluation import Evaluator, Report
+
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+DECISION_METRICS = ("f1", "precision", "recall", "balanced_accuracy")
+
+
+class MetaTraining(pl.LightningModule):
+    """Meta-trains ``learner`` with ``optimizer``; validates and tests with ``evaluator``.
+
+    Validation scores the learner on the validation episodes. Testing runs over the validation
+    and the test episodes (in that order, as two dataloaders) with the learner and every
+    baseline, so thresholds are fitted on validation scores of the very same pass.
+    """
+
+    def __init__(self, learner: Learner, optimizer: OptimizerFactory, evaluator: Evaluator) -> None:
+        super().__init__()
+        self.learner = learner
+        self.optimizer_factory = optimizer
+        self.evaluator = evaluator
+        self.val_auroc_best = float("-inf")
+        self.report: Report | None = None
+
+    # --- meta-training -----------------------------------------------------------------------
+    def training_step(self, batch: Episode, batch_idx: int) -> Tensor | None:
+        loss = self.learner.loss(batch)
+        if loss is not None:
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch.support.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.learner.parameters())
+
+    # --- evaluation --------------------------------------------------------------------------
+    def _split(self, dataloader_idx: int) -> str:
+        loaders = self.trainer.test_dataloaders if self.trainer.testing else self.trainer.val_dataloaders
+        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+        return loaders[dataloader_idx].dataset.split
+
+    def _episode_index(self, batch: Episode, batch_idx: int, dataloader_idx: int) -> Tensor:
+        """Index of each episode of the batch in its split (this rank's share of a sharded sampler)."""
+        loaders = self.trainer.test_dataloaders if self.trainer.testing else self.trainer.val_dataloaders
+        loader = (loaders if isinstance(loaders, list | tuple) else [loaders])[dataloader_idx]
+        positions = batch_idx * loader.batch_size + torch.arange(batch.support.shape[0])
+        sampler = loader.sampler
+        return getattr(sampler, "rank", 0) + getattr(sampler, "world_size", 1) * positions
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator.reset()
+
+    def validation_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
+        index = self._episode_index(batch, batch_idx, dataloader_idx)
+        self.evaluator.add("val", {"model": self.learner}, batch, index)
+
+    def on_validation_epoch_end(self) -> None:
+        self.evaluator.gather()
+        report = self.evaluator.finish()
+        summary = report.metrics["val"]["model"]
+        auroc = summary["auroc"]["mean"]
+        if not self.trainer.sanity_checking:
+            self.val_auroc_best = max(self.val_auroc_best, auroc)
+        best = max(self.val_auroc_best, auroc)
+        # every rank holds the gathered records, so these are equal on all ranks
+        self.log("val/auroc", auroc, prog_bar=True, sync_dist=True)
+        logged = {"val/aupr": summary["aupr"]["mean"], "val/auroc_best": best, "hp/val_auroc": best}
+        logged |= {f"val/{m}": summary[m]["mean"] for m in DECISION_METRICS if m in summary}
+        values = report.per_episode_thresholds.get(("val", "model"))
+        if values is not None:
+            logged["val/threshold"] = values.mean().item()
+        if "model" in report.notes and not self.trainer.sanity_checking:
+            rank_zero_warn(f"validation: no decision metrics: {report.notes['model']}")
+        self.log_dict(logged, sync_dist=True)
+        if not self.trainer.sanity_checking:
+            self._log_pictures("val", report)
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluator.reset()
+        self._embeddings: dict[str, Any] | None = None
+
+    def test_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
+        split = self._split(dataloader_idx)
+        index = self._episode_index(batch, batch_idx, dataloader_idx)
+        self.evaluator.add(split, self.evaluator.detectors(self.learner, with_baselines=True), batch, index)
+        embed = getattr(self.learner, "embed", None)
+        if split == "test" and batch_idx == 0 and callable(embed) and self._embeddings is None:
+            self._embeddings = pictures.episode_embeddings(embed, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.evaluator.gather()
+        self.report = report = self.evaluator.finish()
+        if "model" in report.notes:
+            rank_zero_warn(f"test: no decision metrics: {report.notes['model']}")
+        test = report.metrics["test"]
+        logged = {f"test/{metric}": value["mean"] for metric, value in test["model"].items()}
+        logged["hp/test_auroc"] = test["model"]["auroc"]["mean"]
+        values = report.per_episode_thresholds.get(("test", "model"))
+        if values is not None:
+            logged["test/threshold"] = values.mean().item()
+        for name, result in test.items():
+            if name != "model":
+                logged.update({f"test/baseline/{name}/{m}": v["mean"] for m, v in result.items()})
+        self.log_dict(logged, sync_dist=True)
+        self._log_pictures("test", report)
+
+    # --- TensorBoard pictures (rank 0 only) ----------------------------------------------------
+    def _log_pictures(self, split: str, report: Report) -> None:
+        writer = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if writer is None or not self.trainer.is_global_zero:
+            return
+        records = report.records[(split, "model")]
+        thresholds = report.per_episode_thresholds.get((split, "model"))
+        threshold = self.evaluator.threshold
+        pictures.log_evaluation(
+            writer,
+            split,
+            self.global_step,
+            records.get("scores"),
+            records.get("labels"),
+            records.get("normalised") if thresholds is not None else None,
+            thresholds,
+            zscore=threshold is not None and threshold.normalise == "zscore",
+        )
+        if split == "test" and getattr(self, "_embeddings", None) is not None:
+            writer.add_embedding(**self._embeddings, tag="test/embeddings", global_step=self.global_step)
+
+    # --- checkpoint state ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["val_auroc_best"] = self.val_auroc_best
+        if self.evaluator.threshold is not None:
+            checkpoint["metaad_threshold"] = self.evaluator.threshold.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.val_auroc_best = checkpoint.get("val_auroc_best", float("-inf"))
+        if self.evaluator.threshold is not None and "metaad_threshold" in checkpoint:
+            self.evaluator.threshold.load_state_dict(checkpoint["metaad_threshold"])
+
+
+def evaluation_loaders(datamodule: Any) -> list:
+    """A test pass runs over the validation episodes (thresholds fit on them), then the test ones."""
+    return [datamodule.val_dataloader(), datamodule.test_dataloader()]
+
+
+class StoreConfig(pl.Callback):
+    """Stores in every checkpoint what scoring needs besides the weights, as plain data: the run's
+    resolved config, the sample shape, the source's preprocessing and the data it was trained on."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        checkpoint["metaad_config"] = self.config
+        datamodule = trainer.datamodule
+        if datamodule is not None:
+            checkpoint["metaad_sample_shape"] = list(datamodule.sample_shape)
+            preprocessing = getattr(datamodule, "preprocessing", None)
+            if preprocessing is not None:
+                checkpoint["metaad_preprocessing"] = preprocessing.to_dict()
+            checkpoint["metaad_data"] = getattr(datamodule, "data_name", None)
