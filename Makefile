@@ -40,13 +40,13 @@ SWEEP ?= model=protonet,siamese dataset.k_shot=1,5
 SWEEP_DIR := outputs/multirun/$(shell date +%Y-%m-%d_%H-%M-%S)_sweep
 sweep: $(STAMP) ## grid sweep + table of each job's val/test AUROC (SWEEP="model=a,b dataset.k_shot=1,5", ARGS=...)
 	$(BIN)/metaad-train -m $(SWEEP) hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
-	$(BIN)/python scripts/summarize_sweep.py $(SWEEP_DIR)
+	$(BIN)/metaad-summarize sweep_dir=$(SWEEP_DIR)
 
-benchmark: $(STAMP) ## every learner vs every baseline on digits, mnist, omniglot, mvtec (about an hour)
-	$(BIN)/python scripts/benchmark.py preset=full $(ARGS)
+benchmark: $(STAMP) ## every experiment at CPU length, each learner vs every baseline (preset=cpu)
+	$(BIN)/metaad-benchmark preset=cpu $(ARGS)
 
 benchmark-quick: $(STAMP) ## the benchmark's whole pipeline in a few minutes (smoke test, not numbers to quote)
-	$(BIN)/python scripts/benchmark.py preset=quick $(ARGS)
+	$(BIN)/metaad-benchmark preset=quick $(ARGS)
 
 speed: $(STAMP) ## meta-training throughput of each learner; vmapped vs per-task-loop MAML
 	$(BIN)/python scripts/bench_speed.py $(ARGS)

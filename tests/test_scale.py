@@ -6,7 +6,6 @@ The fast tests check the pieces in-process; the slow ones run the real ``metaad-
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -30,13 +29,9 @@ from metaad.data import DataError, EpisodeDataModule, EpisodeSampler
 from metaad.data.sources import digits
 from metaad.distributed import HydraDDPStrategy, check_launch, rank_command
 from metaad.resume import load_resume_state, resolve_ckpt_path
+from metaad.summarize import summarize_sweep
 
 BIN = Path(sys.executable).parent
-_spec = importlib.util.spec_from_file_location(
-    "summarize_sweep", Path(__file__).resolve().parents[1] / "scripts" / "summarize_sweep.py"
-)
-summarize_sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(summarize_sweep)
 
 TINY = ["debug=quick", "trainer.max_epochs=2", "dataset.meta_batch_size=4"]
 
@@ -173,7 +168,7 @@ def test_sweep_summary_sorts_by_validation_and_lists_unfinished_jobs(tmp_path, c
     write_job(tmp_path, 0, ["model=protonet", "dataset.k_shot=1", common], val=0.81, test=0.95)
     write_job(tmp_path, 1, ["model=protonet", "dataset.k_shot=5", common], val=0.90, test=0.85)
     write_job(tmp_path, 2, ["model=siamese", "dataset.k_shot=1", common], val=None)
-    rows = summarize_sweep.main([str(tmp_path)])
+    rows = summarize_sweep(tmp_path)
     assert [r["job"] for r in rows] == ["1", "0", "2"], "best validation first (never chosen on test)"
     assert rows[0]["overrides"] == "model=protonet dataset.k_shot=5"
     assert rows[2]["status"] == "no metrics.json"
@@ -259,7 +254,7 @@ def test_sweep_with_two_ddp_processes_per_job_gives_each_job_its_own_hyperparame
             hparams = json.loads(lines[0].split(" trained ", 1)[1])
             assert hparams["backbone"]["embed_dim"] == embed_dim
         assert metrics_of(job)["global_step"] == 16
-    rows = summarize_sweep.main([str(sweep)])
+    rows = summarize_sweep(sweep)
     assert {r["overrides"] for r in rows} == {"backbone.embed_dim=16", "backbone.embed_dim=32"}
 
 
@@ -279,7 +274,7 @@ def test_optuna_study_of_two_trials_maximises_validation_auroc_in_sqlite(tmp_pat
     study = optuna.load_study(study_name="metaad", storage=f"sqlite:///{db}")
     assert sorted(t.value for t in study.trials) == pytest.approx(sorted(vals), abs=1e-9)
     assert set(study.trials[0].params) == {"model.optimizer.lr", "backbone.embed_dim", "model.distance"}
-    best = summarize_sweep.main([str(sweep)])[0]
+    best = summarize_sweep(sweep)[0]
     assert best["val/auroc"] == pytest.approx(max(vals), abs=1e-9)
 
 

@@ -186,8 +186,8 @@ def load(path: str | Path, threshold: Threshold | None = None) -> FewShotDetecto
     stored = checkpoint.get("metaad_threshold")
     if threshold is None and cfg.get("threshold"):
         threshold = instantiate(cfg.threshold)
-        if stored is not None:
-            threshold.load_state_dict(stored)
+    if threshold is not None and stored is not None:
+        threshold.load_state_dict(stored)  # taken only if fitted under this very rule and settings
     name = f"{cfg.get('names', {}).get('model', 'learner')} ({Path(path).name})"
     k_shot = cfg.dataset.get("k_shot") if threshold is not None and threshold.fits_on_validation else None
     return FewShotDetector(learner, preprocessing, threshold, name=name, threshold_k_shot=k_shot)

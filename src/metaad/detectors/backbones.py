@@ -1,7 +1,8 @@
 """Feature extractors shared by the learners. Each takes the sample shape and exposes ``out_dim``.
 
-Normalisation is LayerNorm/GroupNorm only: no running statistics, so a network is safe to vmap
-over the tasks of a meta-batch (MAML) and scores never depend on what else is in the batch.
+Normalisation is LayerNorm, GroupNorm or the statistics of a task's own support samples: never
+running statistics or the query batch's, so a network is safe to vmap over the tasks of a
+meta-batch (MAML) and a query's score never depends on the other queries.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -47,18 +49,52 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class SupportNorm(nn.Module):
+    """Batch normalisation with the statistics of a task's support samples only.
+
+    OC-MAML normalises each layer with the mean and (biased) variance of the K support samples
+    of the task, under the current weights, and applies them to the support and the query alike:
+    no running statistics, and nothing from the query batch (not transductive). Input
+    ``(T, N, C, H, W)``: ``T`` tasks of ``N`` samples whose first ``n_support`` are the support.
+    Vmap-safe (plain reductions over one task's rows).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: Tensor, n_support: int) -> Tensor:
+        reference = x[:, :n_support]
+        mean = reference.mean((1, 3, 4), keepdim=True)
+        var = (reference - mean).pow(2).mean((1, 3, 4), keepdim=True)
+        y = (x - mean) / (var + self.eps).sqrt()
+        return y * self.weight.view(1, 1, -1, 1, 1) + self.bias.view(1, 1, -1, 1, 1)
+
+
 class Conv4(nn.Module):
     """The standard few-shot conv net (Vinyals et al. 2016; MAML; ProtoNet), flattened at the end.
 
-    ``blocks`` x [Conv3x3(``channels``, padding 1) -> GroupNorm -> ReLU -> MaxPool2]. GroupNorm
-    stands in for the usual BatchNorm: BatchNorm without running statistics would still normalise
-    with the statistics of the batch, making a query's score depend on the other queries
-    (transductive) and on how tasks are batched; GroupNorm has no batch dependence and is vmap-safe.
-    A 1x28x28 input gives a 64-d embedding, 3x84x84 a 1,600-d one.
+    ``blocks`` x [Conv3x3(``channels``, padding 1) -> norm -> ReLU -> MaxPool2]. ``norm``:
+
+    - ``group`` (default): GroupNorm(``norm_groups``); no batch dependence at all.
+    - ``support``: :class:`SupportNorm`, OC-MAML's BatchNorm from the task's support samples.
+      Call ``forward(x, n_support=K)`` with ``x`` holding a task's support first; without
+      ``n_support`` every sample of ``x`` is support (e.g. the inner loop of MAML).
+
+    Plain BatchNorm without running statistics would normalise with the statistics of whatever
+    batch it sees, making a query's score depend on the other queries and on how tasks are
+    batched; neither option here does. A 1x28x28 input gives a 64-d embedding (channels=64).
     """
 
     def __init__(
-        self, sample_shape: Sequence[int], channels: int = 64, blocks: int = 4, norm_groups: int = 8
+        self,
+        sample_shape: Sequence[int],
+        channels: int = 64,
+        blocks: int = 4,
+        norm_groups: int = 8,
+        norm: str = "group",
     ) -> None:
         super().__init__()
         if len(sample_shape) != 3:
@@ -66,7 +102,9 @@ class Conv4(nn.Module):
                 f"backbone Conv4 needs image samples (channels, height, width), but the dataset gives "
                 f"shape {tuple(sample_shape)}; use backbone=mlp for vectors"
             )
-        if channels % norm_groups:
+        if norm not in ("group", "support"):
+            raise ValueError(f"backbone.norm must be 'group' or 'support', got {norm!r}")
+        if norm == "group" and channels % norm_groups:
             raise ValueError(
                 f"backbone.channels ({channels}) must be divisible by backbone.norm_groups ({norm_groups})"
             )
@@ -75,17 +113,31 @@ class Conv4(nn.Module):
             raise ValueError(
                 f"backbone Conv4: {h}x{w} images are too small for {blocks} blocks of 2x pooling"
             )
-        layers: list[nn.Module] = []
-        for i in range(blocks):
-            layers += [
-                nn.Conv2d(c if i == 0 else channels, channels, kernel_size=3, padding=1),
-                nn.GroupNorm(norm_groups, channels),
-                nn.ReLU(),
-                nn.MaxPool2d(2),
-            ]
-            h, w = h // 2, w // 2
-        self.net = nn.Sequential(*layers, nn.Flatten())
-        self.out_dim = channels * h * w
+        self.norm = norm
+        self.convs = nn.ModuleList(
+            nn.Conv2d(c if i == 0 else channels, channels, kernel_size=3, padding=1) for i in range(blocks)
+        )
+        self.norms = nn.ModuleList(
+            nn.GroupNorm(norm_groups, channels) if norm == "group" else SupportNorm(channels)
+            for _ in range(blocks)
+        )
+        self.out_dim = channels * (h // 2**blocks) * (w // 2**blocks)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+    @property
+    def uses_support(self) -> bool:
+        """Whether a query's embedding depends on its task's support (``forward(x, n_support)``)."""
+        return self.norm == "support"
+
+    def forward(self, x: Tensor, n_support: int | None = None) -> Tensor:
+        """``(N, C, H, W)`` (one task) or ``(T, N, C, H, W)`` -> ``(N, D)`` or ``(T, N, D)``."""
+        one_task = x.dim() == 4
+        tasks = x.unsqueeze(0) if one_task else x
+        t, n = tasks.shape[:2]
+        k = n if n_support is None else n_support
+        h = tasks.flatten(0, 1)
+        for conv, norm in zip(self.convs, self.norms):
+            h = conv(h)
+            h = norm(h) if self.norm == "group" else norm(h.unflatten(0, (t, n)), k).flatten(0, 1)
+            h = F.max_pool2d(F.relu(h), 2)
+        out = h.flatten(1).unflatten(0, (t, n))
+        return out[0] if one_task else out

@@ -1,6 +1,6 @@
-"""Summarise a Hydra multirun folder: every job's val/test AUROC, best first by validation.
+"""``metaad-summarize``: a Hydra multirun folder as a table, every job's val/test AUROC, best val first.
 
-    python scripts/summarize_sweep.py [SWEEP_DIR]     (default: the newest under outputs/multirun)
+    metaad-summarize sweep_dir=SWEEP_DIR     (default: the newest under outputs/multirun)
 
 Reads each job folder's ``.hydra/overrides.yaml`` and ``metrics.json``; prints a table sorted by
 the best validation AUROC (the selection metric: the test column is reported, never chosen on)
@@ -10,13 +10,14 @@ without a ``metrics.json`` (failed, unfinished or ``test=false``) are listed, no
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 from pathlib import Path
 
+import hydra
 import yaml
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
@@ -104,21 +105,24 @@ def show(rows: list[dict], sweep: Path, console: Console) -> None:
 def latest_sweep(root: Path = Path("outputs/multirun")) -> Path:
     sweeps = sorted((p for p in root.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
     if not sweeps:
-        raise SystemExit(f"no sweep folders under {root}; pass one: summarize_sweep.py SWEEP_DIR")
+        raise SystemExit(f"no sweep folders under {root}; pass one: metaad-summarize sweep_dir=SWEEP_DIR")
     return sweeps[-1]
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", nargs="?", type=Path, help="a multirun folder (default: the newest)")
-    args = parser.parse_args(argv)
-    sweep = args.sweep or latest_sweep()
+def summarize_sweep(sweep: Path | None = None) -> list[dict]:
+    """Summarise ``sweep`` (default: the newest), write its tables and print them; the rows."""
+    sweep = Path(sweep) if sweep is not None else latest_sweep()
     if not sweep.is_dir():
-        raise SystemExit(f"{sweep}: no such folder")
+        raise SystemExit(f"sweep_dir={sweep}: no such folder")
     rows = summarize(sweep)
     write_tables(rows, sweep)
     show(rows, sweep, Console(width=160))
     return rows
+
+
+@hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name="summarize")
+def main(cfg: DictConfig) -> None:
+    summarize_sweep(cfg.sweep_dir)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,28 @@
-"""The benchmark: every learner beside every baseline, on fixed test episodes of unseen tasks.
+"""``metaad-benchmark``: every learner beside every baseline, on fixed test episodes of unseen tasks.
 
-    python scripts/benchmark.py                 # preset=full (make benchmark)
-    python scripts/benchmark.py preset=quick    # a few minutes (make benchmark-quick)
-    python scripts/benchmark.py suites=digits,mvtec            # some suites of the preset
-    python scripts/benchmark.py preset.suites.digits.models=[protonet] trainer.max_epochs=2
+    metaad-benchmark                                # preset=cpu (make benchmark)
+    metaad-benchmark preset=quick                   # a few minutes (make benchmark-quick)
+    metaad-benchmark 'suites=[digits,mvtec]'        # some suites of the preset
+    metaad-benchmark 'overrides=[trainer.max_epochs=2]' preset.suites.digits.models=[protonet]
 
-A preset (``conf/preset/*.yaml``) lists suites: a dataset protocol, its folds (e.g. each MVTec
-category held out in turn), the learners, the K values. Each learner is meta-trained once per
-fold (selection on validation tasks only) and its best checkpoint scored at every K; the
-baselines are scored once per fold and K on the very same test episodes. Per-episode results
-of all folds are pooled into mean ± 95% CI. Writes ``results.csv`` and ``results.md`` into
-``outputs/benchmark/<time>/`` and prints the table.
+A preset (``conf/preset/*.yaml``) lists suites: an experiment (``conf/experiment/``, the
+protocol), its folds (e.g. each MVTec category held out in turn), the learners, the K values and
+seeds. Each learner is meta-trained once per fold and seed at ``train_k_shot`` (selection on
+validation tasks only; ``k_shot_models: true`` trains one model per K instead, as OC-MAML does)
+and its best checkpoint scored at every K; the baselines are scored on the very same test
+episodes. Per-episode results of all folds and seeds are pooled into mean ± 95% CI. Writes
+``results.csv``, ``results.md`` (the headline table with each learner's verdict against the best
+baseline, then every detector) and ``preset.yaml`` into the run folder, and prints the tables.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import sys
 from collections import defaultdict
-from datetime import datetime
 from pathlib import Path
 
+import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -35,10 +36,19 @@ console = Console()
 
 
 def folds_of(suite: DictConfig) -> list[list[str]]:
-    """Override lists, one per fold: explicit ``folds`` or a ``leave_one_out`` rotation."""
+    """Override lists, one per fold: explicit ``folds`` or a ``leave_one_out`` rotation.
+
+    ``leave_one_out: {tasks, val_offset}`` validates on the task ``val_offset`` places along the
+    list; ``leave_one_out: {tasks, val_tasks}`` on fixed validation tasks (MT-MNIST: digit 9).
+    Neither is ever the test task or trained on.
+    """
     if "leave_one_out" in suite:
-        tasks, offset = list(suite.leave_one_out.tasks), suite.leave_one_out.get("val_offset", 1)
-        # Validation: the task `val_offset` places along the list; never the test task, never trained on.
+        rotation = suite.leave_one_out
+        tasks = list(rotation.tasks)
+        if rotation.get("val_tasks") is not None:
+            fixed = ",".join(str(t) for t in rotation.val_tasks)
+            return [[f"dataset.test_tasks=[{t}]", f"dataset.val_tasks=[{fixed}]"] for t in tasks]
+        offset = rotation.get("val_offset", 1)
         return [
             [f"dataset.test_tasks=[{t}]", f"dataset.val_tasks=[{tasks[(i + offset) % len(tasks)]}]"]
             for i, t in enumerate(tasks)
@@ -64,13 +74,16 @@ def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | N
     if unknown:
         raise SystemExit(f"suites: {sorted(unknown)} not in this preset, which has {list(preset.suites)}")
     jobs = [
-        (name, suite, fold_index, fold, model)
+        (name, suite, fold_index, fold, model, seed, k_train)
         for name, suite in preset.suites.items()
         if not only or name in only
         for fold_index, fold in enumerate(folds_of(suite))
+        for seed in suite.get("seeds", [0])
         for model in suite.models
+        for k_train in (suite.k_shots if suite.get("k_shot_models") else [suite.train_k_shot])
     ]
     collected: dict[tuple, list[dict]] = defaultdict(list)  # (suite, K, detector, metric) -> per-fold
+    quiet = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -79,31 +92,24 @@ def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | N
     )
     with progress:
         bar = progress.add_task("benchmark", total=len(jobs))
-        for name, suite, fold_index, fold, model in jobs:
-            progress.update(bar, description=f"{name} fold {fold_index} {model}")
-            run_dir = out_dir / "runs" / name / f"fold{fold_index}" / model
-            overrides = [
-                *suite.overrides,
-                *fold,
-                f"model={model}",
-                *suite.get("model_overrides", {}).get(model, []),
-            ]
-            overrides += [f"dataset.k_shot={suite.train_k_shot}", "test=false", "baselines=none", *extra]
-            overrides += [
-                "logger=none",
-                "trainer.enable_progress_bar=false",
-                "trainer.enable_model_summary=false",
-            ]
+        for name, suite, fold_index, fold, model, seed, k_train in jobs:
+            progress.update(bar, description=f"{name} fold {fold_index} seed {seed} {model} K={k_train}")
+            run_dir = out_dir / "runs" / name / f"fold{fold_index}" / f"seed{seed}" / f"{model}_k{k_train}"
+            overrides = [f"experiment={suite.experiment}", *fold, f"model={model}", f"seed={seed}"]
+            overrides += [*suite.get("overrides", []), *suite.get("model_overrides", {}).get(model, [])]
+            overrides += [f"dataset.k_shot={k_train}", "test=false", "baselines=none", *extra, *quiet]
             train(compose_config(overrides, run_dir / "train"))
             checkpoint = run_dir / "train" / "checkpoints" / "best.ckpt"
             first_model = model == suite.models[0]
-            for k in suite.k_shots:
-                eval_overrides = [f"ckpt_path={checkpoint}", f"+dataset.k_shot={k}"]
+            for k in [k_train] if suite.get("k_shot_models") else suite.k_shots:
+                eval_overrides = [f"ckpt_path={checkpoint}", f"+dataset.k_shot={k}", *quiet]
                 eval_overrides += [
                     f"+dataset.{key}={value}" for key, value in suite.get("eval_dataset", {}).items()
                 ]
-                eval_overrides += ["baselines=all" if first_model else "baselines=none", "logger=none"]
-                eval_overrides += ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+                eval_overrides += [
+                    f"baselines={suite.get('baselines', 'all')}" if first_model else "baselines=none"
+                ]
+                eval_overrides += list(suite.get("eval_overrides", []))
                 metrics = evaluate(compose_config(eval_overrides, run_dir / f"eval_k{k}", "eval"))
                 detectors = {
                     model: metrics["test"],
@@ -113,14 +119,10 @@ def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | N
                     for metric, summary in values.items():
                         collected[(name, k, detector, metric)].append(summary)
             progress.advance(bar)
-    rows = []
-    for (name, k, detector, metric), parts in collected.items():
-        if metric == "train_seconds":
-            continue
-        rows.append(
-            {"suite": name, "k_shot": k, "detector": detector, "metric": metric, **merge_summaries(parts)}
-        )
-    return rows
+    return [
+        {"suite": name, "k_shot": k, "detector": detector, "metric": metric, **merge_summaries(parts)}
+        for (name, k, detector, metric), parts in collected.items()
+    ]
 
 
 def table_rows(rows: list[dict], references: DictConfig) -> list[dict]:
@@ -140,6 +142,15 @@ def table_rows(rows: list[dict], references: DictConfig) -> list[dict]:
             default=float("nan"),
         )
         auroc = metrics["auroc"]
+        best_name = max(
+            (
+                (m["auroc"]["mean"], d)
+                for (s, kk, d), m in by_key.items()
+                if s == suite and kk == k and d.startswith("baseline:")
+            ),
+            default=(float("nan"), ""),
+        )[1]
+        best_ci = by_key[(suite, k, best_name)]["auroc"]["ci95"] if best_name else float("nan")
         out.append(
             {
                 "suite": suite,
@@ -153,6 +164,8 @@ def table_rows(rows: list[dict], references: DictConfig) -> list[dict]:
                 "balanced_accuracy": metrics.get("balanced_accuracy", {}).get("mean", float("nan")),
                 "n_episodes": auroc["n_episodes"],
                 "vs_best_baseline": auroc["mean"] - best_baseline,
+                "best_baseline": best_name.removeprefix("baseline:"),
+                "verdict": verdict(auroc["mean"], auroc["ci95"], best_baseline, best_ci),
                 "reference": references.get(suite, {}).get(str(k), ""),
             }
         )
@@ -160,12 +173,45 @@ def table_rows(rows: list[dict], references: DictConfig) -> list[dict]:
     return out
 
 
+def verdict(mean: float, ci: float, base_mean: float, base_ci: float) -> str:
+    """``beats`` / ``below`` when the 95% CIs do not overlap, else ``within CIs``."""
+    if math.isnan(base_mean):
+        return ""
+    if mean - ci > base_mean + base_ci:
+        return "beats"
+    if mean + ci < base_mean - base_ci:
+        return "below"
+    return "within CIs"
+
+
+def headline(rows: list[dict]) -> list[str]:
+    """Per suite and K: each learner against the best baseline there, with the verdict."""
+    lines = [
+        "| suite | K | learner | AUROC ± 95% CI | best baseline | its AUROC | gap | verdict | bal. acc. "
+        "| reference |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by = {(r["suite"], r["k_shot"], r["detector"]): r for r in rows}
+    for r in rows:
+        if r["detector"].startswith("baseline:"):
+            continue
+        base = by.get((r["suite"], r["k_shot"], f"baseline:{r['best_baseline']}"))
+        base_auroc = f"{base['auroc']:.3f} ± {base['auroc_ci95']:.3f}" if base else ""
+        lines.append(
+            f"| {r['suite']} | {r['k_shot']} | {r['detector']} | {r['auroc']:.3f} ± {r['auroc_ci95']:.3f} | "
+            f"{r['best_baseline']} | {base_auroc} | {r['vs_best_baseline']:+.3f} | **{r['verdict']}** | "
+            f"{_pct(r['balanced_accuracy'])} | {r['reference']} |"
+        )
+    return lines
+
+
 def write_tables(rows: list[dict], out_dir: Path) -> str:
     with open(out_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [
+    lines = [*headline(rows), "", "Every detector:", ""]
+    lines += [
         "| suite | K | detector | AUROC ± 95% CI | AUPR ± 95% CI | vs best baseline | bal. acc. | episodes |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -216,15 +262,12 @@ def print_table(rows: list[dict]) -> None:
     console.print(table)
 
 
-def main(argv: list[str]) -> None:
-    only = [a.split("=", 1)[1].split(",") for a in argv if a.startswith("suites=")]
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    out_dir = Path("outputs/benchmark") / "_".join([stamp, *(only[0] if only else [])])
-    preset_overrides = [a for a in argv if a.startswith("preset")]
-    extra = [a for a in argv if not a.startswith(("preset", "suites="))]
-    cfg = compose_config(preset_overrides or ["preset=full"], out_dir, "benchmark")
+@hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name="benchmark")
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(cfg.paths.output_dir)
     OmegaConf.save(cfg.preset, out_dir / "preset.yaml")
-    rows = run(cfg.preset, out_dir, extra, only[0] if only else None)
+    only = list(cfg.suites) if cfg.get("suites") else None
+    rows = run(cfg.preset, out_dir, list(cfg.overrides), only)
     rows = table_rows(rows, cfg.preset.get("references", {}))
     markdown = write_tables(rows, out_dir)
     print_table(rows)
@@ -233,4 +276,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
