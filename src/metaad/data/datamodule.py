@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from metaad.data.episodes import EpisodeDataset, EpisodeSampler
+from metaad.data.preprocessing import Preprocessing
 from metaad.data.tasks import DataError, LabelledData, TaskPool, split_tasks
 
 
@@ -59,6 +60,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         eval_batch_size: int = 50,
         anomalies_from: str = "split",
         require_disjoint: bool = True,
+        train_rotations: Sequence[int] = (),
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -97,6 +99,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             require_disjoint=require_disjoint,
             anomalies_from=anomalies_from,
             seed=seed,
+            train_rotations=tuple(train_rotations or ()),
         )
         self.episode_args = dict(k_shot=k_shot, n_query=n_query, anomaly_ratio=anomaly_ratio, seed=seed)
         self.n_episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
@@ -104,6 +107,8 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pools: dict[str, TaskPool] = {}
         self.datasets: dict[str, EpisodeDataset] = {}
+        self._preprocessing: Preprocessing | None = None
+        self._data_name: str | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Load the source and check every split can supply its episodes (idempotent)."""
@@ -111,6 +116,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             return
         data = self.source()
         self.pools = split_tasks(data, **self.split_args)
+        self._preprocessing, self._data_name = data.preprocessing, data.name
         self.datasets = {
             split: EpisodeDataset(pool, split, n_episodes=self.n_episodes[split], **self.episode_args)
             for split, pool in self.pools.items()
@@ -122,6 +128,20 @@ class EpisodeDataModule(pl.LightningDataModule):
         if not self.pools:
             raise RuntimeError("call setup() before asking for sample_shape")
         return self.pools["train"].sample_shape
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the source did to raw samples (store ``.to_dict()`` with a model); needs :meth:`setup`."""
+        if self._preprocessing is None:
+            raise RuntimeError("call setup() before asking for preprocessing")
+        return self._preprocessing
+
+    @property
+    def data_name(self) -> str:
+        """The data the source read, e.g. ``mnist (full, ../shared/data/mnist)``; needs :meth:`setup`."""
+        if self._data_name is None:
+            raise RuntimeError("call setup() before asking for data_name")
+        return self._data_name
 
     def _loader(self, split: str, batch_size: int, sampler: EpisodeSampler, **kwargs: Any) -> DataLoader:
         return (ResumableLoader if split == "train" else DataLoader)(

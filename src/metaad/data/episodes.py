@@ -53,7 +53,7 @@ class EpisodeDataset(Dataset):
     def _check(self) -> None:
         need_normal = self.k_shot + self.n_normals
         for t in self.pool.tasks:
-            have_n, have_a = len(self.pool.normal_rows[t]), len(self.pool.anomaly_rows[t])
+            have_n, have_a = len(self.pool.normal_rows[t]), self.pool.n_anomalies(t)
             if have_n < need_normal:
                 raise DataError(
                     f"{self.pool.name}: {self.split} task {t!r} has {have_n} normal samples but an "
@@ -61,10 +61,12 @@ class EpisodeDataset(Dataset):
                     f"= {need_normal}; lower k_shot or n_query"
                 )
             if have_a < self.n_anomalies:
+                alone = " (it is alone in its split: list more tasks or use anomalies_from=source_test)"
+                alone = alone if have_a == 0 and len(self.pool.tasks) == 1 else ""
                 raise DataError(
                     f"{self.pool.name}: {self.split} task {t!r} has {have_a} anomalies but an episode needs "
                     f"{self.n_anomalies} (dataset.n_query x dataset.anomaly_ratio); "
-                    "lower n_query or anomaly_ratio"
+                    f"lower n_query or anomaly_ratio{alone}"
                 )
 
     def __len__(self) -> int:
@@ -83,17 +85,17 @@ class EpisodeDataset(Dataset):
             else pool.tasks[i % len(pool.tasks)]
         )
         normals = rng.choice(pool.normal_rows[task], self.k_shot + self.n_normals, replace=False)
-        anomalies = rng.choice(pool.anomaly_rows[task], self.n_anomalies, replace=False)
+        anomalies = pool.draw_anomalies(rng, task, self.n_anomalies)
         query_rows = np.concatenate([normals[self.k_shot :], anomalies])
         label = np.concatenate([np.zeros(self.n_normals), np.ones(self.n_anomalies)])
         order = rng.permutation(self.n_query)
         query_rows, label = query_rows[order], label[order]
         return Episode(
-            support=torch.from_numpy(pool.x[normals[: self.k_shot]]),
-            query=torch.from_numpy(pool.x[query_rows]),
+            support=torch.from_numpy(pool.take(normals[: self.k_shot])),
+            query=torch.from_numpy(pool.take(query_rows)),
             label=torch.from_numpy(label).long(),
             task=torch.tensor(pool.task_id[task]),
-            query_task=torch.from_numpy(pool.row_task_id[query_rows]).long(),
+            query_task=torch.from_numpy(pool.task_ids(query_rows)).long(),
         )
 
 

@@ -1,20 +1,44 @@
-"""Labelled arrays grouped into tasks, and the split of tasks into meta-train / val / test.
+"""Labelled arrays grouped into tasks, and the split of tasks into meta-train / val / test pools.
 
-A *source* (see ``sources``) returns one :class:`LabelledData`; this module turns it into a
-:class:`TaskPool` per split. It knows nothing of episodes or models.
+A *source* (see ``sources``) returns one :class:`LabelledData`; :func:`split_tasks` turns it into
+a :class:`TaskPool` per split. It knows nothing of episodes or models.
+
+No leak, by construction: every row belongs to at most one split (:func:`split_tasks` gives each
+row one owner), and a pool draws its normals and its anomalies only from rows nobody else uses:
+
+- a training episode never holds a row of a val or test pool, a validation episode never one of
+  the test pool; a task listed in two splits has its rows dealt between them (seeded);
+- with a source's own train/test partition (MNIST, Fashion-MNIST) meta-training uses only the
+  source-train rows;
+- ``anomalies_from="split"``: a one-vs-rest task's anomalies are the other tasks' rows of its own
+  split; ``"source_test"`` (OC-MAML's MT-MNIST): val and test anomalies are source-test rows that
+  no split uses (those of training tasks, and of val tasks for the test pool), never seen in
+  meta-training, halved so val and test share none.
+
+Cost O(rows): rows are grouped by task once (a stable sort), every task's normals are a slice of
+one array, and "any row of the split whose task is not t" is drawn by sampling an index into the
+split's rows with t's block cut out (offsetting), never by building per-task copies.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
+from metaad.data.errors import DataError
+from metaad.data.preprocessing import Preprocessing
 
-class DataError(ValueError):
-    """Bad data or a bad data setting; the message names the file, field or setting."""
+__all__ = ["DataError", "LabelledData", "TaskPool", "split_tasks"]
+
+SPLITS = ("train", "val", "test")
+TRAIN, VAL, TEST = 0, 1, 2
+PARTITIONS = ("train", "test")
+ROTATIONS = (90, 180, 270)
+_CHUNK = 65536
 
 
 @dataclass(frozen=True)
@@ -23,58 +47,161 @@ class LabelledData:
 
     ``anomalous is None`` means one-vs-rest tasks (a class is a task; its anomalies are other
     classes). Otherwise each task carries its own normals (``False``) and anomalies (``True``),
-    as in the ADBench one-file-per-task format.
+    as in the ADBench one-file-per-task format. ``partition`` is the source's own train/test split
+    of the rows (``"train"`` / ``"test"``; None when it has none). ``preprocessing`` turns a user's
+    raw samples into ``x`` the way the source did (default: identity on ``x.shape[1:]``).
     """
 
     x: np.ndarray  # (N, *sample_shape) float32
     task: np.ndarray  # (N,) str: class or task name of each row
     anomalous: np.ndarray | None = None  # (N,) bool, or None for one-vs-rest
     name: str = "data"
+    partition: np.ndarray | None = None  # (N,) "train" / "test": the source's own split, or None
+    preprocessing: Preprocessing = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.x.ndim < 2 or len(self.x) == 0:
             raise DataError(
                 f"{self.name}: expected a non-empty (N, features...) array, got shape {self.x.shape}"
             )
-        if len(self.task) != len(self.x):
-            raise DataError(f"{self.name}: {len(self.x)} samples but {len(self.task)} task labels")
-        if self.anomalous is not None and len(self.anomalous) != len(self.x):
-            raise DataError(f"{self.name}: {len(self.x)} samples but {len(self.anomalous)} anomaly labels")
-        bad = ~np.isfinite(self.x.reshape(len(self.x), -1)).all(axis=1)
-        if bad.any():
-            rows = np.flatnonzero(bad)
+        n = len(self.x)
+        if len(self.task) != n:
+            raise DataError(f"{self.name}: {n} samples but {len(self.task)} task labels")
+        if self.anomalous is not None and len(self.anomalous) != n:
+            raise DataError(f"{self.name}: {n} samples but {len(self.anomalous)} anomaly labels")
+        if self.partition is not None:
+            if len(self.partition) != n:
+                raise DataError(f"{self.name}: {n} samples but {len(self.partition)} partition labels")
+            odd = sorted(set(np.unique(self.partition).tolist()) - set(PARTITIONS))
+            if odd:
+                raise DataError(f"{self.name}: partition labels must be 'train' or 'test', got {odd}")
+        if self.preprocessing is None:
+            object.__setattr__(self, "preprocessing", Preprocessing(self.x.shape[1:]))
+        elif self.preprocessing.sample_shape != self.x.shape[1:]:
             raise DataError(
-                f"{self.name}: {len(rows)} row(s) contain NaN or inf (first rows: {rows[:5].tolist()})"
+                f"{self.name}: preprocessing gives samples of shape {self.preprocessing.sample_shape} "
+                f"but x has {self.x.shape[1:]}"
             )
+        flat = self.x.reshape(n, -1)
+        for start in range(0, n, _CHUNK):
+            bad = ~np.isfinite(flat[start : start + _CHUNK]).all(axis=1)
+            if bad.any():
+                rows = np.flatnonzero(~np.isfinite(flat).all(axis=1))
+                raise DataError(
+                    f"{self.name}: {len(rows)} row(s) contain NaN or inf (first rows: {rows[:5].tolist()})"
+                )
+
+    @cached_property
+    def _grouping(self) -> tuple[list[str], np.ndarray]:
+        unique, inverse = np.unique(self.task, return_inverse=True)
+        names = sorted((str(u) for u in unique), key=_natural_key)
+        position = {name: i for i, name in enumerate(names)}
+        remap = np.array([position[str(u)] for u in unique], np.int64)
+        return names, remap[inverse.reshape(-1)]
 
     @property
     def task_names(self) -> list[str]:
-        return sorted(set(self.task.tolist()), key=_natural_key)
+        """The tasks in natural order (``2`` before ``10``); a task's index here is its id."""
+        return self._grouping[0]
+
+    @property
+    def task_codes(self) -> np.ndarray:
+        """``(N,)`` int64: each row's task as an index into :attr:`task_names`."""
+        return self._grouping[1]
 
 
 def _natural_key(name: str) -> tuple:
     return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TaskPool:
-    """The tasks of one split: for each task, the rows of its normals and of its anomalies.
+    """The tasks of one split: for each task the rows of its normals, and where its anomalies come from.
 
     ``task_id`` is the task's index in the full data (stable across splits) so learners that
-    classify between tasks (N-way ProtoNet) can use it as a class label.
+    classify between tasks (N-way ProtoNet) can use it as a class label. ``normal_rows[t]`` is a
+    slice of one grouped array. Anomalies are drawn with :meth:`draw_anomalies`; ``anomaly_rows``
+    builds a task's full anomaly set on demand (for inspection: it is O(rows) per task).
+
+    A training pool with ``rotations`` holds rotated copies of its images as extra tasks
+    (``<task>/rot90`` ...): row ``r + j * len(x)`` is row ``r`` rotated by ``rotations[j - 1]``
+    degrees. Read samples with :meth:`take` and their task ids with :meth:`task_ids`.
     """
 
     x: np.ndarray
     tasks: list[str]
     task_id: dict[str, int]
     normal_rows: dict[str, np.ndarray]
-    anomaly_rows: dict[str, np.ndarray]
-    row_task_id: np.ndarray  # (N,) task id of each row; -1 for in-task anomalies
+    row_task_id: np.ndarray  # (N,) task id of each row of x; -1 for in-task anomalies
     name: str = "data"  # the source's name, for messages
+    rotations: tuple[int, ...] = ()
+    # anomalies: one grouped array; a task's block is its own anomalies ("own") or the rows it must skip
+    anomaly_pool: np.ndarray = field(default_factory=lambda: np.array([], np.int64), repr=False)
+    anomaly_block: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    own_anomalies: bool = False
+    n_task_ids: int = 0  # ids of rotated copies are offset by multiples of this
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
+
+    def n_anomalies(self, task: str) -> int:
+        start, stop = self.anomaly_block.get(task, (0, 0))
+        return stop - start if self.own_anomalies else len(self.anomaly_pool) - (stop - start)
+
+    def draw_anomalies(self, rng: np.random.Generator, task: str, n: int) -> np.ndarray:
+        """``n`` distinct anomaly rows of ``task``, drawn as ``rng.choice(anomaly_rows[task], n)`` would."""
+        start, stop = self.anomaly_block.get(task, (0, 0))
+        if self.own_anomalies:
+            return rng.choice(self.anomaly_pool[start:stop], n, replace=False)
+        index = rng.choice(len(self.anomaly_pool) - (stop - start), n, replace=False)
+        return self.anomaly_pool[index + (index >= start) * (stop - start)]
+
+    @property
+    def anomaly_rows(self) -> Mapping[str, np.ndarray]:
+        return _AnomalyRows(self)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The samples of ``rows`` (rotated copies included), ``(len(rows), *sample_shape)``."""
+        if not self.rotations:
+            return self.x[rows]
+        turn, base = np.divmod(rows, len(self.x))
+        out = self.x[base]
+        for j, degrees in enumerate(self.rotations, start=1):
+            mask = turn == j
+            if mask.any():
+                out[mask] = np.rot90(out[mask], k=degrees // 90, axes=(-2, -1))
+        return out
+
+    def task_ids(self, rows: np.ndarray) -> np.ndarray:
+        """Task id of each row (-1 for an in-task anomaly); rotated copies have their own ids."""
+        turn, base = np.divmod(rows, len(self.x))
+        ids = self.row_task_id[base]
+        return np.where(ids < 0, ids, ids + turn * self.n_task_ids)
+
+    def source_rows(self, rows: np.ndarray) -> np.ndarray:
+        """The row of the source's data behind each row (a rotated copy's original)."""
+        return np.asarray(rows) % len(self.x)
+
+
+class _AnomalyRows(Mapping):
+    def __init__(self, pool: TaskPool) -> None:
+        self.pool = pool
+
+    def __getitem__(self, task: str) -> np.ndarray:
+        pool = self.pool
+        if task not in pool.normal_rows:
+            raise KeyError(task)
+        start, stop = pool.anomaly_block.get(task, (0, 0))
+        if pool.own_anomalies:
+            return pool.anomaly_pool[start:stop]
+        return np.concatenate([pool.anomaly_pool[:start], pool.anomaly_pool[stop:]])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.pool.tasks)
+
+    def __len__(self) -> int:
+        return len(self.pool.tasks)
 
 
 def split_tasks(
@@ -85,20 +212,117 @@ def split_tasks(
     require_disjoint: bool = True,
     anomalies_from: str = "split",
     seed: int = 0,
+    train_rotations: Sequence[int] = (),
 ) -> dict[str, TaskPool]:
     """Build the ``train`` / ``val`` / ``test`` pools.
 
     ``train_tasks: null`` means every task not used for val or test. A listed entry with shell
-    wildcards (``Greek/*``, ``MVTec-AD_*``) stands for every task it matches. When val and test share a
-    task, its rows are halved (seeded) so no sample is both tuned on and tested on.
-    ``anomalies_from``: ``split`` draws a one-vs-rest task's anomalies from the other classes of
-    the same split; ``all`` from every other class (OC-MAML's MT-MNIST protocol).
+    wildcards (``Greek/*``, ``MVTec-AD_*``) stands for every task it matches. A task listed in
+    several splits has its rows dealt between them (seeded; val and test sharing a task get the two
+    halves), so no sample is both tuned on and tested on.
+
+    ``anomalies_from`` (one-vs-rest tasks): ``split`` draws a task's anomalies from the other tasks
+    of its own split. ``source_test`` follows OC-MAML's MT-MNIST (needs a source partition):
+    meta-training as ``split`` on source-train rows; validation normals are the val tasks'
+    source-train rows, test normals all rows of the test tasks; val and test anomalies are the
+    source-test rows no split uses, each task's halved in row order (first half for test, second
+    for val), so a test task's anomalies include the val tasks' source-test rows, a val task's do
+    not include the test tasks'. OC-MAML cuts the MNIST test set at image 5,000 instead of per
+    digit (the same halves up to a few images) and samples its 4,000-image test set once; metaad
+    draws each episode's query from these pools.
+
+    ``train_rotations`` (images): rotated copies (90, 180, 270 degrees) of the training tasks as
+    new training tasks ``<task>/rot<degrees>`` (the Prototypical networks' Omniglot recipe); val
+    and test tasks are never rotated.
     """
-    if anomalies_from not in ("split", "all"):
-        raise DataError(f"dataset.anomalies_from must be 'split' or 'all', got {anomalies_from!r}")
+    if anomalies_from == "all":
+        raise DataError(
+            "dataset.anomalies_from=all is gone: it drew a training task's anomalies from every other "
+            "task, val and test tasks included, so test rows reached meta-training (a leak); use 'split', "
+            "or 'source_test' (OC-MAML's MT-MNIST: val/test anomalies from the source's unused test rows)"
+        )
+    if anomalies_from not in ("split", "source_test"):
+        raise DataError(f"dataset.anomalies_from must be 'split' or 'source_test', got {anomalies_from!r}")
+    if anomalies_from == "source_test":
+        if data.partition is None:
+            raise DataError(
+                f"dataset.anomalies_from=source_test needs a source with its own train/test partition "
+                f"(MNIST, Fashion-MNIST); {data.name} has none: use anomalies_from=split"
+            )
+        if data.anomalous is not None:
+            raise DataError(
+                f"dataset.anomalies_from=source_test is for one-vs-rest classes; the tasks of {data.name} "
+                "carry their own anomalies (use anomalies_from=split)"
+            )
+    rotations = _check_rotations(data, train_rotations)
     names = data.task_names
+    asked = _asked_tasks(data, names, train_tasks, val_tasks, test_tasks, require_disjoint)
+    index = {t: i for i, t in enumerate(names)}
+    codes = data.task_codes
+    owner = _owners(data, codes, [[index[t] for t in asked[s]] for s in SPLITS], seed)
+    if data.partition is not None:
+        source_test = data.partition == "test"
+        owner[(owner == TRAIN) & source_test] = -1  # meta-training sees source-train rows only
+        if anomalies_from == "source_test":
+            owner[(owner == VAL) & source_test] = -1  # OC-MAML: val normals from the source-train rows
+    row_task_id = codes if data.anomalous is None else np.where(data.anomalous, -1, codes)
+
+    reservoirs = {}
+    if anomalies_from == "source_test":
+        first_half = _first_half_of_each_task(codes, data.partition == "test", len(names))
+        unused = (owner == -1) & (data.partition == "test")
+        reservoirs = {VAL: np.flatnonzero(unused & ~first_half), TEST: np.flatnonzero(unused & first_half)}
+
+    pools = {}
+    for split in ("val", "test", "train"):  # the order start-up checks report problems in
+        s = SPLITS.index(split)
+        tasks = asked[split]
+        rows = np.flatnonzero(owner == s)
+        turns = rotations if s == TRAIN else ()
+        all_tasks = tasks + [f"{t}/rot{d}" for d in turns for t in tasks]
+        # the split's rows grouped by task, in the split's task order (rotated copies after)
+        position = np.full(len(names), -1, np.int64)
+        position[[index[t] for t in tasks]] = np.arange(len(tasks))
+        rows = np.concatenate([rows + j * len(data.x) for j in range(len(turns) + 1)])
+        key = position[codes[rows % len(data.x)]] + len(tasks) * (rows // len(data.x))
+        order = np.argsort(key, kind="stable")
+        rows, key = rows[order], key[order]
+        own = data.anomalous is not None
+        if own:
+            anomalous = data.anomalous[rows % len(data.x)]
+            normal_rows = _views(rows[~anomalous], key[~anomalous], all_tasks)
+            anomaly_pool, anomaly_key, anomaly_tasks = rows[anomalous], key[anomalous], all_tasks
+        else:
+            normal_rows = _views(rows, key, all_tasks)
+            anomaly_pool, anomaly_key, anomaly_tasks = rows, key, all_tasks
+        if s in reservoirs:  # source_test: grouped by task in the data's natural order
+            anomaly_pool, anomaly_tasks = reservoirs[s], names
+            anomaly_key = codes[anomaly_pool]  # ascending rows with codes: sort stably by code
+            order = np.argsort(anomaly_key, kind="stable")
+            anomaly_pool, anomaly_key = anomaly_pool[order], anomaly_key[order]
+        starts = np.searchsorted(anomaly_key, np.arange(len(anomaly_tasks) + 1))
+        block = {t: (int(starts[i]), int(starts[i + 1])) for i, t in enumerate(anomaly_tasks)}
+        task_id = {t: index[t] for t in tasks}
+        task_id |= {f"{t}/rot{d}": index[t] + j * len(names) for j, d in enumerate(turns, 1) for t in tasks}
+        pools[split] = TaskPool(
+            x=data.x,
+            tasks=all_tasks,
+            task_id=task_id,
+            normal_rows=normal_rows,
+            row_task_id=row_task_id,
+            name=data.name,
+            rotations=turns,
+            anomaly_pool=anomaly_pool,
+            anomaly_block=block,
+            own_anomalies=own,
+            n_task_ids=len(names),
+        )
+    return pools
+
+
+def _asked_tasks(data, names, train_tasks, val_tasks, test_tasks, require_disjoint) -> dict[str, list[str]]:
     known = set(names)
-    asked = {}
+    asked: dict[str, list[str]] = {}
     for split, tasks in (("val", val_tasks), ("test", test_tasks), ("train", train_tasks)):
         if tasks is None:
             if split != "train":
@@ -124,21 +348,70 @@ def split_tasks(
                 f"dataset.train_tasks overlaps val/test tasks {sorted(overlap, key=_natural_key)}; "
                 "meta-testing must use unseen tasks (set dataset.require_disjoint=false to allow it)"
             )
+    return {split: asked[split] for split in SPLITS}
 
-    task_id = {t: i for i, t in enumerate(names)}
-    rows_of = {t: np.flatnonzero(data.task == t) for t in names}
-    shared = set(asked["val"]) & set(asked["test"])
-    rng = np.random.default_rng([seed, 7919])
-    halves: dict[str, dict[str, np.ndarray]] = {"val": {}, "test": {}}
-    for t in sorted(shared, key=_natural_key):
-        rows = rng.permutation(rows_of[t])
-        halves["val"][t], halves["test"][t] = np.sort(rows[0::2]), np.sort(rows[1::2])
 
-    pools = {}
-    for split, tasks in asked.items():
-        own = {t: halves.get(split, {}).get(t, rows_of[t]) for t in tasks}
-        pools[split] = _pool(data, tasks, own, task_id, rows_of, anomalies_from)
-    return pools
+def _owners(data: LabelledData, codes: np.ndarray, members: list[list[int]], seed: int) -> np.ndarray:
+    """The split that owns each row (-1: none); a task listed in several splits has its rows dealt."""
+    n_tasks = len(data.task_names)
+    listed = np.zeros((len(SPLITS), n_tasks), bool)
+    for s, tasks in enumerate(members):
+        listed[s, tasks] = True
+    count = listed.sum(0)
+    owner = np.where(count == 1, listed.argmax(0), -1).astype(np.int8)[codes]
+    shared = np.flatnonzero(count > 1)
+    if len(shared):
+        rng = np.random.default_rng([seed, 7919])
+        order = np.argsort(codes, kind="stable")
+        starts = np.searchsorted(codes[order], np.arange(n_tasks + 1))
+        for t in shared:  # in natural task order; val + test sharing: val gets [0::2], test [1::2]
+            splits = np.flatnonzero(listed[:, t])
+            rows = rng.permutation(order[starts[t] : starts[t + 1]])
+            for j, s in enumerate(splits):
+                owner[rows[j :: len(splits)]] = s
+    return owner
+
+
+def _first_half_of_each_task(codes: np.ndarray, rows_in: np.ndarray, n_tasks: int) -> np.ndarray:
+    """Among the rows ``rows_in``, the first half (rounded up) of each task's rows, in row order."""
+    selected = np.flatnonzero(rows_in)
+    group = codes[selected]
+    order = np.argsort(group, kind="stable")
+    sizes = np.bincount(group, minlength=n_tasks)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    rank = np.empty(len(selected), np.int64)
+    rank[order] = np.arange(len(selected)) - starts[group[order]]
+    first = np.zeros(len(codes), bool)
+    first[selected[rank < (sizes[group] + 1) // 2]] = True
+    return first
+
+
+def _views(rows: np.ndarray, key: np.ndarray, tasks: list[str]) -> dict[str, np.ndarray]:
+    """Each task's slice of ``rows``, which are sorted by ``key`` (the task's position in ``tasks``)."""
+    starts = np.searchsorted(key, np.arange(len(tasks) + 1))
+    return {t: rows[starts[i] : starts[i + 1]] for i, t in enumerate(tasks)}
+
+
+def _check_rotations(data: LabelledData, train_rotations: Sequence[int]) -> tuple[int, ...]:
+    turns = tuple(int(d) for d in (train_rotations or ()))
+    if not turns:
+        return ()
+    bad = [d for d in turns if d not in ROTATIONS]
+    if bad or len(set(turns)) != len(turns):
+        raise DataError(
+            f"dataset.train_rotations must be distinct values of {list(ROTATIONS)}, got {list(turns)}"
+        )
+    shape = data.x.shape[1:]
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise DataError(
+            f"dataset.train_rotations rotates square images (channels, size, size); {data.name} has "
+            f"samples of shape {shape}"
+        )
+    names = set(data.task_names)
+    clash = [f"{t}/rot{d}" for t in data.task_names for d in turns if f"{t}/rot{d}" in names]
+    if clash:
+        raise DataError(f"dataset.train_rotations: task names {clash[:5]} already exist in {data.name}")
+    return turns
 
 
 def _expand(entries: list[str], names: list[str]) -> list[str]:
@@ -148,27 +421,3 @@ def _expand(entries: list[str], names: list[str]) -> list[str]:
         matches = [] if entry in names else [n for n in names if fnmatch.fnmatchcase(n, entry)]
         expanded += matches or [entry]
     return expanded
-
-
-def _pool(data, tasks, own_rows, task_id, rows_of, anomalies_from) -> TaskPool:
-    normal, anomaly = {}, {}
-    if data.anomalous is None:
-        others_of = own_rows if anomalies_from == "split" else rows_of
-        for t in tasks:
-            normal[t] = own_rows[t]
-            anomaly[t] = np.concatenate([r for o, r in others_of.items() if o != t] or [np.array([], int)])
-        row_task_id = np.array([task_id[t] for t in data.task])
-    else:
-        for t in tasks:
-            rows = own_rows[t]
-            normal[t], anomaly[t] = rows[~data.anomalous[rows]], rows[data.anomalous[rows]]
-        row_task_id = np.where(data.anomalous, -1, [task_id[t] for t in data.task])
-    return TaskPool(
-        x=data.x,
-        tasks=list(tasks),
-        task_id={t: task_id[t] for t in tasks},
-        normal_rows=normal,
-        anomaly_rows=anomaly,
-        row_task_id=row_task_id,
-        name=data.name,
-    )
