@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torch.func import functional_call, vmap
 
+from metaad.build import build_datamodule
 from metaad.data import DataError, EpisodeDataModule, split_tasks
 from metaad.data.sources import (
     FASHION_MNIST_CLASSES,
@@ -492,3 +493,68 @@ def test_conv4_embeds_each_sample_alone_and_is_vmap_safe():
 def test_image_datasets_pick_conv4_unless_told_otherwise(compose_cfg, overrides, backbone):
     cfg = compose_cfg(overrides)
     assert type(instantiate(cfg.backbone, sample_shape=[1, 28, 28])) is backbone
+
+
+# --- the full data sets' protocols (../shared/data) ----------------------------------------------
+
+
+def _labels(path: Path) -> np.ndarray:
+    with gzip.open(path) as f:
+        return np.frombuffer(f.read(), np.uint8, offset=8)
+
+
+@needs["mnist"]
+def test_full_mnist_config_is_oc_mamls_mt_mnist_split(compose_cfg):
+    """dataset=mnist: train on 1-8's source-train images, validate on 9, test on 0 (all its images)."""
+    datamodule = build_datamodule(compose_cfg(["dataset=mnist", f"paths.data_dir={DATA}"]))
+    assert datamodule.data_name == f"mnist (full, {DATA / 'mnist'})"
+    assert datamodule.preprocessing.to_dict()["scale"] == 1 / 255
+    pools = datamodule.pools
+    train_counts = [
+        6742,
+        5958,
+        6131,
+        5842,
+        5421,
+        5918,
+        6265,
+        5851,
+    ]  # digits 1-8, ../shared/data/mnist/README.md
+    assert [len(pools["train"].normal_rows[str(d)]) for d in range(1, 9)] == train_counts
+    assert len(pools["val"].normal_rows["9"]) == 5949 and len(pools["test"].normal_rows["0"]) == 5923 + 980
+    # OC-MAML: test anomalies = the first 5,000 MNIST test images that are not a 0; val anomalies = the
+    # last 5,000 that are neither 0 nor 9. metaad halves each digit's test images instead: ~99% the same.
+    labels = np.concatenate(
+        [_labels(DATA / "mnist" / f"{p}-labels-idx1-ubyte.gz") for p in ("train", "t10k")]
+    )
+    first = 60000 + np.arange(5000)
+    ocmaml_test = set(first[labels[first] != 0].tolist())
+    ocmaml_val = set((first + 5000)[~np.isin(labels[first + 5000], [0, 9])].tolist())
+    test, val = set(pools["test"].anomaly_rows["0"].tolist()), set(pools["val"].anomaly_rows["9"].tolist())
+    assert (
+        len(test & ocmaml_test) / len(ocmaml_test) > 0.98 and len(val & ocmaml_val) / len(ocmaml_val) > 0.98
+    )
+    assert min(test | val) >= 60000 and not test & val
+
+
+@pytest.mark.slow
+@needs["omniglot"]
+def test_full_omniglot_is_split_by_alphabet_as_oc_maml_and_rotates_training_characters_only(compose_cfg):
+    import time
+
+    start = time.perf_counter()
+    datamodule = build_datamodule(
+        compose_cfg(["dataset=omniglot", f"paths.data_dir={DATA}", "dataset.train_rotations=[90,180,270]"])
+    )
+    seconds = time.perf_counter() - start
+    pools = datamodule.pools
+    originals = [t for t in pools["train"].tasks if "/rot" not in t]
+    assert (len(originals), len(pools["val"].tasks), len(pools["test"].tasks)) == (813, 151, 659)
+    assert len(pools["train"].tasks) == 4 * 813
+    alphabets = {split: {t.split("/")[0] for t in pool.tasks} for split, pool in pools.items()}
+    assert len(alphabets["train"]) == 25 and len(alphabets["val"]) == 5 and len(alphabets["test"]) == 20
+    assert "Sanskrit" in alphabets["val"] and "Angelic" in alphabets["test"]
+    assert not any("/rot" in t for t in pools["val"].tasks + pools["test"].tasks)
+    assert {t.rsplit("/", 1)[0] for t in pools["train"].tasks if "/rot" in t} == set(originals)
+    assert datamodule.preprocessing.invert and datamodule.preprocessing.image_size == 28
+    assert seconds < 60, f"loading the full Omniglot took {seconds:.0f} s"
