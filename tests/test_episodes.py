@@ -157,3 +157,21 @@ def test_non_finite_samples_are_refused_with_their_rows():
     x[2, 1] = np.nan
     with pytest.raises(DataError, match=r"rows: \[2\]"):
         LabelledData(x=x, task=np.array(["a", "a", "b", "b"]), name="bad.csv")
+
+
+def test_the_datamodule_exposes_the_sources_preprocessing_and_name_after_setup():
+    dm = EpisodeDataModule(digits, [6, 7, 8, 9], [6, 7, 8, 9], [0, 1, 2, 3, 4, 5])
+    with pytest.raises(RuntimeError, match="call setup"):
+        dm.preprocessing  # noqa: B018
+    dm.setup()
+    assert dm.data_name == "digits" and dm.sample_shape == (64,)
+    assert dm.preprocessing.to_dict() == {
+        "sample_shape": [64],
+        "feature_names": None,
+        "scale": 1 / 16,
+        "invert": False,
+        "image_size": None,
+    }
+    tagged = module()
+    assert tagged.data_name == "tagged" and tagged.preprocessing.sample_shape == (2,)  # identity by default
+    assert tagged.preprocessing.scale == 1.0 and not tagged.preprocessing.invert
