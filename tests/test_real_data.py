@@ -29,7 +29,7 @@ AT_DATA = f"paths.data_dir={DATA}"
 def test_omniglot_small_zips_give_242_characters_split_by_alphabet(compose_cfg):
     data = omniglot(str(OMNIGLOT))
     assert data.x.shape == (242 * 20, 1, 28, 28) and len(data.task_names) == 242
-    datamodule = build_datamodule(compose_cfg(["dataset=omniglot", AT_DATA]))
+    datamodule = build_datamodule(compose_cfg(["dataset=omniglot_small", AT_DATA]))
     alphabets = {
         split: {task.split("/")[0] for task in pool.tasks} for split, pool in datamodule.pools.items()
     }
@@ -85,7 +85,7 @@ def test_mvtec_nearest_neighbour_reproduces_the_reference_figure():
 @pytest.mark.parametrize(
     "dataset, extra, n_baselines",
     [
-        pytest.param("omniglot", [], 5, marks=needs_omniglot),
+        pytest.param("omniglot_small", [], 5, marks=needs_omniglot),
         # the scikit-learn baselines fit per episode (and per left-out shot for thresholds): small K
         pytest.param("mvtec", ["dataset.k_shot=2", "baselines=all"], 8, marks=needs_mvtec),
         ("mnist", [], 5),

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metaad.build import build_datamodule, build_model, load_checkpoint
+from metaad.build import build_datamodule, build_learner, learner_state, load_checkpoint
 from metaad.data import DataError
 from metaad.eval import evaluate
 from metaad.score import read_samples, score
@@ -37,9 +37,8 @@ def trained(tmp_path_factory):
 def model(trained):
     """The checkpoint's model rebuilt as metaad-eval does, in eval mode."""
     checkpoint, run_cfg = load_checkpoint(trained[2])
-    model = build_model(run_cfg, tuple(checkpoint["metaad_sample_shape"]))
-    model.load_state_dict(checkpoint["state_dict"])
-    model.on_load_checkpoint(checkpoint)
+    model = build_learner(run_cfg, tuple(checkpoint["metaad_sample_shape"]))
+    model.load_state_dict(learner_state(checkpoint))
     return model.eval()
 
 
@@ -49,8 +48,14 @@ def episode(trained):
     return build_datamodule(trained[0]).datasets["test"][0]
 
 
+def raw(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Digits as the user has them (0-16): the source scales them by 1/16, scoring does the same."""
+    return np.asarray(x).reshape(len(x), -1) * 16.0
+
+
 def write_csv(path: Path, x: torch.Tensor | np.ndarray, ids: list[str] | None = None) -> Path:
-    frame = pd.DataFrame(np.asarray(x).reshape(len(x), -1), columns=[f"pixel_{i}" for i in range(64)])
+    """A CSV of raw digits (``x`` as the episodes hold them, scaled back to 0-16)."""
+    frame = pd.DataFrame(raw(x), columns=[f"pixel_{i}" for i in range(64)])
     if ids is not None:
         frame.insert(0, "id", ids)
     frame.to_csv(path, index=False)
@@ -92,8 +97,8 @@ def test_scores_a_csv_as_evaluation_does_with_the_stored_threshold(trained, mode
 
 def test_npz_input_and_a_threshold_chosen_at_scoring_time(trained, model, episode, tmp_path):
     support, query = tmp_path / "normal.npz", tmp_path / "new.npz"
-    np.savez(support, X=episode.support.numpy())
-    np.savez(query, X=episode.query.numpy(), id=np.array([f"q{i}" for i in range(len(episode.query))]))
+    np.savez(support, X=raw(episode.support))
+    np.savez(query, X=raw(episode.query), id=np.array([f"q{i}" for i in range(len(episode.query))]))
     table = run_score(
         tmp_path, trained[2], support, query, "threshold=support_quantile", "threshold.margin=1.5"
     )
@@ -121,10 +126,10 @@ def test_checkpoint_keeps_the_threshold_and_eval_reproduces_the_decisions(traine
 @pytest.mark.parametrize(
     "make_support, make_query, message",
     [
-        (lambda x: x[:5], lambda x: x[:, :10], "10 features per sample, but the checkpoint's model takes 64"),
+        (lambda x: x[:5], lambda x: x[:, :10], r"query=.*query.csv: .*shape \(N, 64\), got shape \(20, 10\)"),
         (lambda x: x[:0], lambda x: x, "holds no samples"),
         (lambda x: np.where(np.arange(64) == 3, np.nan, x[:5]), lambda x: x, "NaN"),
-        (lambda x: x[:2], lambda x: x, r"holds 2 sample\(s\); k_shot=2: .* needs at least 3 support samples"),
+        (lambda x: x[:2], lambda x: x, r"support=.*: fit got 2 normal sample\(s\); k_shot=2: .* at least 3"),
     ],
     ids=["width", "empty", "nan", "two-samples"],
 )
@@ -158,7 +163,7 @@ def test_refuses_text_columns_missing_files_and_images_for_a_vector_model(traine
         run_score(tmp_path, trained[2], support, tmp_path / "images")
 
 
-def test_reads_a_folder_of_images_and_refuses_another_size(tmp_path):
+def test_reads_a_folder_of_images_as_raw_pixels_and_refuses_mixed_sizes(tmp_path):
     rng = np.random.default_rng(0)
     folder = tmp_path / "images"
     folder.mkdir()
@@ -166,23 +171,35 @@ def test_reads_a_folder_of_images_and_refuses_another_size(tmp_path):
     for i, image in enumerate(pixels):
         Image.fromarray(image).save(folder / f"b{i}.png")
     (folder / "notes.txt").write_text("not an image")
-    ids, x = read_samples(folder, (1, 8, 8), "query")
-    assert ids == ["b0.png", "b1.png", "b2.png"] and x.shape == (3, 1, 8, 8)
-    assert x[:, 0] == pytest.approx(pixels / 255.0)
-    _, inverted = read_samples(folder, (1, 8, 8), "query", invert_images=True)
-    assert inverted == pytest.approx(1.0 - x)
-    _, rgb = read_samples(folder, (3, 8, 8), "query")
-    assert rgb.shape == (3, 3, 8, 8) and rgb[:, 1] == pytest.approx(x[:, 0])
+    ids, x = read_samples(folder, "query")
+    assert ids == ["b0.png", "b1.png", "b2.png"] and x.shape == (3, 8, 8)
+    assert x == pytest.approx(pixels)  # raw: the checkpoint's preprocessing scales, resizes, inverts
+    _, rgb = read_samples(folder, "query", channels=3)
+    assert rgb.shape == (3, 3, 8, 8) and rgb[:, 1] == pytest.approx(x)
     Image.fromarray(rng.integers(0, 256, (10, 12), dtype=np.uint8)).save(folder / "c.png")
-    with pytest.raises(DataError, match=r"c.png is 12x10 pixels, but the checkpoint's model takes 8x8"):
-        read_samples(folder, (1, 8, 8), "query")
+    with pytest.raises(DataError, match=r"c.png is 12x10 pixels but b0.png is 8x8"):
+        read_samples(folder, "query")
 
 
 def test_a_headerless_csv_is_all_samples(tmp_path):
     x = np.arange(12.0).reshape(3, 4)
     np.savetxt(tmp_path / "plain.csv", x, delimiter=",")
-    ids, read = read_samples(tmp_path / "plain.csv", (4,), "support")
-    assert ids == ["0", "1", "2"] and read == pytest.approx(x)
+    ids, read = read_samples(tmp_path / "plain.csv", "support")
+    assert ids == ["0", "1", "2"] and np.asarray(read) == pytest.approx(x)
+
+
+def test_a_header_of_column_positions_is_a_header_not_a_sample(tmp_path):
+    """pandas writes 0, 1, ... as the header of an unnamed frame: it must not become a sample."""
+    x = np.arange(12.0).reshape(3, 4) + 5
+    pd.DataFrame(x).to_csv(tmp_path / "pandas.csv", index=False)
+    ids, read = read_samples(tmp_path / "pandas.csv", "support")
+    assert ids == ["0", "1", "2"] and np.asarray(read) == pytest.approx(x)
+
+
+def test_a_repeated_column_name_is_refused(tmp_path):
+    (tmp_path / "twice.csv").write_text("a,b,a\n1,2,3\n4,5,6\n")
+    with pytest.raises(DataError, match=r"names column\(s\) \['a'\] more than once"):
+        read_samples(tmp_path / "twice.csv", "query")
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from metaad.build import build_datamodule
 from metaad.data import DataError
 from metaad.detectors.baselines import SupportMeanDistance
+from metaad.errors import ConfigError
 from metaad.eval import evaluate
 from metaad.metrics import EpisodeMetrics
 from metaad.train import train
@@ -100,5 +101,8 @@ def test_bad_requests_stop_before_training(compose_cfg, override, error, message
 
 
 def test_required_dataset_settings_are_named(compose_cfg):
-    with pytest.raises(DataError, match=r"source.root.*dataset.val_tasks=\.\.\."):
+    with pytest.raises(
+        ConfigError, match=r"give them: dataset\.source\.root=\.\.\. .*dataset\.val_tasks=\.\.\."
+    ) as error:
         train(compose_cfg(["dataset=task_files"]))
+    assert "dataset.dataset." not in str(error.value)

@@ -117,7 +117,8 @@ class FewShotDetector:
         if threshold is not None:
             if not threshold.value_known:
                 raise DataError(
-                    f"{self.name}: its {threshold.rule} threshold was never fitted on validation episodes"
+                    f"{self.name} holds no {threshold.rule} threshold fitted on validation episodes with "
+                    f"the settings {threshold.params()}; choose threshold=support_quantile or threshold=fixed"
                 )
             support_normalised = (
                 self._normalise(self.support_scores_) if self.support_scores_ is not None else None

@@ -22,13 +22,13 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from metaad.build import compose_config
+from metaad.cli import app
 from metaad.eval import evaluate
 from metaad.train import train
 
@@ -262,7 +262,7 @@ def print_table(rows: list[dict]) -> None:
     console.print(table)
 
 
-@hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name="benchmark")
+@app("benchmark")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.paths.output_dir)
     OmegaConf.save(cfg.preset, out_dir / "preset.yaml")

@@ -6,6 +6,8 @@ and ``metaad-score`` rebuild a detector from a checkpoint without it.
 
 from __future__ import annotations
 
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +18,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metaad.data.tasks import DataError
+from metaad.checks import check_dataset
 from metaad.detectors.base import Detector, Learner
+from metaad.errors import CheckpointError
 from metaad.evaluation import Evaluator
 from metaad.thresholds import Threshold
 
 
 def build_datamodule(cfg: DictConfig) -> Any:
     """Instantiate the dataset and load it now, so bad data stops the run before training."""
-    missing = sorted(OmegaConf.missing_keys(cfg.dataset))
-    if missing:
-        settings = " ".join(f"dataset.{key}=..." for key in missing)
-        raise DataError(f"the dataset config leaves {missing} unset (???); give them: {settings}")
+    check_dataset(cfg.dataset)
     datamodule = instantiate(cfg.dataset)
     datamodule.setup()
     return datamodule
@@ -62,9 +62,29 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint at {path}")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "metaad_config" not in checkpoint:
-        raise ValueError(f"ckpt_path: {path} was not written by metaad-train (no 'metaad_config' in it)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"ckpt_path: {path} is not a checkpoint, or a truncated or corrupt one (not a complete zip "
+            "archive, which torch.save writes)"
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's own message suggests weights_only=False, which would run code from the file
+        unsafe = "weights only load failed" in str(error).lower()
+        why = (
+            "it holds objects other than tensors and plain data, and metaad never unpickles those"
+            if unsafe
+            else "it is not a checkpoint, or it is corrupt"
+        )
+        raise CheckpointError(f"ckpt_path: {path} cannot be loaded: {why}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        kind = type(error).__name__
+        raise CheckpointError(
+            f"ckpt_path: {path} cannot be loaded: not a checkpoint, or a truncated or corrupt one ({kind})"
+        ) from None
+    if not isinstance(checkpoint, dict) or "metaad_config" not in checkpoint:
+        raise CheckpointError(f"ckpt_path: {path} was not written by metaad-train (no 'metaad_config' in it)")
     return checkpoint, OmegaConf.create(checkpoint["metaad_config"])
 
 

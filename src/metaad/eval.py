@@ -11,13 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from metaad.build import build_datamodule, build_trainer, build_training, learner_state, load_checkpoint
-from metaad.distributed import check_launch, job_scope
-from metaad.report import print_summary, results, write_metrics
-from metaad.training import evaluation_loaders
+from metaad.build import load_checkpoint
+from metaad.checks import check_dataset, check_threshold
+from metaad.cli import app
+from metaad.runs import claim
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -26,6 +25,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     for group in ("baselines", "threshold"):  # chosen on the command line: replaces the stored one
         if cfg.get(group) is not None:
             run_cfg[group] = cfg[group]
+    check_dataset(run_cfg.dataset)
+    check_threshold(run_cfg.get("threshold"))
+    run_dir = Path(cfg.paths.output_dir)
+    with claim(cfg, run_dir, resume=False):
+        return _evaluate(cfg, checkpoint, run_cfg, run_dir)
+
+
+def _evaluate(cfg: DictConfig, checkpoint: dict, run_cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    from metaad.build import build_datamodule, build_trainer, build_training, learner_state
+    from metaad.distributed import check_launch, job_scope
+    from metaad.report import print_summary, results, write_metrics
+    from metaad.training import evaluation_loaders
+
     datamodule = build_datamodule(run_cfg)
     model = build_training(run_cfg, datamodule.sample_shape)
     model.learner.load_state_dict(learner_state(checkpoint))
@@ -43,13 +55,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         **results(model.report),
     }
     if trainer.is_global_zero:
-        run_dir = Path(cfg.paths.output_dir)
         write_metrics(run_dir / "metrics.json", metrics)
         print_summary(metrics, run_dir)
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name="eval")
+@app("eval")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)
 

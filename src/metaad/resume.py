@@ -1,4 +1,4 @@
-"""Resume after a crash: ``last.ckpt`` written regularly and atomically, and ``ckpt_path=last`` resolved.
+"""Resume after a crash: checkpoint generations written atomically, and ``ckpt_path=last`` resolved.
 
 A resumed run continues in its own folder (``hydra.run.dir=<run folder> ckpt_path=last``): the
 step count, optimizer, loops and episode stream come from the checkpoint (the training loader is
@@ -8,63 +8,59 @@ the crashed process wrote after the checkpoint, so the curves continue without a
 
 from __future__ import annotations
 
+import errno
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Checkpoint
 
 from metaad.build import load_checkpoint
+from metaad.errors import CheckpointError, RunFolderError
 
 # Config sections that decide what is trained; a resume must not change them.
 RUN_DEFINING = ("dataset", "backbone", "model", "seed")
 
 
-class LastCheckpoint(Checkpoint):
-    """Writes ``<dirpath>/last.ckpt``, the whole training state, every ``every_n_train_steps``
-    optimizer steps and at the end of every training epoch (after its validation).
+def save_generation(save, path: Path) -> None:
+    """Write a checkpoint with ``save(file)`` as ``path``, keeping the one it replaces as
+    ``<name>.previous.ckpt``: a kill or a disk fault at any moment leaves a loadable generation.
 
-    The file is replaced atomically, so a kill while saving leaves the previous one intact. No
-    step save on an epoch's last batch: Lightning 2.6 would skip that epoch's validation when
-    resuming from it; the epoch-end save comes right after.
+    A full disk is reported naming the folder, with the last good checkpoint left as it was.
     """
+    partial = path.with_suffix(".ckpt.partial")
+    try:
+        save(partial)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        if error.errno == errno.ENOSPC:
+            raise RunFolderError(
+                f"{path.parent}: no space left on the device to write {path.name}; the last good "
+                f"checkpoint ({path if path.exists() else previous_of(path)}) is intact. Free space, then "
+                "resume with ckpt_path=last"
+            ) from error
+        raise
+    if path.exists():
+        os.replace(path, previous_of(path))
+    os.replace(partial, path)
 
-    def __init__(self, dirpath: str, every_n_train_steps: int = 50) -> None:
-        if every_n_train_steps < 0:
-            raise ValueError(
-                f"callbacks: every_n_train_steps must be >= 0 (0: epoch ends only), got {every_n_train_steps}"
-            )
-        self.path = Path(dirpath) / "last.ckpt"
-        self.every_n_train_steps = every_n_train_steps
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
-        n = self.every_n_train_steps
-        if (
-            n
-            and trainer.global_step % n == 0
-            and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        ):
-            self._save(trainer)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer)
-
-    def _save(self, trainer: pl.Trainer) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run:
-            return
-        partial = self.path.with_suffix(".ckpt.partial")
-        trainer.save_checkpoint(partial)  # every rank takes part; global rank 0 writes
-        if trainer.is_global_zero:
-            os.replace(partial, self.path)
+def previous_of(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
-    """``last`` is this run folder's ``checkpoints/last.ckpt``; anything else must be a checkpoint file."""
+    """``last`` is this run folder's ``checkpoints/last.ckpt`` (or, if that one is missing or
+    unreadable, the generation before it, with a warning); anything else must be a checkpoint file.
+    Leftover ``*.partial`` files of a crashed save are removed."""
     if ckpt_path is None:
         return None
     path = run_dir / "checkpoints" / "last.ckpt" if str(ckpt_path) == "last" else Path(ckpt_path)
+    if str(ckpt_path) == "last":
+        for leftover in path.parent.glob("*.partial"):
+            leftover.unlink()
+        path = _readable_generation(path)
     if not path.is_file():
         hint = (
             f"ckpt_path=last resumes the run in the current run folder ({run_dir}); point Hydra at the "
@@ -76,6 +72,21 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+def _readable_generation(path: Path) -> Path:
+    previous = previous_of(path)
+    if not previous.is_file():
+        return path
+    try:
+        load_checkpoint(path)
+        return path
+    except (CheckpointError, FileNotFoundError) as error:
+        warnings.warn(
+            f"{path} cannot be resumed from ({error}); resuming from the generation before it, {previous}",
+            stacklevel=2,
+        )
+        return previous
+
+
 def load_resume_state(path: Path, cfg: DictConfig) -> dict[str, Any]:
     """The checkpoint to resume (plain data, ``weights_only``); refused if trained with another config."""
     checkpoint, _ = load_checkpoint(path)
@@ -84,7 +95,7 @@ def load_resume_state(path: Path, cfg: DictConfig) -> dict[str, Any]:
     changed = _differences({k: stored.get(k) for k in RUN_DEFINING}, now)
     if changed:
         listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in changed[:8])
-        raise ValueError(
+        raise CheckpointError(
             f"ckpt_path={path} was trained with another config ({listed}). Resume with the overrides of "
             "the original run (its .hydra/overrides.yaml); only trainer, callbacks and logger "
             "settings may change."

@@ -18,10 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from metaad.cli import app
 from metaad.data.tasks import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -169,17 +169,24 @@ def score(cfg: DictConfig) -> Any:
             f"ckpt_path: {cfg.ckpt_path} was trained without a threshold; choose one with "
             "threshold=support_quantile or threshold=fixed"
         )
-    channels = detector.preprocessing.sample_shape[0] if len(detector.preprocessing.sample_shape) == 3 else 1
+    shape = tuple(detector.preprocessing.sample_shape)
+    for role in ("support", "query"):
+        if Path(cfg[role]).is_dir() and not (len(shape) == 3 and shape[0] in (1, 3)):
+            raise DataError(
+                f"{role}={cfg[role]} is a folder of images, but the checkpoint's model takes samples of "
+                f"shape {shape}, not (1 or 3, height, width) images; give a .csv or .npz"
+            )
+    channels = shape[0] if len(shape) == 3 else 1
     support_ids, support = read_samples(cfg.support, "support", channels)
     query_ids, query = read_samples(cfg.query, "query", channels)
     try:
         detector.fit(support)
-        scores = detector.decision_function(query)
-        normalised = detector.normalised_scores(query)
     except DataError as error:
-        raise DataError(
-            f"{cfg.support if not hasattr(detector, 'state_') else cfg.query}: {error}"
-        ) from error
+        raise DataError(f"support={cfg.support}: {error}") from error
+    try:
+        scores, normalised = detector.decision_function(query), detector.normalised_scores(query)
+    except DataError as error:
+        raise DataError(f"query={cfg.query}: {error}") from error
     is_anomaly = (normalised > detector.threshold_).astype(int)
     table = pd.DataFrame(
         {"id": query_ids, "score": scores, "normalised_score": normalised, "is_anomaly": is_anomaly}
@@ -194,7 +201,7 @@ def score(cfg: DictConfig) -> Any:
     return table
 
 
-@hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name="score")
+@app("score")
 def main(cfg: DictConfig) -> None:
     score(cfg)
 

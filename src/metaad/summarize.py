@@ -15,11 +15,12 @@ import json
 import math
 from pathlib import Path
 
-import hydra
 import yaml
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
+
+from metaad.cli import app
 
 COLUMNS = ("job", "overrides", "val/auroc", "test/auroc", "test ci95", "steps", "status")
 
@@ -120,7 +121,7 @@ def summarize_sweep(sweep: Path | None = None) -> list[dict]:
     return rows
 
 
-@hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name="summarize")
+@app("summarize")
 def main(cfg: DictConfig) -> None:
     summarize_sweep(cfg.sweep_dir)
 

@@ -12,16 +12,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
-import pytorch_lightning as pl
 from omegaconf import DictConfig, open_dict
-from pytorch_lightning.callbacks import ModelCheckpoint
 
-from metaad.build import build_datamodule, build_trainer, build_training, plain
-from metaad.distributed import check_launch, job_scope
-from metaad.report import print_summary, results, write_metrics
+from metaad.checks import check_train_config
+from metaad.cli import app
 from metaad.resume import load_resume_state, resolve_ckpt_path
-from metaad.training import StoreConfig, evaluation_loaders
+from metaad.runs import claim
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +27,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     With ``test=false`` nothing is written and only ``val_auroc_best`` and ``global_step`` return.
     """
-    pl.seed_everything(cfg.seed, workers=True)
+    check_train_config(cfg)  # before reading data or importing Lightning
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     resumed = load_resume_state(ckpt_path, cfg) if ckpt_path else None
+    with claim(cfg, run_dir, resume=resumed is not None):
+        return _train(cfg, run_dir, ckpt_path, resumed)
+
+
+def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None, resumed: dict | None) -> dict[str, Any]:
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from metaad.build import build_datamodule, build_trainer, build_training, plain
+    from metaad.distributed import check_launch, job_scope
+    from metaad.report import print_summary, results, write_metrics
+    from metaad.training import StoreConfig, evaluation_loaders
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     model = build_training(cfg, datamodule.sample_shape)
     trainer = build_trainer(
@@ -51,7 +61,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trained = {"val_auroc_best": model.val_auroc_best, "global_step": trainer.global_step}
         if not cfg.test:
             return trained
-        best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if _tracks_best(cb)), "")
+        tracks_best = [
+            cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor
+        ]
+        best = next((cb.best_model_path for cb in tracks_best), "")
         trainer.test(
             model,
             dataloaders=evaluation_loaders(datamodule),
@@ -74,10 +87,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def _tracks_best(callback: pl.Callback) -> bool:
-    return isinstance(callback, ModelCheckpoint) and callback.monitor is not None
-
-
 def _continue_curves(cfg: DictConfig, step: int) -> DictConfig:
     """The config with TensorBoard told to hide what the crashed process logged from ``step`` on."""
     cfg = copy.deepcopy(cfg)
@@ -88,7 +97,7 @@ def _continue_curves(cfg: DictConfig, step: int) -> DictConfig:
     return cfg
 
 
-@hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name="train")
+@app("train")
 def main(cfg: DictConfig) -> float:
     """Returns the best validation AUROC: the value a Hydra sweeper (Optuna) maximises."""
     return train(cfg)["val_auroc_best"]

@@ -1,0 +1,89 @@
+"""What every metaad app does around its work: Hydra, one clean error message, no empty run folder.
+
+A mistake in the config, the data or a checkpoint stops the app with one block on stderr, the
+message that names the file, field or setting, and exit status 1; no traceback (set
+``HYDRA_FULL_ERROR=1`` for it). Any other exception is a bug and keeps its traceback. A run that
+fails at start-up (before it wrote a checkpoint, metrics or scores) leaves no run folder behind.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from metaad.data.errors import DataError
+from metaad.errors import MetaadError
+
+EXPECTED = (MetaadError, DataError, FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+def message(error: BaseException) -> str | None:
+    """The user-facing message of an expected error, or None for a bug."""
+    if isinstance(error, InstantiationException):
+        cause = error.__cause__
+        if not isinstance(cause, EXPECTED + (ValueError, TypeError)):
+            return None
+        key = next(
+            (line.split(":", 1)[1].strip() for line in str(error).splitlines() if "full_key:" in line), ""
+        )
+        target = str(error).splitlines()[0].removeprefix("Error in call to target ").rstrip(":")
+        return f"{key + ': ' if key else ''}{cause} (building {target})"
+    if isinstance(error, EXPECTED + (OmegaConfBaseException,)):
+        return str(error)
+    return None
+
+
+def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """``@app("train")`` makes ``fn(cfg)`` a Hydra app on ``conf/<config_name>.yaml`` with clean errors."""
+
+    def decorate(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        @functools.wraps(fn)
+        def task(cfg: DictConfig) -> Any:
+            run_dir = _run_dir()
+            fresh = run_dir is not None and _only_logs(run_dir)
+            try:
+                return fn(cfg)
+            except Exception as error:
+                text = message(error)
+                if text is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                if fresh and not _holds_results(run_dir):
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                print(f"metaad-{config_name}: error: {text}", file=sys.stderr)
+                print("(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
+                sys.exit(1)
+
+        return hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name=config_name)(task)
+
+    return decorate
+
+
+def _run_dir() -> Path | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return None
+
+
+def _holds_results(folder: Path) -> bool:
+    """Whether a run got as far as writing checkpoints or metrics (then its folder is kept)."""
+    return any((folder / name).exists() for name in ("checkpoints", "metrics.json", "scores.csv"))
+
+
+def _only_logs(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but log files (what Hydra writes before the app starts)."""
+    if not folder.is_dir():
+        return False
+    return all(p.is_file() and p.suffix == ".log" for p in folder.iterdir())

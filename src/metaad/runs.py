@@ -1,0 +1,97 @@
+"""A run folder belongs to one run: a lock while it runs, and its config written once it starts.
+
+Hydra's own ``.hydra/`` writing is switched off (``conf/hydra/default.yaml``) so that a run
+refused at start-up (a changed config on resume, a folder in use) changes nothing in the folder;
+:func:`claim` writes ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` itself once
+the run is allowed, and never over a resumed run's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from metaad.errors import RunFolderError
+
+LOCK = ".lock"
+
+
+def _is_extra_rank() -> bool:
+    """A DDP rank started by rank 0 for the same run (it shares rank 0's folder and lock)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claim(cfg: DictConfig, run_dir: Path, resume: bool) -> Iterator[None]:
+    """Hold ``run_dir`` for this run: refuse a folder in use or holding another run, else lock it."""
+    if _is_extra_rank():
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pid = _pid(lock)
+        if pid is not None and _alive(pid):
+            raise RunFolderError(
+                f"run folder {run_dir} is in use by another run (pid {pid}); give each run its own "
+                "hydra.run.dir"
+            ) from None
+        lock.unlink(missing_ok=True)  # left by a run that was killed
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except OSError as error:
+        raise RunFolderError(f"run folder {run_dir}: cannot write in it ({error.strerror})") from error
+    with os.fdopen(fd, "w") as file:
+        file.write(str(os.getpid()))
+    try:
+        if not resume:
+            held = [
+                p.name
+                for p in (run_dir / ".hydra", run_dir / "checkpoints", run_dir / "metrics.json")
+                if p.exists()
+            ]
+            if held:
+                raise RunFolderError(
+                    f"run folder {run_dir} already holds a run ({', '.join(held)}); continue it with "
+                    "ckpt_path=last, or give this run another hydra.run.dir"
+                )
+            write_hydra_files(cfg, run_dir)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _pid(lock: Path) -> int | None:
+    try:
+        return int(lock.read_text().strip() or "x")
+    except (OSError, ValueError):
+        return None
+
+
+def write_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
+    """What Hydra would have written: the composed config, Hydra's own, and the overrides."""
+    from hydra.core.hydra_config import HydraConfig
+
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    app = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
+    OmegaConf.save(app, folder / "config.yaml")
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), folder / "hydra.yaml")
+        OmegaConf.save(hydra_cfg.overrides.task, folder / "overrides.yaml")
