@@ -57,7 +57,7 @@ def test_episode_contents_follow_the_task():
     dm = module()
     for split in ("train", "test"):
         pool_tasks = {int(t) for t in dm.pools[split].tasks}
-        for batch in dm.train_dataloader() if split == "train" else dm.test_dataloader():
+        for batch in dm.train_dataloader() if split == "train" else dm.evaluation_loader("test"):
             for b in range(len(batch.task)):
                 task = int(batch.task[b])
                 assert task in pool_tasks

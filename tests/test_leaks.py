@@ -177,7 +177,7 @@ def test_the_mnist_config_without_shared_data_has_no_leak(compose_cfg, tmp_path)
     assert can["train"] == set(np.flatnonzero(np.isin(task, pools["train"].tasks) & (part == "train")))
     assert set(task[list(reachable(pools["test"]))]) == set("0123456789")
     assert len(pools["test"].normal_rows["0"]) == 500 and pools["test"].n_anomalies("0") == 9 * 50
-    batch = next(iter(datamodule.test_dataloader()))
+    batch = next(iter(datamodule.evaluation_loader("test")))
     assert (batch.label.sum(1) == 10).all()
 
 

@@ -43,7 +43,7 @@ def test_omniglot_small_zips_give_242_characters_split_by_alphabet(compose_cfg):
         "val": 22,
         "test": 59,
     }
-    batch = next(iter(datamodule.test_dataloader()))
+    batch = next(iter(datamodule.evaluation_loader("test")))
     assert batch.support.shape[1:] == (5, 1, 28, 28) and batch.query.shape[1:] == (20, 1, 28, 28)
 
 
@@ -75,7 +75,7 @@ def test_mvtec_nearest_neighbour_reproduces_the_reference_figure():
         )
         datamodule.setup()
         detector, metrics = NearestNeighbourDistance("cosine"), EpisodeMetrics()
-        for batch in datamodule.test_dataloader():
+        for batch in datamodule.evaluation_loader("test"):
             metrics.update(detector.score(detector.adapt(batch.support), batch.query), batch.label)
         means.append(metrics.compute()["auroc"]["mean"])
     assert sum(means) / 15 == pytest.approx(0.725, abs=0.015)

@@ -385,7 +385,7 @@ def test_table_without_labels_is_one_vs_rest_and_trains_episodes(tmp_path):
         train_episodes=4,
     )
     module.setup()
-    batch = next(iter(module.test_dataloader()))
+    batch = next(iter(module.evaluation_loader("test")))
     assert batch.support.shape[1:] == (2, 3) and batch.query.shape[1:] == (6, 3)
     assert (batch.label.sum(1) == 3).all()
 

@@ -44,7 +44,7 @@ def test_baseline_numbers_are_computed_on_the_fixed_test_episodes(trained):
     cfg, metrics = trained
     datamodule = build_datamodule(cfg)
     baseline, collected = SupportMeanDistance("euclidean"), EpisodeMetrics()
-    for batch in datamodule.test_dataloader():
+    for batch in datamodule.evaluation_loader("test"):
         collected.update(baseline.score(baseline.adapt(batch.support), batch.query), batch.label)
     expected = collected.compute()["auroc"]["mean"]
     assert metrics["baselines"]["mean_euclidean"]["auroc"]["mean"] == pytest.approx(expected, abs=1e-9)

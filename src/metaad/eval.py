@@ -36,7 +36,6 @@ def _evaluate(cfg: DictConfig, checkpoint: dict, run_cfg: DictConfig, run_dir: P
     from metaad.build import build_datamodule, build_trainer, build_training, learner_state
     from metaad.distributed import check_launch, job_scope
     from metaad.report import print_summary, results, write_metrics
-    from metaad.training import evaluation_loaders
 
     datamodule = build_datamodule(run_cfg)
     model = build_training(run_cfg, datamodule.sample_shape)
@@ -45,7 +44,7 @@ def _evaluate(cfg: DictConfig, checkpoint: dict, run_cfg: DictConfig, run_dir: P
     trainer = build_trainer(cfg)
     check_launch(trainer)
     with job_scope():
-        trainer.test(model, dataloaders=evaluation_loaders(datamodule), verbose=False)
+        trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {
         **run_cfg.names,
         "k_shot": run_cfg.dataset.k_shot,

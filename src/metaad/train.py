@@ -42,7 +42,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None, resumed: dict
     from metaad.build import build_datamodule, build_trainer, build_training, plain
     from metaad.distributed import check_launch, job_scope
     from metaad.report import print_summary, results, write_metrics
-    from metaad.training import StoreConfig, evaluation_loaders
+    from metaad.training import StoreConfig
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
@@ -67,7 +67,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None, resumed: dict
         best = next((cb.best_model_path for cb in tracks_best), "")
         trainer.test(
             model,
-            dataloaders=evaluation_loaders(datamodule),
+            datamodule=datamodule,
             ckpt_path=best or None,
             weights_only=True,
             verbose=False,

@@ -7,6 +7,7 @@ contact with Lightning's internals (loggers, dataloaders of a loop, ranks) is he
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from metaad.detectors.base import Learner
 from metaad.evaluation import Evaluator, Report
 from metaad.resume import save_generation
 
+log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 DECISION_METRICS = ("f1", "precision", "recall", "balanced_accuracy")
 
@@ -109,6 +111,17 @@ class MetaTraining(pl.LightningModule):
             self._embeddings = pictures.episode_embeddings(embed, batch)
 
     def on_test_epoch_end(self) -> None:
+        shares = {
+            split: int(records.get("index").numel())
+            for (split, name), records in self.evaluator.records.items()
+            if name == "model"
+        }
+        log.info(
+            "rank %d/%d scored its share of the episodes: %s",
+            self.global_rank,
+            self.trainer.world_size,
+            shares,
+        )
         self.evaluator.gather()
         self.report = report = self.evaluator.finish()
         if "model" in report.notes:
@@ -156,11 +169,6 @@ class MetaTraining(pl.LightningModule):
         self.val_auroc_best = checkpoint.get("val_auroc_best", float("-inf"))
         if self.evaluator.threshold is not None and "metaad_threshold" in checkpoint:
             self.evaluator.threshold.load_state_dict(checkpoint["metaad_threshold"])
-
-
-def evaluation_loaders(datamodule: Any) -> list:
-    """A test pass runs over the validation episodes (thresholds fit on them), then the test ones."""
-    return [datamodule.val_dataloader(), datamodule.test_dataloader()]
 
 
 class LastCheckpoint(Checkpoint):

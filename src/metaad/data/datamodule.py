@@ -36,8 +36,11 @@ class ResumableLoader(DataLoader):
 class EpisodeDataModule(pl.LightningDataModule):
     """Yields meta-batches of one-class episodes; val/test episodes are a fixed set.
 
-    Every process evaluates the whole fixed val/test set (no distributed sampler, no padding
-    duplicates), so DDP reports exactly the single-process metrics. Training episodes are
+    Under DDP each process scores a disjoint share of the fixed val/test episodes (interleaved,
+    nothing padded or repeated) and the evaluator gathers them, so the metrics are exactly the
+    single-process ones and evaluation time falls with the process count. The test stage runs
+    over the validation episodes first (thresholds are fitted on them), then the test episodes
+    (:meth:`test_dataloader` returns both). Training episodes are
     sharded across ranks by :class:`EpisodeSampler`, and ``meta_batch_size`` is the meta-batch
     of one optimizer step over all ranks (each takes ``meta_batch_size / world_size`` episodes):
     DDP averages the gradients of exactly the episodes one process would use for that step, so
@@ -53,6 +56,8 @@ class EpisodeDataModule(pl.LightningDataModule):
         k_shot: int = 5,
         n_query: int = 20,
         anomaly_ratio: float = 0.5,
+        val_n_query: int | None = None,
+        test_n_query: int | None = None,
         meta_batch_size: int = 8,
         train_episodes: int = 800,
         val_episodes: int = 200,
@@ -65,9 +70,12 @@ class EpisodeDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        n_queries = {"train": n_query, "val": val_n_query or n_query, "test": test_n_query or n_query}
         for name, value in (
             ("k_shot", k_shot),
             ("n_query", n_query),
+            ("val_n_query", n_queries["val"]),
+            ("test_n_query", n_queries["test"]),
             ("meta_batch_size", meta_batch_size),
             ("train_episodes", train_episodes),
             ("val_episodes", val_episodes),
@@ -80,12 +88,14 @@ class EpisodeDataModule(pl.LightningDataModule):
             raise DataError(
                 f"dataset.anomaly_ratio must be in (0, 1) so queries hold both kinds, got {anomaly_ratio}"
             )
-        n_anomalies = round(n_query * anomaly_ratio)
-        if not 0 < n_anomalies < n_query:
-            raise DataError(
-                f"dataset.n_query={n_query} with anomaly_ratio={anomaly_ratio} gives {n_anomalies} "
-                "anomalies; a query needs at least one normal and one anomaly"
-            )
+        for split, size in n_queries.items():
+            n_anomalies = round(size * anomaly_ratio)
+            if not 0 < n_anomalies < size:
+                key = "n_query" if split == "train" else f"{split}_n_query"
+                raise DataError(
+                    f"dataset.{key}={size} with anomaly_ratio={anomaly_ratio} gives {n_anomalies} "
+                    "anomalies; a query needs at least one normal and one anomaly"
+                )
         if train_episodes < meta_batch_size:
             raise DataError(
                 f"dataset.train_episodes ({train_episodes}) is smaller than "
@@ -101,7 +111,8 @@ class EpisodeDataModule(pl.LightningDataModule):
             seed=seed,
             train_rotations=tuple(train_rotations or ()),
         )
-        self.episode_args = dict(k_shot=k_shot, n_query=n_query, anomaly_ratio=anomaly_ratio, seed=seed)
+        self.episode_args = dict(k_shot=k_shot, anomaly_ratio=anomaly_ratio, seed=seed)
+        self.n_queries = n_queries
         self.n_episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
         self.meta_batch_size, self.eval_batch_size = meta_batch_size, eval_batch_size
         self.num_workers = num_workers
@@ -118,7 +129,13 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.pools = split_tasks(data, **self.split_args)
         self._preprocessing, self._data_name = data.preprocessing, data.name
         self.datasets = {
-            split: EpisodeDataset(pool, split, n_episodes=self.n_episodes[split], **self.episode_args)
+            split: EpisodeDataset(
+                pool,
+                split,
+                n_query=self.n_queries[split],
+                n_episodes=self.n_episodes[split],
+                **self.episode_args,
+            )
             for split, pool in self.pools.items()
         }
 
@@ -155,7 +172,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        rank, world = self._rank()
         if self.meta_batch_size % world:
             raise DataError(
                 f"dataset.meta_batch_size ({self.meta_batch_size}) must be divisible by the number of "
@@ -170,8 +187,17 @@ class EpisodeDataModule(pl.LightningDataModule):
         """Meta-batches the fit loop has trained on in the current epoch (0 outside fitting)."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, EpisodeSampler(self.n_episodes["val"]))
+    def _rank(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, EpisodeSampler(self.n_episodes["test"]))
+    def val_dataloader(self) -> DataLoader:
+        """This rank's share of the fixed validation episodes (gathered by the evaluator)."""
+        return self.evaluation_loader("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """The validation episodes, on which thresholds are fitted, then the test episodes."""
+        return [self.evaluation_loader("val"), self.evaluation_loader("test")]
+
+    def evaluation_loader(self, split: str) -> DataLoader:
+        sampler = EpisodeSampler(self.n_episodes[split], *self._rank(), drop_remainder=False)
+        return self._loader(split, self.eval_batch_size, sampler)

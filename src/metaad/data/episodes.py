@@ -102,16 +102,21 @@ class EpisodeDataset(Dataset):
 class EpisodeSampler(Sampler):
     """Yields ``(epoch, i)`` for this process's share of the episodes.
 
-    Ranks take interleaved indices, so the union over ranks is the single-process set of episodes
-    (less a remainder of fewer than ``world_size``, so every rank runs the same number of steps)
-    and no episode is padded or repeated. Lightning calls ``set_epoch`` every epoch.
+    Ranks take interleaved indices (rank ``r`` of ``W`` the episodes ``r, r + W, ...``), so the
+    union over ranks is the single-process set of episodes and none is padded or repeated. For
+    training a remainder of fewer than ``world_size`` is left out so every rank takes the same
+    number of optimizer steps; evaluation (``drop_remainder=False``) keeps every episode.
+    Lightning calls ``set_epoch`` every epoch.
 
     A run resumed mid-epoch calls :meth:`skip` so the episodes already trained on are not drawn
     again; ``len`` stays the epoch's full share because Lightning counts the batches already done.
     """
 
-    def __init__(self, n_episodes: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, n_episodes: int, rank: int = 0, world_size: int = 1, drop_remainder: bool = True
+    ) -> None:
         self.n_episodes, self.rank, self.world_size = n_episodes, rank, world_size
+        self.drop_remainder = drop_remainder
         self.epoch = 0
         self.skipped: tuple[int, int] = (0, 0)  # (epoch, this rank's leading indices left out in it)
 
@@ -131,4 +136,5 @@ class EpisodeSampler(Sampler):
         return len(self._indices())
 
     def _indices(self) -> range:
-        return range(self.rank, self.n_episodes - self.n_episodes % self.world_size, self.world_size)
+        end = self.n_episodes - self.n_episodes % self.world_size if self.drop_remainder else self.n_episodes
+        return range(self.rank, end, self.world_size)
