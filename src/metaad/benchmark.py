@@ -8,7 +8,8 @@
 A preset (``conf/preset/*.yaml``) lists suites: an experiment (``conf/experiment/``, the
 protocol), its folds (e.g. each MVTec category held out in turn), the learners, the K values and
 seeds. Each learner is meta-trained once per fold and seed at ``train_k_shot`` (selection on
-validation tasks only; ``k_shot_models: true`` trains one model per K instead, as OC-MAML does)
+validation tasks only; ``k_shot_models`` (true, or a list of models) trains one model per K
+instead, as OC-MAML does)
 and its best checkpoint scored at every K; the baselines are scored on the very same test
 episodes. Per-episode results of all folds and seeds are pooled into mean ± 95% CI. Writes
 ``results.csv``, ``results.md`` (the headline table with each learner's verdict against the best
@@ -69,6 +70,12 @@ def merge_summaries(parts: list[dict]) -> dict:
     return {"mean": mean, "ci95": 1.96 * sd / math.sqrt(n), "n_episodes": n}
 
 
+def per_k(suite: DictConfig, model: str) -> bool:
+    """Whether ``model`` is trained once per K (``k_shot_models: true`` or a list of models)."""
+    chosen = suite.get("k_shot_models", False)
+    return model in chosen if OmegaConf.is_list(chosen) else bool(chosen)
+
+
 def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | None) -> list[dict]:
     unknown = set(only or []) - set(preset.suites)
     if unknown:
@@ -80,7 +87,7 @@ def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | N
         for fold_index, fold in enumerate(folds_of(suite))
         for seed in suite.get("seeds", [0])
         for model in suite.models
-        for k_train in (suite.k_shots if suite.get("k_shot_models") else [suite.train_k_shot])
+        for k_train in (suite.k_shots if per_k(suite, model) else [suite.train_k_shot])
     ]
     collected: dict[tuple, list[dict]] = defaultdict(list)  # (suite, K, detector, metric) -> per-fold
     quiet = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -101,7 +108,7 @@ def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | N
             train(compose_config(overrides, run_dir / "train"))
             checkpoint = run_dir / "train" / "checkpoints" / "best.ckpt"
             first_model = model == suite.models[0]
-            for k in [k_train] if suite.get("k_shot_models") else suite.k_shots:
+            for k in [k_train] if per_k(suite, model) else suite.k_shots:
                 eval_overrides = [f"ckpt_path={checkpoint}", f"+dataset.k_shot={k}", *quiet]
                 eval_overrides += [
                     f"+dataset.{key}={value}" for key, value in suite.get("eval_dataset", {}).items()
@@ -188,8 +195,8 @@ def headline(rows: list[dict]) -> list[str]:
     """Per suite and K: each learner against the best baseline there, with the verdict."""
     lines = [
         "| suite | K | learner | AUROC ± 95% CI | best baseline | its AUROC | gap | verdict | bal. acc. "
-        "| reference |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| baseline bal. acc. | reference |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by = {(r["suite"], r["k_shot"], r["detector"]): r for r in rows}
     for r in rows:
@@ -200,7 +207,8 @@ def headline(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {r['suite']} | {r['k_shot']} | {r['detector']} | {r['auroc']:.3f} ± {r['auroc_ci95']:.3f} | "
             f"{r['best_baseline']} | {base_auroc} | {r['vs_best_baseline']:+.3f} | **{r['verdict']}** | "
-            f"{_pct(r['balanced_accuracy'])} | {r['reference']} |"
+            f"{_pct(r['balanced_accuracy'])} | {_pct(base['balanced_accuracy']) if base else ''} | "
+            f"{r['reference']} |"
         )
     return lines
 

@@ -45,15 +45,17 @@ def build_baselines(cfg: DictConfig) -> dict[str, Detector]:
     return {name: instantiate(conf) for name, conf in (cfg.get("baselines") or {}).items()}
 
 
-def build_threshold(cfg: DictConfig) -> Threshold | None:
-    return instantiate(cfg.threshold) if cfg.get("threshold") else None
+def build_threshold(cfg: DictConfig, key: str = "threshold") -> Threshold | None:
+    return instantiate(cfg[key]) if cfg.get(key) else None
 
 
 def build_training(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Any:
     """The LightningModule that meta-trains the configured learner, with its evaluator."""
     from metaad.training import MetaTraining
 
-    evaluator = Evaluator(build_baselines(cfg), build_threshold(cfg))
+    evaluator = Evaluator(
+        build_baselines(cfg), build_threshold(cfg), build_threshold(cfg, "baseline_threshold")
+    )
     return MetaTraining(build_learner(cfg, sample_shape), instantiate(cfg.model.optimizer), evaluator)
 
 

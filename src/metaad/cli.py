@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.errors import InstantiationException
+from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -38,7 +38,7 @@ def message(error: BaseException) -> str | None:
         )
         target = str(error).splitlines()[0].removeprefix("Error in call to target ").rstrip(":")
         return f"{key + ': ' if key else ''}{cause} (building {target})"
-    if isinstance(error, EXPECTED + (OmegaConfBaseException,)):
+    if isinstance(error, EXPECTED + (OmegaConfBaseException, ConfigCompositionException)):
         return str(error)
     return None
 

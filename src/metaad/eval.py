@@ -22,7 +22,8 @@ from metaad.runs import claim
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint, run_cfg = load_checkpoint(cfg.ckpt_path)
     run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, cfg.dataset)
-    for group in ("baselines", "threshold"):  # chosen on the command line: replaces the stored one
+    # chosen on the command line: replaces the stored one
+    for group in ("baselines", "threshold", "baseline_threshold"):
         if cfg.get(group) is not None:
             run_cfg[group] = cfg[group]
     check_dataset(run_cfg.dataset)

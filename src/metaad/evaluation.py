@@ -77,14 +77,23 @@ class Report:
 class Evaluator:
     """Scores detectors on episodes and summarises them; ``threshold`` is the learner's rule.
 
-    ``baselines`` are scored wherever :meth:`detectors` is asked for the test split; with
-    ``threshold.baselines`` each gets its own copy of the rule, fitted on its own validation
-    scores.
+    ``baselines`` are scored wherever :meth:`detectors` is asked for the test split. Each baseline
+    decides by its own copy of ``baseline_threshold`` (or, with ``threshold.baselines``, of the
+    learner's rule), fitted on its own validation scores: so a learner with a rule of its own
+    (OC-MAML's sigmoid > 0.5) stands beside baselines thresholded on validation tasks.
     """
 
-    def __init__(self, baselines: Mapping[str, Detector] | None = None, threshold: Threshold | None = None):
+    def __init__(
+        self,
+        baselines: Mapping[str, Detector] | None = None,
+        threshold: Threshold | None = None,
+        baseline_threshold: Threshold | None = None,
+    ):
         self.baselines = dict(baselines or {})
         self.threshold = threshold
+        if baseline_threshold is None and threshold is not None and threshold.baselines:
+            baseline_threshold = threshold
+        self.baseline_threshold = baseline_threshold
         self._baseline_thresholds: dict[str, Threshold] = {}
         self.reset()
 
@@ -96,17 +105,14 @@ class Evaluator:
         return {"model": learner, **(self.baselines if with_baselines else {})}
 
     def threshold_of(self, name: str) -> Threshold | None:
-        if self.threshold is None:
-            return None
         if name == "model":
             return self.threshold
-        if not self.threshold.baselines:
+        rule = self.baseline_threshold
+        if rule is None:
             return None
         if name not in self._baseline_thresholds:
-            self._baseline_thresholds[name] = copy.deepcopy(self.threshold)
-            self._baseline_thresholds[name].value = (
-                None if self.threshold.fits_on_validation else self.threshold.value
-            )
+            self._baseline_thresholds[name] = copy.deepcopy(rule)
+            self._baseline_thresholds[name].value = None if rule.fits_on_validation else rule.value
         return self._baseline_thresholds[name]
 
     def add(
