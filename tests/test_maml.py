@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
+from torch.func import functional_call, vmap
+from torch.func import grad as func_grad
 
 from metaad.data import Episode, EpisodeDataset, split_tasks
 from metaad.data.sources import digits
 from metaad.detectors.backbones import MLP
-from metaad.detectors.maml import MAML, balanced_bce
+from metaad.detectors.maml import MAML, _inner_loss, _task_logits, balanced_bce
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +79,44 @@ def test_vmapped_meta_gradient_equals_per_task_loop(batch: Episode, first_order:
         torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=1e-5, msg=name)
     # The meta-gradient is real: every meta-parameter gets a non-zero share.
     assert all(g.abs().sum() > 0 for g in got.values())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"first_order": True}, {"meta_sgd": True}, {"anil": True, "first_order": True}],
+    ids=["maml", "fomaml", "meta_sgd", "anil_first_order"],
+)
+def test_speed_paths_give_bitwise_the_plain_meta_gradient(batch: Episode, kwargs: dict) -> None:
+    """Adapting and scoring in one pass over the tasks, ``p + (-lr) * g`` and the first-order inner
+    gradient taken on detached weights are speed-ups only: the meta-gradient equals, bit for bit,
+    that of the plain formulation (``adapt``, then ``score``; ``p - lr * g``; the inner gradient
+    detached after it is taken)."""
+    model = make_maml(**kwargs)
+    adapted, fixed, lrs = model._meta_params()
+
+    def plain_adapt(adapted: dict, support: torch.Tensor) -> dict:
+        for _ in range(model.inner_steps):
+            grads = func_grad(_inner_loss)(adapted, model.net, fixed, support)
+            if model.first_order:
+                grads = {n: g.detach() for n, g in grads.items()}
+            adapted = {n: p - lrs[n] * grads[n] for n, p in adapted.items()}
+        return adapted
+
+    state = vmap(plain_adapt, in_dims=(None, 0))(adapted, batch.support)
+    logits = vmap(partial(_task_logits, model.net, fixed))(state, batch.query)
+    plain = torch.autograd.grad(balanced_bce(logits, batch.label).mean(), list(model.parameters()))
+    fast = module_meta_gradient(model, batch)
+    for (name, got), expected in zip(fast.items(), plain, strict=True):
+        assert torch.equal(got, expected), name
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+def test_anomaly_scores_equal_adapt_then_score(batch: Episode, vectorize: bool) -> None:
+    model = make_maml(test_inner_steps=3, vectorize=vectorize).eval()
+    with torch.no_grad():
+        scores = model.anomaly_scores(batch.support, batch.query)
+        assert torch.equal(scores, model.score(model.adapt(batch.support), batch.query))
+    assert not scores.requires_grad
 
 
 def test_second_order_differs_from_first_order(batch: Episode) -> None:

@@ -7,9 +7,10 @@ the BCE of the adapted logits on the query, weighting normals and anomalies equa
 
 Every task of a meta-batch is adapted at once: ``torch.func.grad`` for the inner gradient,
 ``functional_call`` to run the network on per-task weights, ``vmap`` over the tasks (``chunk_size``
-bounds memory). Second-order MAML differentiates through the inner gradients; ``first_order``
-stops them (FOMAML); ``meta_sgd`` learns one inner learning rate per parameter entry; ``anil``
-adapts only the head, the body staying as meta-learned.
+bounds memory); ``loss`` adapts and scores each task in one per-task call. Second-order MAML
+differentiates through the inner gradients; ``first_order`` stops them (FOMAML); ``meta_sgd``
+learns one inner learning rate per parameter entry; ``anil`` adapts only the head, the body
+staying as meta-learned.
 
 At evaluation the meta-parameters are detached, so adapting (with gradients, hence
 ``enable_grad`` under Lightning's ``no_grad``) never builds the outer graph.
@@ -102,10 +103,8 @@ class MAML(Learner):
         detached meta-parameters, so no outer graph is built.
         """
         adapted, fixed, lrs = self._meta_params()
-        steps = self.inner_steps if self.training else self.test_inner_steps
         with torch.enable_grad():
-            task_adapt = partial(_adapt_task, self.net, fixed, lrs, steps, self.first_order)
-            return self._map(task_adapt, (adapted, support), (None, 0))
+            return self._map(self._task_adapt(fixed, lrs), (adapted, support), (None, 0))
 
     def score(self, state: Params, query: Tensor) -> Tensor:
         """The adapted network's logit for each query sample: (B, Q)."""
@@ -115,7 +114,20 @@ class MAML(Learner):
     def loss(self, batch: Episode) -> Tensor:
         return balanced_bce(self.anomaly_scores(batch.support, batch.query), batch.label).mean()
 
+    def anomaly_scores(self, support: Tensor, query: Tensor) -> Tensor:
+        """``score(adapt(support), query)`` in one pass over the tasks: each task adapts and scores
+        its query in the same per-task call, so the adapted weights are never stacked into a
+        meta-batch and taken apart again (same numbers as ``adapt`` then ``score``)."""
+        adapted, fixed, lrs = self._meta_params()
+        task_scores = partial(_adapted_logits, self.net, fixed, self._task_adapt(fixed, lrs))
+        return self._map(task_scores, (adapted, support, query), (None, 0, 0))
+
     # --- helpers -----------------------------------------------------------------------------
+    def _task_adapt(self, fixed: Params, lrs: Rates) -> Callable[[Params, Tensor], Params]:
+        """One task's inner loop, ``(meta-weights, support) -> adapted weights``, as in this mode."""
+        steps = self.inner_steps if self.training else self.test_inner_steps
+        return partial(_adapt_task, self.net, fixed, lrs, steps, self.first_order)
+
     def _meta_params(self) -> tuple[Params, Params, Rates]:
         """(adapted, fixed, inner lrs) by parameter name; detached unless training."""
         params = dict(self.net.named_parameters())
@@ -162,12 +174,31 @@ def _adapt_task(
     adapted: Params,
     support: Tensor,
 ) -> Params:
+    # p + (-lr) * g is bitwise p - lr * g, and its backward needs no negation of each gradient.
+    descent = {n: -lr for n, lr in lrs.items()}
     for _ in range(steps):
-        grads = grad(_inner_loss)(adapted, net, fixed, support)
         if first_order:
-            grads = {n: g.detach() for n, g in grads.items()}
-        adapted = {n: p - lrs[n] * grads[n] for n, p in adapted.items()}
+            # FOMAML takes the inner gradient as a constant: computed on detached weights, the
+            # inner forward and backward are not recorded in the outer graph only to be dropped
+            # (same values as detaching the gradient afterwards, in less time).
+            grads = grad(_inner_loss)(_detached(adapted), net, _detached(fixed), support)
+        else:
+            grads = grad(_inner_loss)(adapted, net, fixed, support)
+        adapted = {n: p + descent[n] * grads[n] for n, p in adapted.items()}
     return adapted
+
+
+def _adapted_logits(
+    net: nn.Module, fixed: Params, task_adapt: Callable, adapted: Params, support: Tensor, query: Tensor
+) -> Tensor:
+    """One task's ``adapt`` then ``score``: the query logits of the weights adapted on the support."""
+    with torch.enable_grad():
+        adapted = task_adapt(adapted, support)
+    return _task_logits(net, fixed, adapted, query)
+
+
+def _detached(params: Params) -> Params:
+    return {n: p.detach() for n, p in params.items()}
 
 
 def _leading(a: Tensor | Params) -> int:
