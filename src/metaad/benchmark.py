@@ -213,7 +213,17 @@ def headline(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_tables(rows: list[dict], out_dir: Path) -> str:
+def what_ran(preset: DictConfig, only: list[str] | None, command: str) -> list[str]:
+    """The protocol lengths behind the numbers: each suite's experiment and its ``cpu_length`` note."""
+    lines = ["", f"What ran (`{command}`):", ""]
+    for name, suite in preset.suites.items():
+        if not only or name in only:
+            note = suite.get("cpu_length", "the experiment's own (paper) length")
+            lines.append(f"- `{name}`: experiment `{suite.experiment}`; length: {note}")
+    return lines
+
+
+def write_tables(rows: list[dict], out_dir: Path, footer: list[str] = ()) -> str:
     with open(out_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -230,7 +240,7 @@ def write_tables(rows: list[dict], out_dir: Path) -> str:
             f"{r['aupr']:.3f} ± {r['aupr_ci95']:.3f} | {gap} | {_pct(r['balanced_accuracy'])} | "
             f"{r['n_episodes']} |"
         )
-    markdown = "\n".join(lines) + "\n"
+    markdown = "\n".join([*lines, *footer]) + "\n"
     (out_dir / "results.md").write_text(markdown)
     return markdown
 
@@ -277,7 +287,10 @@ def main(cfg: DictConfig) -> None:
     only = list(cfg.suites) if cfg.get("suites") else None
     rows = run(cfg.preset, out_dir, list(cfg.overrides), only)
     rows = table_rows(rows, cfg.preset.get("references", {}))
-    markdown = write_tables(rows, out_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    command = " ".join(["metaad-benchmark", *HydraConfig.get().overrides.task])
+    markdown = write_tables(rows, out_dir, what_ran(cfg.preset, only, command))
     print_table(rows)
     print(markdown)
     console.print(f"results: {out_dir / 'results.md'} and {out_dir / 'results.csv'}")
