@@ -37,6 +37,9 @@ def _evaluate(cfg: DictConfig, checkpoint: dict, run_cfg: DictConfig, run_dir: P
     from metaad.build import build_datamodule, build_trainer, build_training, learner_state
     from metaad.distributed import check_launch, job_scope
     from metaad.report import print_summary, results, write_metrics
+    from metaad.training import quiet_lightning
+
+    quiet_lightning()
 
     datamodule = build_datamodule(run_cfg)
     model = build_training(run_cfg, datamodule.sample_shape)

@@ -42,8 +42,9 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None, resumed: dict
     from metaad.build import build_datamodule, build_trainer, build_training, plain
     from metaad.distributed import check_launch, job_scope
     from metaad.report import print_summary, results, write_metrics
-    from metaad.training import StoreConfig
+    from metaad.training import StoreConfig, quiet_lightning
 
+    quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     model = build_training(cfg, datamodule.sample_shape)
@@ -57,7 +58,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None, resumed: dict
             for logger in trainer.loggers:
                 logger.log_hyperparams(hparams, metrics={"hp/val_auroc": 0.0, "hp/test_auroc": 0.0})
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        log.info("rank %d/%d trained %s", trainer.global_rank, trainer.world_size, json.dumps(hparams))
+        log.info("rank %d/%d trained %d steps", trainer.global_rank, trainer.world_size, trainer.global_step)
+        log.debug("hyperparameters: %s", json.dumps(hparams))
         trained = {"val_auroc_best": model.val_auroc_best, "global_step": trainer.global_step}
         if not cfg.test:
             return trained

@@ -8,6 +8,7 @@ contact with Lightning's internals (loggers, dataloaders of a loop, ranks) is he
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,19 @@ from metaad.resume import save_generation
 log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 DECISION_METRICS = ("f1", "precision", "recall", "balanced_accuracy")
+
+
+def quiet_lightning() -> None:
+    """Keep a run's console to what it says about this run: Lightning's start-up notices (no GPU,
+    no TPU, logger tips) and a deprecation notice of its own internals go to the log level below."""
+    for name in (
+        "pytorch_lightning.utilities.rank_zero",
+        "lightning_fabric.utilities.seed",
+        "pytorch_lightning.trainer.connectors.checkpoint_connector",
+    ):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers")
 
 
 class MetaTraining(pl.LightningModule):
@@ -116,7 +130,7 @@ class MetaTraining(pl.LightningModule):
             for (split, name), records in self.evaluator.records.items()
             if name == "model"
         }
-        log.info(
+        (log.info if self.trainer.world_size > 1 else log.debug)(
             "rank %d/%d scored its share of the episodes: %s",
             self.global_rank,
             self.trainer.world_size,

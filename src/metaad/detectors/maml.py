@@ -31,19 +31,27 @@ from metaad.data.episodes import Episode
 from metaad.detectors.base import Learner
 
 Params = dict[str, Tensor]
+SUPPORT = "support"  # the key of the support in a state, for backbones normalising with its statistics
 Rates = dict[str, Tensor | float]
 
 
 class ScoreNet(nn.Module):
-    """Backbone (``body``) then a linear ``head`` to one logit per sample: (N, *x) -> (N,)."""
+    """Backbone (``body``) then a linear ``head`` to one logit per sample: (N, *x) -> (N,).
+
+    A backbone that normalises with its task's support statistics (``uses_support``, e.g.
+    ``Conv4(norm="support")``) takes ``n_support``: the first ``n_support`` rows of ``x`` are the
+    support whose statistics normalise all of them.
+    """
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.body = backbone
         self.head = nn.Linear(backbone.out_dim, 1)
+        self.uses_support = bool(getattr(backbone, "uses_support", False))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x)).squeeze(-1)
+    def forward(self, x: Tensor, n_support: int | None = None) -> Tensor:
+        features = self.body(x, n_support) if self.uses_support else self.body(x)
+        return self.head(features).squeeze(-1)
 
 
 def balanced_bce(logits: Tensor, label: Tensor) -> Tensor:
@@ -96,7 +104,8 @@ class MAML(Learner):
 
     # --- the interface ---------------------------------------------------------------------
     def adapt(self, support: Tensor) -> Params:
-        """Per-task adapted weights, each with a leading task dim ``B``.
+        """Per-task adapted weights, each with a leading task dim ``B`` (and, for a backbone that
+        normalises with support statistics, the ``support`` itself under that key).
 
         Training: ``inner_steps`` steps, differentiable w.r.t. the meta-parameters (through the
         inner gradients too unless ``first_order``). Evaluation: ``test_inner_steps`` steps on
@@ -104,12 +113,18 @@ class MAML(Learner):
         """
         adapted, fixed, lrs = self._meta_params()
         with torch.enable_grad():
-            return self._map(self._task_adapt(fixed, lrs), (adapted, support), (None, 0))
+            state = self._map(self._task_adapt(fixed, lrs), (adapted, support), (None, 0))
+        return {**state, SUPPORT: support} if self.net.uses_support else state
 
     def score(self, state: Params, query: Tensor) -> Tensor:
         """The adapted network's logit for each query sample: (B, Q)."""
         _, fixed, _ = self._meta_params()
-        return self._map(partial(_task_logits, self.net, fixed), (state, query), (0, 0))
+        weights = {n: p for n, p in state.items() if n != SUPPORT}
+        support = state.get(SUPPORT)
+        logits = partial(_task_logits, self.net, fixed)
+        if support is None:
+            return self._map(logits, (weights, query), (0, 0))
+        return self._map(logits, (weights, query, support), (0, 0, 0))
 
     def loss(self, batch: Episode) -> Tensor:
         return balanced_bce(self.anomaly_scores(batch.support, batch.query), batch.label).mean()
@@ -156,8 +171,15 @@ class MAML(Learner):
 
 
 # --- per-task functions (vmapped over the tasks of a meta-batch) ------------------------------
-def _task_logits(net: nn.Module, fixed: Params, adapted: Params, x: Tensor) -> Tensor:
-    return functional_call(net, {**fixed, **adapted}, (x,))
+def _task_logits(
+    net: nn.Module, fixed: Params, adapted: Params, x: Tensor, support: Tensor | None = None
+) -> Tensor:
+    """One task's logits of ``x``; normalised with ``support``'s statistics when the backbone uses
+    them (the support rows go first through the network and are dropped from the output)."""
+    if support is None or not net.uses_support:
+        return functional_call(net, {**fixed, **adapted}, (x,))
+    k = support.shape[0]
+    return functional_call(net, {**fixed, **adapted}, (torch.cat([support, x]),), {"n_support": k})[k:]
 
 
 def _inner_loss(adapted: Params, net: nn.Module, fixed: Params, support: Tensor) -> Tensor:
@@ -194,7 +216,7 @@ def _adapted_logits(
     """One task's ``adapt`` then ``score``: the query logits of the weights adapted on the support."""
     with torch.enable_grad():
         adapted = task_adapt(adapted, support)
-    return _task_logits(net, fixed, adapted, query)
+    return _task_logits(net, fixed, adapted, query, support)
 
 
 def _detached(params: Params) -> Params:
