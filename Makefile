@@ -48,7 +48,7 @@ benchmark: $(STAMP) ## every experiment at CPU length, each learner vs every bas
 benchmark-quick: $(STAMP) ## the benchmark's whole pipeline in a few minutes (smoke test, not numbers to quote)
 	$(BIN)/metaad-benchmark preset=quick $(ARGS)
 
-speed: $(STAMP) ## meta-training throughput of each learner; vmapped vs per-task-loop MAML
+speed: $(STAMP) ## throughput of each learner; MAML beside TorchOpt and higher (pip install -e .[peers]); scoring start-up
 	$(BIN)/python scripts/bench_speed.py $(ARGS)
 
 test: $(STAMP) ## the default test suite (a few minutes on 2 cores)
