@@ -14,12 +14,16 @@ and its best checkpoint scored at every K; the baselines are scored on the very 
 episodes. Per-episode results of all folds and seeds are pooled into mean ± 95% CI. Writes
 ``results.csv``, ``results.md`` (the headline table with each learner's verdict against the best
 baseline, then every detector) and ``preset.yaml`` into the run folder, and prints the tables.
+Rerun with the same ``hydra.run.dir`` after a kill: finished evaluations are reused and an
+interrupted training resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -105,10 +109,18 @@ def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | N
             overrides = [f"experiment={suite.experiment}", *fold, f"model={model}", f"seed={seed}"]
             overrides += [*suite.get("overrides", []), *suite.get("model_overrides", {}).get(model, [])]
             overrides += [f"dataset.k_shot={k_train}", "test=false", "baselines=none", *extra, *quiet]
-            train(compose_config(overrides, run_dir / "train"))
+            ks = [k_train] if per_k(suite, model) else list(suite.k_shots)
+            done = {k: run_dir / f"eval_k{k}" / "metrics.json" for k in ks}
+            if not all(path.is_file() for path in done.values()):
+                _train_or_resume(overrides, run_dir / "train")
             checkpoint = run_dir / "train" / "checkpoints" / "best.ckpt"
             first_model = model == suite.models[0]
-            for k in [k_train] if per_k(suite, model) else suite.k_shots:
+            for k in ks:
+                if done[k].is_file():  # a rerun into the same folder reuses what a killed one finished
+                    metrics = json.loads(done[k].read_text())
+                    _collect(collected, name, k, model, metrics)
+                    continue
+                shutil.rmtree(run_dir / f"eval_k{k}", ignore_errors=True)
                 eval_overrides = [f"ckpt_path={checkpoint}", f"+dataset.k_shot={k}", *quiet]
                 eval_overrides += [
                     f"+dataset.{key}={value}" for key, value in suite.get("eval_dataset", {}).items()
@@ -118,18 +130,28 @@ def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | N
                 ]
                 eval_overrides += list(suite.get("eval_overrides", []))
                 metrics = evaluate(compose_config(eval_overrides, run_dir / f"eval_k{k}", "eval"))
-                detectors = {
-                    model: metrics["test"],
-                    **{f"baseline:{b}": v for b, v in metrics["baselines"].items()},
-                }
-                for detector, values in detectors.items():
-                    for metric, summary in values.items():
-                        collected[(name, k, detector, metric)].append(summary)
+                _collect(collected, name, k, model, metrics)
             progress.advance(bar)
     return [
         {"suite": name, "k_shot": k, "detector": detector, "metric": metric, **merge_summaries(parts)}
         for (name, k, detector, metric), parts in collected.items()
     ]
+
+
+def _train_or_resume(overrides: list[str], train_dir: Path) -> None:
+    """Train in ``train_dir``; a folder left by a killed benchmark resumes from its last checkpoint."""
+    if (train_dir / "checkpoints" / "last.ckpt").is_file():
+        train(compose_config([*overrides, "ckpt_path=last"], train_dir))
+        return
+    shutil.rmtree(train_dir, ignore_errors=True)  # killed before its first checkpoint
+    train(compose_config(overrides, train_dir))
+
+
+def _collect(collected: dict, suite: str, k: int, model: str, metrics: dict) -> None:
+    detectors = {model: metrics["test"], **{f"baseline:{b}": v for b, v in metrics["baselines"].items()}}
+    for detector, values in detectors.items():
+        for metric, summary in values.items():
+            collected[(suite, k, detector, metric)].append(summary)
 
 
 def table_rows(rows: list[dict], references: DictConfig) -> list[dict]:
