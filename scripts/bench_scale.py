@@ -213,11 +213,7 @@ def setup_curves(
             done_points[name].append(key)
         progress.advance(task)
     progress.remove_task(task)
-    repeat = [
-        (n, k)
-        for n, k in points
-        if k in done_points[n] and results[k][0]["setup_s"] < 30 and len(results[k]) == 1
-    ]
+    repeat = [(n, k) for n, k in points if k in done_points[n] and results[k][0]["setup_s"] < 30]
     repeat = list(dict.fromkeys(k for _, k in repeat))  # a point on two curves is timed once per round
     task = progress.add_task("setup (repeats)", total=(rounds - 1) * len(repeat))
     for r in range(1, rounds):
@@ -240,9 +236,8 @@ def setup_curves(
             runs = results.get(key)
             if not runs or "error" in runs[0]:
                 if runs:
-                    rows_out.append(
-                        [count(p["rows"]), count(p["tasks"]), str(p["features"]), runs[0]["error"]]
-                    )
+                    error = [count(p["rows"]), count(p["tasks"]), str(p["features"]), runs[0]["error"]]
+                    rows_out.append(error + ["-"] * 10)
                 continue
             first = runs[0]
             setup = statistics.median(r["setup_s"] for r in runs)
@@ -461,6 +456,7 @@ def evaluation(
     }
     wall: dict[str, list[float]] = defaultdict(list)
     loop: dict[str, list[float]] = defaultdict(list)
+    ranks_timed: dict[str, int] = {}
     metrics: dict[str, dict] = {}
     command: dict[str, list[str]] = {}
     task = progress.add_task("metaad-eval, 1 and 2 processes", total=repeats * len(modes))
@@ -486,6 +482,7 @@ def evaluation(
             if done.returncode:
                 raise RuntimeError(f"{shlex.join(cmd)} failed (rc {done.returncode}):\n{done.stderr[-2000:]}")
             ranks = sorted(tmp.glob(f"timer_{r}_{m}.rank*"))
+            ranks_timed[label] = len(ranks)
             if ranks:
                 loop[label].append(max(json.loads(p.read_text())["test_loop_s"] for p in ranks))
             result = json.loads((run_dir / "metrics.json").read_text())
@@ -502,6 +499,7 @@ def evaluation(
         rows.append(
             [
                 label,
+                str(ranks_timed[label]),
                 f"{statistics.median(wall[label]):.2f}",
                 f"{min(wall[label]):.2f}",
                 f"{statistics.median(loop[label]):.2f}" if loop[label] else "-",
@@ -515,7 +513,14 @@ def evaluation(
         statistics.median(loop[one]) / statistics.median(loop[two]) if loop[one] and loop[two] else None
     )
     rows.append(
-        ["1 process / 2 processes", f"{ratio_wall:.2f}x", "", f"{ratio_loop:.2f}x" if ratio_loop else "-", ""]
+        [
+            "1 process / 2 processes",
+            "",
+            f"{ratio_wall:.2f}x",
+            "",
+            f"{ratio_loop:.2f}x" if ratio_loop else "-",
+            "",
+        ]
     )
     shown = " ".join(["metaad-eval", "ckpt_path=<debug=quick best.ckpt>", *command[two][2:-3]])
     fits = [
@@ -535,9 +540,16 @@ def evaluation(
         "for DDP the second process and its process group), metrics and writing.",
         "",
         *table(
-            ["processes", "wall s (median)", "wall s (min)", "test loop s (median)", "outside it s (median)"],
+            [
+                "processes",
+                "ranks timed",
+                "wall s (median)",
+                "wall s (min)",
+                "test loop s (median)",
+                "outside it s (median)",
+            ],
             rows,
-            "lrrrr",
+            "lrrrrr",
         ),
         "",
         *fits,
@@ -701,7 +713,7 @@ def main() -> None:
         "--test-episodes",
         type=int,
         default=None,
-        help="metaad-eval test episodes (default 40000, quick 2000): evaluation should dominate start-up",
+        help="metaad-eval test episodes (default 50000, quick 2000): evaluation should dominate start-up",
     )
     parser.add_argument("--eval-model", default="maml", help="the learner of the evaluated checkpoint")
     parser.add_argument("--eval-batch-size", type=int, default=100, help="episodes per evaluation batch")
@@ -749,7 +761,7 @@ def main() -> None:
     sizes = args.meta_batch_sizes or ([4, 16] if q else [4, 16, 64])
     shots = args.shots or ([1, 5] if q else [1, 5, 20])
     rounds = args.rounds or (3 if q else 15)
-    test_episodes = args.test_episodes or (2000 if q else 40000)
+    test_episodes = args.test_episodes or (2000 if q else 50000)
     eval_repeats = args.eval_repeats or (1 if q else 3)
     stamp = datetime.now()
     out = args.out or ROOT / "outputs" / "scale" / stamp.strftime("%Y-%m-%d_%H-%M-%S") / "scale.md"
