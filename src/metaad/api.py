@@ -7,7 +7,10 @@
 
 ``fit`` is the few-shot adaptation (``adapt`` on the support set), not training. A loaded
 learner applies the preprocessing its source applied in training (scaling, resizing, inversion,
-feature order by column name), stored in the checkpoint. Nothing here imports Lightning.
+feature order by column name), stored in the checkpoint. Where training had no column names
+(digits, images), a data frame scored after a fitted frame has its columns matched to the fitted
+frame's by name (positional names 0, 1, ... of a headerless file are taken in order). Nothing
+here imports Lightning.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from metaad.data.tasks import DataError
 from metaad.detectors.base import Detector
+from metaad.errors import CheckpointError
 from metaad.thresholds import Threshold, leave_one_out_scores, standardise
 
 BASELINES = {
@@ -64,13 +68,22 @@ class FewShotDetector:
 
     # --- inputs ------------------------------------------------------------------------------
     def _inputs(self, X: Any, fitting: bool) -> Tensor:
-        if self.preprocessing is not None:
-            return torch.from_numpy(np.ascontiguousarray(self.preprocessing.transform(X)))
         names = _column_names(X)
+        if self.preprocessing is not None:
+            if self.preprocessing.feature_names is None and names is not None and not _positional(names):
+                # a model trained without column names: the support's names fix the order of the query's
+                if fitting:
+                    self.frame_names_ = names
+                elif getattr(self, "frame_names_", None) is not None:
+                    X = _reorder(X, self.frame_names_, "the support's")
+            x = self.preprocessing.transform(X)
+            if len(x) == 0:
+                raise DataError(f"{self.name}: expected at least one sample, got shape {x.shape}")
+            return torch.from_numpy(np.ascontiguousarray(x))
         if fitting:
             self.feature_names_in_ = names
         elif names is not None and self.feature_names_in_ is not None:
-            X = _reorder(X, self.feature_names_in_)
+            X = _reorder(X, self.feature_names_in_, "the fitted")
         x = _as_array(X)
         if x.ndim < 2 or len(x) == 0:
             raise DataError(f"{self.name}: expected a non-empty (samples, features...) array, got {x.shape}")
@@ -173,13 +186,19 @@ def load(path: str | Path, threshold: Threshold | None = None) -> FewShotDetecto
 
     checkpoint, cfg = load_checkpoint(path)
     if "metaad_sample_shape" not in checkpoint:
-        raise ValueError(
+        raise CheckpointError(
             f"ckpt_path: {path} does not record the sample shape its model takes (written by an older "
             "metaad-train); retrain to score with it"
         )
     sample_shape = tuple(checkpoint["metaad_sample_shape"])
     learner = build_learner(cfg, sample_shape)
-    learner.load_state_dict(learner_state(checkpoint))
+    try:
+        learner.load_state_dict(learner_state(checkpoint, path))
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise CheckpointError(
+            f"ckpt_path: {path}: its weights do not fit the model its config describes ({first[:200]})"
+        ) from None
     if "metaad_preprocessing" in checkpoint:
         preprocessing = Preprocessing.from_dict(checkpoint["metaad_preprocessing"])
     else:
@@ -230,12 +249,25 @@ def _column_names(X: Any) -> list[str] | None:
     return None
 
 
-def _reorder(X: Any, names: list[str]) -> Any:
+def _positional(names: list[str]) -> bool:
+    """Column names that are only positions 0, 1, ... (a headerless file, an unnamed frame)."""
+    return names == [str(i) for i in range(len(names))]
+
+
+def _reorder(X: Any, names: list[str], whose: str = "the fitted") -> Any:
     have = [str(c) for c in X.columns]
     missing, extra = [n for n in names if n not in have], [n for n in have if n not in names]
     if missing or extra:
-        raise DataError(f"columns do not match the fitted ones: missing {missing}, unexpected {extra}")
-    return X[names]
+        width = (
+            f"expected samples of shape (N, {len(names)}), got shape {tuple(X.shape)}; "
+            if len(have) != len(names)
+            else ""
+        )
+        raise DataError(
+            f"{width}columns do not match {whose} ones (matched by name): missing {missing[:10]}, "
+            f"unexpected {extra[:10]}"
+        )
+    return X.iloc[:, [have.index(n) for n in names]]
 
 
 def _as_array(X: Any) -> np.ndarray:

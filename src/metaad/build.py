@@ -62,6 +62,11 @@ def build_training(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Any:
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
     """A metaad checkpoint (tensors and plain data only) and the run config stored in it."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"ckpt_path: {path} is a folder; give a checkpoint file, e.g. "
+            f"{path / 'checkpoints' / 'best.ckpt'}"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint at {path}")
     if not zipfile.is_zipfile(path):
@@ -87,11 +92,23 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Any], DictConfig]:
         ) from None
     if not isinstance(checkpoint, dict) or "metaad_config" not in checkpoint:
         raise CheckpointError(f"ckpt_path: {path} was not written by metaad-train (no 'metaad_config' in it)")
-    return checkpoint, OmegaConf.create(checkpoint["metaad_config"])
+    stored = checkpoint["metaad_config"]
+    lacking = [
+        key for key in ("dataset", "backbone", "model") if not isinstance(stored, dict) or key not in stored
+    ]
+    if lacking:
+        raise CheckpointError(
+            f"ckpt_path: {path} is not a complete metaad-train checkpoint: its metaad_config has no {lacking}"
+        )
+    return checkpoint, OmegaConf.create(stored)
 
 
-def learner_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+def learner_state(checkpoint: dict[str, Any], path: str | Path = "the checkpoint") -> dict[str, torch.Tensor]:
     """The learner's own weights in a training checkpoint (the LightningModule holds it as ``learner``)."""
+    if not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(
+            f"ckpt_path: {path} is not a complete metaad-train checkpoint: it holds no weights"
+        )
     return {k.removeprefix("learner."): v for k, v in checkpoint["state_dict"].items()}
 
 

@@ -10,7 +10,9 @@ the threshold sees) and ``is_anomaly`` (1/0) at the threshold stored in the chec
 (``threshold=...`` replaces it).
 
 Inputs are raw, as the user has them: the checkpoint's preprocessing (scaling, image resizing and
-inversion, feature order by column name) is applied to them. See :func:`read_samples`.
+inversion, feature order by column name) is applied to them; for a checkpoint trained without
+column names, the query's columns are matched to the support's by name. See :func:`read_samples`.
+Settings, the output path and the files are checked before the model is loaded or anything scored.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from omegaconf import DictConfig
 
 from metaad.cli import app
 from metaad.data.tasks import DataError
+from metaad.errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ID_NAMES = ("id", "ids")
@@ -56,14 +59,23 @@ def read_samples(path: str | Path, role: str, channels: int = 1) -> tuple[list[s
 def _read_csv(path: Path, role: str) -> tuple[list[str], Any]:
     import pandas as pd
 
+    from metaad.data.sources import all_numbers
+
+    _check_header(path, role)
     try:
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         frame = pd.DataFrame()
+    except (ValueError, pd.errors.ParserError) as error:
+        raise DataError(f"{role}={path}: cannot read it as a CSV ({error})") from error
     if frame.empty:
         return [], np.empty((0, 0))
-    _check_header(path, role)
-    if _all_numbers(frame.columns) and list(frame.columns) != [str(i) for i in range(len(frame.columns))]:
+    if not frame.index.equals(pd.RangeIndex(len(frame))):
+        raise DataError(
+            f"{role}={path}: its rows have more fields than its header names ({len(frame.columns)}); "
+            "every row needs one value per column"
+        )
+    if all_numbers(frame.columns) and list(frame.columns) != [str(i) for i in range(len(frame.columns))]:
         # no header row: the first line was a sample
         frame = pd.read_csv(path, header=None)
         frame.columns = [str(c) for c in frame.columns]
@@ -82,30 +94,26 @@ def _check_header(path: Path, role: str) -> None:
     """pandas renames a repeated column ``a`` to ``a.1``: refuse instead, so no column is guessed."""
     import csv
 
-    with open(path, newline="") as file:
-        names = next(csv.reader(file), [])
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            names = next(csv.reader(file), [])
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{role}={path}: cannot read it as a CSV: not UTF-8 text ({error})") from None
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise DataError(f"{role}={path}: the header names column(s) {repeated} more than once")
 
 
-def _all_numbers(names: Any) -> bool:
-    try:
-        [float(n) for n in names]
-    except ValueError:
-        return False
-    return True
-
-
 def _read_numpy(path: Path, role: str) -> tuple[list[str], np.ndarray]:
+    from metaad.data.sources import load_arrays
+
     try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise DataError(f"{role}={path}: cannot read it ({error})") from error
+        loaded = load_arrays(path, path.suffix.lower())
+    except DataError as error:
+        raise DataError(f"{role}={error}") from None
     if isinstance(loaded, np.ndarray):
         return _positions(len(loaded)), _numeric(loaded, path, role)
-    with loaded:
-        arrays = {k: loaded[k] for k in loaded.files}
+    arrays = dict(loaded)
     ids = next((arrays.pop(k) for k in ID_NAMES if k in arrays), None)
     key = next((k for k in ("X", "x") if k in arrays), None)
     if key is None and len(arrays) != 1:
@@ -158,14 +166,19 @@ def score(cfg: DictConfig) -> Any:
     from hydra.utils import instantiate
 
     from metaad.api import load
+    from metaad.checks import check_threshold
 
     output = Path(cfg.output)
     if output.is_dir():
         raise DataError(f"output={output} is a folder; give the path of the .csv file to write")
+    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"output={output}: {blocking} is a file, so the folder to write in cannot be made")
+    check_threshold(cfg.get("threshold"))
     threshold = instantiate(cfg.threshold) if cfg.get("threshold") is not None else None
     detector = load(cfg.ckpt_path, threshold=threshold)
     if detector.threshold is None:
-        raise ValueError(
+        raise ConfigError(
             f"ckpt_path: {cfg.ckpt_path} was trained without a threshold; choose one with "
             "threshold=support_quantile or threshold=fixed"
         )

@@ -240,7 +240,7 @@ def _refuse_duplicates(names: list[str] | tuple[str, ...], what: str) -> None:
 
 
 def _refuse_non_finite(raw: np.ndarray) -> None:
-    flat = raw.reshape(len(raw), -1)
+    flat = raw.reshape(len(raw), math.prod(raw.shape[1:]))
     bad = np.concatenate(
         [
             np.flatnonzero(~np.isfinite(flat[s : s + _CHUNK]).all(axis=1)) + s

@@ -263,6 +263,47 @@ def _omniglot_pngs(root: Path) -> tuple[dict[tuple[str, str, str], tuple[str, by
     return images, duplicates
 
 
+# --- numpy files, read without unpickling ------------------------------------------------------
+
+
+def load_arrays(path: Path, what: str = ".npz") -> dict[str, np.ndarray] | np.ndarray:
+    """The arrays of an ``.npz`` (a dict) or the array of an ``.npy``, never unpickling anything.
+
+    A file that is neither (text, a pickle, a truncated archive) or that holds object arrays is a
+    :class:`DataError` naming it; the message never suggests an unsafe load (numpy's own does).
+    """
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            return loaded
+        with loaded:
+            return {key: loaded[key] for key in loaded.files}
+    except ValueError as error:
+        text = str(error).lower()
+        if "pickle" not in text and "object arrays" not in text:
+            raise DataError(f"{path}: cannot read it as {what} ({error})") from error
+        why = (
+            "it holds object (pickled) arrays"
+            if "object arrays" in text
+            else "its bytes are neither an .npz archive nor an .npy array"
+        )
+        raise DataError(
+            f"{path}: cannot read it as {what}: {why}; metaad reads numeric arrays only and never "
+            "unpickles a file (write it with numpy.savez and numeric arrays)"
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: cannot read it as {what}, a truncated or corrupt file ({error})") from error
+
+
+def _archive(path: Path, loaded: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+    if isinstance(loaded, np.ndarray):
+        raise DataError(
+            f"{path}: is a single .npy array {loaded.dtype} {loaded.shape}, not an .npz archive of "
+            "named arrays; save it with numpy.savez(path, X=..., y=...)"
+        )
+    return loaded
+
+
 # --- one file per task (ADBench) -----------------------------------------------------------------
 
 
@@ -295,12 +336,9 @@ def task_files(root: str, pattern: str = "*.npz") -> LabelledData:
 
 
 def _task_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files if key in ("X", "y")}
-            keys = npz.files
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise DataError(f"{path}: cannot read it as .npz ({error})") from error
+    loaded = _archive(path, load_arrays(path))
+    keys = list(loaded)
+    arrays = {key: loaded[key] for key in ("X", "y") if key in loaded}
     missing = [key for key in ("X", "y") if key not in arrays]
     if missing:
         raise DataError(
@@ -308,9 +346,11 @@ def _task_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"y (0 normal / 1 anomalous), this one has {keys}"
         )
     x, y = arrays["X"], arrays["y"]
-    if x.ndim < 2 or len(x) == 0 or not np.issubdtype(x.dtype, np.number):
+    real = np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+    if x.ndim < 2 or len(x) == 0 or not real:
         raise DataError(
-            f"{path}: X must be a non-empty numeric (samples, features) array, got {x.dtype} {x.shape}"
+            f"{path}: X must be a non-empty numeric (samples, features) array of real numbers, got "
+            f"{x.dtype} {x.shape}"
         )
     if y.shape != (len(x),):
         raise DataError(f"{path}: y has shape {y.shape} but X has {len(x)} rows; y needs one label a row")
@@ -364,16 +404,29 @@ def table(
     """
     import pandas as pd
 
+    task_column = _column_name("task_column", task_column)
+    anomaly_column = None if anomaly_column is None else _column_name("anomaly_column", anomaly_column)
+    ignore_columns = _column_names("ignore_columns", ignore_columns)
+    features = None if features is None else _column_names("features", features)
     frame = _read_table(Path(path))
     columns = list(frame.columns)
+    if not len(frame):
+        raise DataError(f"{path}: the table has a header {columns[:20]} but no data rows")
     named = [("task_column", [task_column]), ("ignore_columns", list(ignore_columns))]
     named += [("anomaly_column", [anomaly_column])] if anomaly_column is not None else []
     named += [("features", list(features))] if features is not None else []
     for setting, names in named:
         unknown = [n for n in names if n not in frame.columns]
         if unknown:
+            hint = (
+                "; its first row looks like data (mostly numbers): a table needs a header row naming "
+                "its columns"
+                if 2 * sum(all_numbers([c]) for c in columns) >= len(columns)
+                else ""
+            )
             raise DataError(
-                f"{path}: dataset.source.{setting} names {unknown}, not columns of the table {columns[:20]}"
+                f"{path}: dataset.source.{setting} names {unknown}, not columns of the table "
+                f"{columns[:20]}{hint}"
             )
     labels = [task_column] + ([anomaly_column] if anomaly_column is not None else [])
     if features is None:
@@ -414,13 +467,56 @@ def table(
     return LabelledData(x=x, task=task, anomalous=anomalous, name=str(path), preprocessing=preprocessing)
 
 
+def _column_name(setting: str, name: object) -> str:
+    """A column setting: a string (an integer is the column named by its digits, as pandas reads it)."""
+    if isinstance(name, bool) or not isinstance(name, str | int):
+        raise DataError(f"dataset.source.{setting} must be one column name, got {name!r}")
+    return str(name)
+
+
+def _column_names(setting: str, names: object) -> list[str]:
+    if isinstance(names, str | int) or not isinstance(names, Sequence):
+        raise DataError(
+            f"dataset.source.{setting} must be a list of column names (e.g. [{names}]), got {names!r}"
+        )
+    return [_column_name(setting, name) for name in names]
+
+
+def all_numbers(names: Sequence) -> bool:
+    """Whether every name reads as a number (a header row that is probably a sample)."""
+    try:
+        [float(name) for name in names]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _header(path: Path, delimiter: str) -> list[str]:
+    """The raw first row of a delimited file, as written (pandas renames a repeated name ``a.1``)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            return next(csv.reader(file, delimiter=delimiter), [])
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: cannot read the table: not a UTF-8 text table ({error})") from None
+
+
+def _refuse_repeated(path: Path, names: Sequence[str]) -> None:
+    repeated = sorted({str(n) for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise DataError(
+            f"{path}: the header names the column(s) {repeated} more than once; give every column its "
+            "own name (a repeated label column would otherwise be read as a feature)"
+        )
+
+
 def _read_table(path: Path):
     import pandas as pd
 
     suffix = path.suffix.lower()
-    readers = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"), ".parquet": pd.read_parquet}
-    readers[".pq"] = readers[".parquet"]
-    if suffix not in (*readers, ".npz"):
+    delimiters = {".csv": ",", ".tsv": "\t"}
+    if suffix not in (*delimiters, ".parquet", ".pq", ".npz"):
         raise DataError(
             f"dataset.source.path: {path} is not a table metaad reads (.csv, .tsv, .parquet, .pq, .npz)"
         )
@@ -431,23 +527,46 @@ def _read_table(path: Path):
             import pyarrow  # noqa: F401
         except ImportError as error:
             raise ImportError(f"reading {path} needs pyarrow: pip install 'metaad[parquet]'") from error
+    if suffix == ".npz":
+        return _npz_table(path, _archive(path, load_arrays(path)))
+    if suffix in delimiters:
+        _refuse_repeated(path, _header(path, delimiters[suffix]))
     try:
-        if suffix != ".npz":
-            return readers[suffix](path)
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, pd.errors.ParserError) as error:
+        if suffix in delimiters:
+            frame = pd.read_csv(path, sep=delimiters[suffix])
+        else:
+            frame = pd.read_parquet(path)
+    except (OSError, ValueError, pd.errors.ParserError) as error:
         raise DataError(f"{path}: cannot read the table ({error})") from error
+    _refuse_repeated(path, [str(c) for c in frame.columns])
+    if suffix in delimiters and not frame.index.equals(pd.RangeIndex(len(frame))):
+        raise DataError(
+            f"{path}: its rows have more fields than its header names ({len(frame.columns)}: "
+            f"{list(frame.columns)[:10]}); every row needs one value per column"
+        )
+    return frame
+
+
+def _npz_table(path: Path, arrays: dict[str, np.ndarray]):
+    import pandas as pd
+
     columns: dict[str, np.ndarray] = {}
     for key, array in arrays.items():
         if array.ndim == 1:
-            columns[key] = array
+            block = {key: array}
         elif array.ndim == 2:
-            columns.update({f"{key}_{j}": array[:, j] for j in range(array.shape[1])})
+            block = {f"{key}_{j}": array[:, j] for j in range(array.shape[1])}
         else:
             raise DataError(
                 f"{path}: array {key!r} has shape {array.shape}; a table column is 1-D, a block 2-D"
             )
+        clash = sorted(set(block) & set(columns))
+        if clash:
+            raise DataError(
+                f"{path}: column(s) {clash[:10]} come twice: a 2-D array K is read as the columns K_0, "
+                "K_1, ... and another array has one of those names; rename one of them"
+            )
+        columns.update(block)
     lengths = {key: len(array) for key, array in arrays.items()}
     if len(set(lengths.values())) > 1:
         raise DataError(f"{path}: arrays have different numbers of rows {lengths}")
