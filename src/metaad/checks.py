@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from metaad.errors import ConfigError
 
@@ -23,8 +23,43 @@ POSITIVE_INTS = (
 )
 
 
+# Learner and backbone settings by name, wherever a conf/model or conf/backbone file has one:
+# an integer with its least value (None: null also allowed), or "positive" for a positive number.
+MODEL_SETTINGS: dict[str, tuple[int, bool] | str] = {
+    "inner_steps": (1, False),
+    "test_inner_steps": (0, True),  # 0: score with the meta-learned weights, unadapted
+    "chunk_size": (1, True),
+    "k": (1, False),
+    "head_hidden": (1, False),
+    "inner_lr": "positive",
+    "temperature": "positive",
+    "margin": "positive",
+}
+BACKBONE_SETTINGS: dict[str, tuple[int, bool] | str] = {
+    "embed_dim": (1, False),
+    "channels": (1, False),
+    "blocks": (1, False),
+    "norm_groups": (1, False),
+}
+FLAGS = (
+    "first_order",
+    "meta_sgd",
+    "anil",
+    "vectorize",
+    "learn_temperature",
+    "learn_isotropy",
+    "learn_strength",
+)
+
+
 def check_train_config(cfg: DictConfig) -> None:
     check_dataset(cfg.dataset)
+    _flag("test", cfg.get("test", True))
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    check_learner(cfg)
+    check_trainer(cfg.get("trainer") or {})
     optimizer = OmegaConf.select(cfg, "model.optimizer")
     if optimizer is not None:
         for key in ("lr", "weight_decay"):
@@ -45,12 +80,46 @@ def check_dataset(dataset: DictConfig) -> None:
             value = dataset[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"dataset.{key} must be a positive integer, got {value!r}")
+    for key in ("val_n_query", "test_n_query"):
+        value = dataset.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"dataset.{key} must be a positive integer or null (= n_query), got {value!r}")
+    workers = dataset.get("num_workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"dataset.num_workers must be an integer >= 0, got {workers!r}")
+    for key in ("val_tasks", "test_tasks", "train_tasks"):
+        tasks = dataset.get(key)
+        if (
+            key in dataset
+            and not isinstance(tasks, ListConfig)
+            and not (key == "train_tasks" and tasks is None)
+        ):
+            example = f"[{tasks}]" if isinstance(tasks, int | str) else "[a, b]"
+            raise ConfigError(
+                f"dataset.{key} must be a list of tasks{' or null' if key == 'train_tasks' else ''}, "
+                f"e.g. dataset.{key}={example}; got {tasks!r}"
+            )
+    if "require_disjoint" in dataset:
+        _flag("dataset.require_disjoint", dataset.require_disjoint)
     if "anomaly_ratio" in dataset:
         ratio = _number("dataset.anomaly_ratio", dataset.anomaly_ratio)
         if not 0.0 < ratio < 1.0:
             raise ConfigError(
                 f"dataset.anomaly_ratio must be in (0, 1) so queries hold both kinds, got {ratio}"
             )
+        for key in ("n_query", "val_n_query", "test_n_query"):
+            size = dataset.get(key) or dataset.get("n_query")
+            if isinstance(size, int) and not 0 < round(size * ratio) < size:
+                raise ConfigError(
+                    f"dataset.{key}={size} with anomaly_ratio={ratio} gives {round(size * ratio)} anomalies; "
+                    "a query needs at least one normal and one anomaly"
+                )
+    episodes, batch = dataset.get("train_episodes"), dataset.get("meta_batch_size")
+    if isinstance(episodes, int) and isinstance(batch, int) and episodes < batch:
+        raise ConfigError(
+            f"dataset.train_episodes ({episodes}) is smaller than dataset.meta_batch_size ({batch}), "
+            "so an epoch holds no meta-batch"
+        )
 
 
 def check_threshold(threshold: DictConfig | None) -> None:
@@ -60,6 +129,45 @@ def check_threshold(threshold: DictConfig | None) -> None:
         _number("threshold.value", threshold.value)
     if "normalise" in threshold and threshold.normalise not in ("zscore", "none"):
         raise ConfigError(f"threshold.normalise must be 'zscore' or 'none', got {threshold.normalise!r}")
+    if "q" in threshold and not 0.0 <= _number("threshold.q", threshold.q) <= 1.0:
+        raise ConfigError(f"threshold.q must be in [0, 1] (1 = the maximum), got {threshold.q!r}")
+    if "margin" in threshold:
+        _number("threshold.margin", threshold.margin, positive=True)
+    if "baselines" in threshold:
+        _flag("threshold.baselines", threshold.baselines)
+
+
+def check_learner(cfg: DictConfig) -> None:
+    """The learner's and backbone's numeric settings and switches, by name."""
+    for section, table in (("model", MODEL_SETTINGS), ("backbone", BACKBONE_SETTINGS)):
+        node = cfg.get(section) or {}
+        for key, rule in table.items():
+            if key not in node:
+                continue
+            value, setting = node[key], f"{section}.{key}"
+            if rule == "positive":
+                _number(setting, value, positive=True)
+            elif not (rule[1] and value is None):
+                _integer(setting, value, rule[0], " or null" if rule[1] else "")
+        for key in FLAGS:
+            if key in node:
+                _flag(f"{section}.{key}", node[key])
+    hidden = OmegaConf.select(cfg, "backbone.hidden")
+    if hidden is not None:
+        if not isinstance(hidden, ListConfig):
+            raise ConfigError(
+                f"backbone.hidden must be a list of layer widths, e.g. [128, 128]; got {hidden!r}"
+            )
+        for i, width in enumerate(hidden):
+            _integer(f"backbone.hidden[{i}]", width, 1)
+
+
+def check_trainer(trainer: Any) -> None:
+    epochs = trainer.get("max_epochs")
+    if epochs is not None and (
+        isinstance(epochs, bool) or not isinstance(epochs, int) or not (epochs >= 1 or epochs == -1)
+    ):
+        raise ConfigError(f"trainer.max_epochs must be a positive integer (or -1: no limit), got {epochs!r}")
 
 
 def check_processes(cfg: DictConfig) -> None:
@@ -78,6 +186,18 @@ def check_processes(cfg: DictConfig) -> None:
             f"(trainer.devices x trainer.num_nodes = {world}): it is the meta-batch of one optimizer "
             "step, split across them"
         )
+
+
+def _integer(setting: str, value: Any, least: int, alternative: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        kind = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise ConfigError(f"{setting} must be {kind}{alternative}, got {value!r}")
+    return value
+
+
+def _flag(setting: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{setting} must be true or false, got {value!r}")
 
 
 def _number(setting: str, value: Any, positive: bool = False, least: float | None = None) -> float:

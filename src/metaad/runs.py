@@ -41,9 +41,14 @@ def claim(cfg: DictConfig, run_dir: Path, resume: bool) -> Iterator[None]:
     if _is_extra_rank():
         yield
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
+    blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise RunFolderError(
+            f"run folder {run_dir}: {blocking} is a file, not a folder; give another hydra.run.dir"
+        )
     lock = run_dir / LOCK
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         pid = _pid(lock)

@@ -70,7 +70,11 @@ class EpisodeDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        n_queries = {"train": n_query, "val": val_n_query or n_query, "test": test_n_query or n_query}
+        n_queries = {
+            "train": n_query,
+            "val": n_query if val_n_query is None else val_n_query,
+            "test": n_query if test_n_query is None else test_n_query,
+        }
         for name, value in (
             ("k_shot", k_shot),
             ("n_query", n_query),
