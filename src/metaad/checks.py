@@ -24,7 +24,7 @@ POSITIVE_INTS = (
 
 
 # Learner and backbone settings by name, wherever a conf/model or conf/backbone file has one:
-# an integer with its least value (None: null also allowed), or "positive" for a positive number.
+# (least value, whether null is allowed) for an integer, or "positive" for a positive number.
 MODEL_SETTINGS: dict[str, tuple[int, bool] | str] = {
     "inner_steps": (1, False),
     "test_inner_steps": (0, True),  # 0: score with the meta-learned weights, unadapted
