@@ -179,6 +179,16 @@ LABELLED = dict(task_column="machine", anomaly_column="faulty")
         (npy_as_npz, LABELLED, ["dup.npz", "single .npy array", "not an .npz archive"]),
         (text_as_npz, LABELLED, ["dup.npz", "never unpickles"]),
         (clashing_npz, LABELLED, ["dup.npz", "['X_0'] come twice"]),
+        (
+            lambda p: (frame().to_csv(p), p)[1],
+            LABELLED,
+            ["dup.csv", "unnamed (['Unnamed: 0']", "index=False"],
+        ),
+        (
+            changed(),
+            dict(LABELLED, drop_missing="maybe"),
+            ["dataset.source.drop_missing must be true or false"],
+        ),
     ],
     ids=[
         "duplicate-anomaly-column",
@@ -200,6 +210,8 @@ LABELLED = dict(task_column="machine", anomaly_column="faulty")
         "npy-named-npz",
         "text-named-npz",
         "npz-column-clash",
+        "pandas-index-column",
+        "drop-missing-not-a-switch",
     ],
 )
 def test_a_bad_table_is_refused_naming_file_and_column(tmp_path, make, kwargs, named):
@@ -232,6 +244,12 @@ def test_a_header_of_pandas_positions_is_a_header_and_names_columns_by_number(tm
     read = table(str(tmp_path / "t.csv"), task_column=3, anomaly_column=4)
     assert read.x.shape == (40, 3) and read.preprocessing.feature_names == ("0", "1", "2")
     assert read.anomalous.sum() == 10
+
+
+def test_an_unnamed_index_column_listed_in_ignore_columns_is_left_out(tmp_path):
+    frame().to_csv(tmp_path / "t.csv")  # pandas writes its index as a first, unnamed column
+    read = table(str(tmp_path / "t.csv"), **LABELLED, ignore_columns=["Unnamed: 0"])
+    assert read.preprocessing.feature_names == ("f1", "f2", "f3")
 
 
 def test_columns_named_like_pandas_renames_are_distinct_columns(tmp_path):
@@ -306,6 +324,12 @@ def test_a_bad_task_file_is_refused_naming_it_without_unpickling(tmp_path, make,
         task_files(str(root))
     refused(error, *named)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_task_file_pattern_that_is_not_a_pattern_is_named(tmp_path):
+    with pytest.raises(DataError) as error:
+        task_files(str(task_folder(tmp_path)), pattern=5)
+    refused(error, "dataset.source.pattern must be a file name pattern", "got 5")
 
 
 # --- images (Omniglot layout, image folders for metaad-score) -------------------------------------
@@ -385,6 +409,8 @@ def test_an_image_in_a_score_folder_that_does_not_decode_is_named(tmp_path):
             "dataset.train_episodes (32) is smaller than dataset.meta_batch_size",
         ),
         (["dataset.val_tasks=6"], "dataset.val_tasks must be a list of tasks, e.g. dataset.val_tasks=[6]"),
+        (["dataset.train_rotations=90"], "dataset.train_rotations must be a list"),
+        (["dataset.anomalies_from=others"], "dataset.anomalies_from must be 'split' or 'source_test'"),
         (["dataset.require_disjoint=maybe"], "dataset.require_disjoint must be true or false, got 'maybe'"),
         (["seed=null"], "seed must be a non-negative integer, got None"),
         (["seed=abc"], "seed must be a non-negative integer, got 'abc'"),
@@ -590,8 +616,9 @@ def test_query_columns_in_another_order_are_matched_by_name(trained, digits_file
         ),
         (lambda q: q.assign(note="ok"), ["query=", "column(s) ['note'] are not numeric"]),
         (lambda q: q.iloc[:0], ["query=", "holds no samples"]),
+        (lambda q: q.rename(columns={"p0": ""}), ["query=", "unnamed (['Unnamed: 0']"]),
     ],
-    ids=["missing-column", "extra-column", "nan", "text-column", "no-rows"],
+    ids=["missing-column", "extra-column", "nan", "text-column", "no-rows", "unnamed-column"],
 )
 def test_a_bad_query_file_is_refused_naming_it(trained, digits_files, tmp_path, change, named):
     folder, _, query = digits_files

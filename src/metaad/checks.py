@@ -99,6 +99,13 @@ def check_dataset(dataset: DictConfig) -> None:
                 f"dataset.{key} must be a list of tasks{' or null' if key == 'train_tasks' else ''}, "
                 f"e.g. dataset.{key}={example}; got {tasks!r}"
             )
+    rotations = dataset.get("train_rotations")
+    if rotations is not None and not isinstance(rotations, ListConfig):
+        raise ConfigError(f"dataset.train_rotations must be a list, e.g. [90, 180, 270]; got {rotations!r}")
+    if "anomalies_from" in dataset and dataset.anomalies_from not in ("split", "source_test", "all"):
+        raise ConfigError(
+            f"dataset.anomalies_from must be 'split' or 'source_test', got {dataset.anomalies_from!r}"
+        )
     if "require_disjoint" in dataset:
         _flag("dataset.require_disjoint", dataset.require_disjoint)
     if "anomaly_ratio" in dataset:

@@ -81,6 +81,12 @@ def _read_csv(path: Path, role: str) -> tuple[list[str], Any]:
         frame.columns = [str(c) for c in frame.columns]
     id_column = next((c for c in frame.columns if str(c).lower() in ID_NAMES), None)
     ids = frame.pop(id_column).astype(str).tolist() if id_column is not None else _positions(len(frame))
+    unnamed = [c for c in frame.columns if str(c).startswith("Unnamed: ")]
+    if unnamed:
+        raise DataError(
+            f"{role}={path}: the header leaves column(s) unnamed ({unnamed[:5]} are pandas' names for them; "
+            "a frame's index written without index=False?); remove them, or name a column of row names `id`"
+        )
     text = [c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])]
     if text:
         raise DataError(

@@ -316,6 +316,10 @@ def task_files(root: str, pattern: str = "*.npz") -> LabelledData:
     folder = Path(root)
     if not folder.is_dir():
         raise DataError(f"dataset.source.root: {folder} is not a folder of task files")
+    if not isinstance(pattern, str) or not pattern:
+        raise DataError(
+            f"dataset.source.pattern must be a file name pattern such as '*.npz', got {pattern!r}"
+        )
     files = sorted(folder.glob(pattern))
     if not files:
         raise DataError(f"{folder}: no task files match {pattern!r}")
@@ -404,6 +408,8 @@ def table(
     """
     import pandas as pd
 
+    if not isinstance(drop_missing, bool):
+        raise DataError(f"dataset.source.drop_missing must be true or false, got {drop_missing!r}")
     task_column = _column_name("task_column", task_column)
     anomaly_column = None if anomaly_column is None else _column_name("anomaly_column", anomaly_column)
     ignore_columns = _column_names("ignore_columns", ignore_columns)
@@ -431,6 +437,13 @@ def table(
     labels = [task_column] + ([anomaly_column] if anomaly_column is not None else [])
     if features is None:
         features = [c for c in columns if c not in labels and c not in set(ignore_columns)]
+        unnamed = [c for c in features if str(c).startswith("Unnamed: ")]
+        if unnamed:
+            raise DataError(
+                f"{path}: the header leaves column(s) unnamed ({unnamed[:5]} are pandas' names for them; "
+                "a frame's index written without index=False?); name them, or list them in "
+                "dataset.source.ignore_columns, so that no row number becomes a feature"
+            )
     leaked = [c for c in features if c in labels]
     if leaked:
         raise DataError(f"{path}: dataset.source.features include the label column(s) {leaked}")
