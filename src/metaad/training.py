@@ -71,15 +71,13 @@ class MetaTraining(pl.LightningModule):
         return self.optimizer_factory(self.learner.parameters())
 
     # --- evaluation --------------------------------------------------------------------------
-    def _split(self, dataloader_idx: int) -> str:
+    def _loader(self, dataloader_idx: int) -> Any:
         loaders = self.trainer.test_dataloaders if self.trainer.testing else self.trainer.val_dataloaders
-        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
-        return loaders[dataloader_idx].dataset.split
+        return (loaders if isinstance(loaders, list | tuple) else [loaders])[dataloader_idx]
 
     def _episode_index(self, batch: Episode, batch_idx: int, dataloader_idx: int) -> Tensor:
         """Index of each episode of the batch in its split (this rank's share of a sharded sampler)."""
-        loaders = self.trainer.test_dataloaders if self.trainer.testing else self.trainer.val_dataloaders
-        loader = (loaders if isinstance(loaders, list | tuple) else [loaders])[dataloader_idx]
+        loader = self._loader(dataloader_idx)
         positions = batch_idx * loader.batch_size + torch.arange(batch.support.shape[0])
         sampler = loader.sampler
         return getattr(sampler, "rank", 0) + getattr(sampler, "world_size", 1) * positions
@@ -117,7 +115,7 @@ class MetaTraining(pl.LightningModule):
         self._embeddings: dict[str, Any] | None = None
 
     def test_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
-        split = self._split(dataloader_idx)
+        split = self._loader(dataloader_idx).dataset.split
         index = self._episode_index(batch, batch_idx, dataloader_idx)
         self.evaluator.add(split, self.evaluator.detectors(self.learner, with_baselines=True), batch, index)
         embed = getattr(self.learner, "embed", None)
