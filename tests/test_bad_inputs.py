@@ -420,6 +420,9 @@ def test_an_image_in_a_score_folder_that_does_not_decode_is_named(tmp_path):
         (["model=maml", "model.inner_lr=0"], "model.inner_lr must be positive, got 0"),
         (["model=maml", "model.inner_steps=1.5"], "model.inner_steps must be a positive integer, got 1.5"),
         (["model=siamese", "model.margin=null"], "model.margin must be a number, got None"),
+        (["model=siamese", "model.aggregation=knn", "model.k=8"], "model.k (8) nearest neighbours"),
+        (["threshold=fixed", "threshold.value=nan"], "threshold.value must be a finite number, got nan"),
+        (["model.optimizer.lr=inf"], "model.optimizer.lr must be a finite number, got inf"),
         (["backbone.hidden=128"], "backbone.hidden must be a list of layer widths"),
         (["backbone.embed_dim=0"], "backbone.embed_dim must be a positive integer, got 0"),
         (["trainer.max_epochs=0"], "trainer.max_epochs must be a positive integer (or -1: no limit), got 0"),
@@ -718,6 +721,12 @@ def test_a_sample_file_that_is_not_what_it_says_is_refused(tmp_path, name, make,
         read_samples(path, "query")
     refused(error, name, *named)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_threshold_given_by_name_to_load_is_refused_saying_what_it_takes(trained):
+    with pytest.raises(TypeError) as error:
+        metaad.load(trained[1], threshold="f1_optimal")
+    refused(error, "metaad.load: threshold must be a metaad.thresholds.Threshold", "'f1_optimal'")
 
 
 def test_an_empty_array_is_refused_by_the_api(trained):

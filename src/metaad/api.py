@@ -184,6 +184,11 @@ def load(path: str | Path, threshold: Threshold | None = None) -> FewShotDetecto
     from metaad.build import build_learner, learner_state, load_checkpoint
     from metaad.data.preprocessing import Preprocessing
 
+    if threshold is not None and not isinstance(threshold, Threshold):
+        raise TypeError(
+            f"metaad.load: threshold must be a metaad.thresholds.Threshold (e.g. SupportQuantile()) or None "
+            f"for the checkpoint's own, got {threshold!r}"
+        )
     checkpoint, cfg = load_checkpoint(path)
     if "metaad_sample_shape" not in checkpoint:
         raise CheckpointError(

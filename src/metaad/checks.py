@@ -6,6 +6,7 @@ should be, raised before any data is read or Lightning is imported, so a typo co
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -159,6 +160,12 @@ def check_learner(cfg: DictConfig) -> None:
         for key in FLAGS:
             if key in node:
                 _flag(f"{section}.{key}", node[key])
+    k, k_shot = OmegaConf.select(cfg, "model.k"), OmegaConf.select(cfg, "dataset.k_shot")
+    if OmegaConf.select(cfg, "model.aggregation") == "knn" and isinstance(k_shot, int) and k > k_shot:
+        raise ConfigError(
+            f"model.k ({k}) nearest neighbours with model.aggregation=knn needs at least as many support "
+            f"samples, but dataset.k_shot is {k_shot}"
+        )
     hidden = OmegaConf.select(cfg, "backbone.hidden")
     if hidden is not None:
         if not isinstance(hidden, ListConfig):
@@ -210,6 +217,8 @@ def _flag(setting: str, value: Any) -> None:
 def _number(setting: str, value: Any, positive: bool = False, least: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{setting} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{setting} must be a finite number, got {value!r}")
     if positive and not value > 0:
         raise ConfigError(f"{setting} must be positive, got {value!r}")
     if least is not None and value < least:
