@@ -661,6 +661,11 @@ def test_an_output_that_is_a_folder_is_refused_before_any_scoring(
             trained, tmp_path, folder / "support.csv", folder / "query.csv", f"output={tmp_path}/afile/o.csv"
         )
     refused(error, "afile is a file")
+    with pytest.raises(DataError) as error:
+        run_score(
+            trained, tmp_path, folder / "support.csv", folder / "query.csv", f"output={tmp_path}/s.parquet"
+        )
+    refused(error, "s.parquet", "writes a CSV table")
 
 
 def test_a_bad_threshold_setting_at_scoring_is_named(trained, digits_files, tmp_path):
@@ -782,6 +787,28 @@ def test_a_refused_resume_leaves_the_run_files_byte_identical(trained):
     refused(error, "was trained with another config", "model._target_", ".hydra/overrides.yaml")
     assert {name: (run_dir / ".hydra" / name).read_bytes() for name in kept} == before
     assert (run_dir / "metrics.json").read_bytes() == metrics and not (run_dir / LOCK).exists()
+
+
+def test_another_runs_checkpoint_is_not_continued_in_a_folder_holding_a_run(trained, compose_cfg):
+    last = trained[1].with_name("last.ckpt")
+    cfg = compose_cfg([f"ckpt_path={last}"])
+    run_dir = Path(cfg.paths.output_dir)
+    (run_dir / "metrics.json").write_text("{}")
+    with pytest.raises(RunFolderError) as error:
+        with claim(cfg, run_dir, resume=True):
+            pass
+    refused(error, f"run folder {run_dir} already holds a run", f"ckpt_path={last} is not one of its")
+
+
+def test_a_checkpoint_continued_in_a_fresh_folder_gets_its_config_files(trained, tmp_path):
+    overrides = ["threshold=f1_optimal", "threshold.normalise=zscore", "baselines=none", "logger=none"]
+    last = trained[1].with_name("last.ckpt")
+    cfg = compose_in(
+        tmp_path / "fresh", [*overrides, f"ckpt_path={last}", "test=false", "trainer.max_epochs=2"]
+    )
+    assert train(cfg)["global_step"] == 8  # the second epoch of the run, after its checkpoint's 4 steps
+    assert (tmp_path / "fresh" / ".hydra" / "config.yaml").is_file()
+    assert "ckpt_path=" in (tmp_path / "fresh" / ".hydra" / "overrides.yaml").read_text()
 
 
 def test_resume_with_a_checkpoint_of_another_kind_is_refused(trained, tmp_path):

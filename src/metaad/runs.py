@@ -3,7 +3,8 @@
 Hydra's own ``.hydra/`` writing is switched off (``conf/hydra/default.yaml``) so that a run
 refused at start-up (a changed config on resume, a folder in use) changes nothing in the folder;
 :func:`claim` writes ``.hydra/config.yaml``, ``hydra.yaml`` and ``overrides.yaml`` itself once
-the run is allowed, and never over a resumed run's own.
+the run is allowed, and never over a resumed run's own (a checkpoint continued in a fresh folder
+gets them; one of another run is not continued in a folder that holds a run).
 """
 
 from __future__ import annotations
@@ -64,21 +65,31 @@ def claim(cfg: DictConfig, run_dir: Path, resume: bool) -> Iterator[None]:
     with os.fdopen(fd, "w") as file:
         file.write(str(os.getpid()))
     try:
-        if not resume:
-            held = [
-                p.name
-                for p in (run_dir / ".hydra", run_dir / "checkpoints", run_dir / "metrics.json")
-                if p.exists()
-            ]
-            if held:
-                raise RunFolderError(
-                    f"run folder {run_dir} already holds a run ({', '.join(held)}); continue it with "
-                    "ckpt_path=last, or give this run another hydra.run.dir"
-                )
+        held = [
+            p.name
+            for p in (run_dir / ".hydra", run_dir / "checkpoints", run_dir / "metrics.json")
+            if p.exists()
+        ]
+        ckpt = cfg.get("ckpt_path")
+        if resume and held and ckpt is not None and str(ckpt) != "last" and not _inside(Path(ckpt), run_dir):
+            raise RunFolderError(
+                f"run folder {run_dir} already holds a run ({', '.join(held)}), and ckpt_path={ckpt} is "
+                "not one of its checkpoints; continue another run's checkpoint in a fresh hydra.run.dir"
+            )
+        if not resume and held:
+            raise RunFolderError(
+                f"run folder {run_dir} already holds a run ({', '.join(held)}); continue it with "
+                "ckpt_path=last, or give this run another hydra.run.dir"
+            )
+        if not (run_dir / ".hydra").exists():  # a fresh run, or a checkpoint continued in a fresh folder
             write_hydra_files(cfg, run_dir)
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def _pid(lock: Path) -> int | None:

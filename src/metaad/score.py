@@ -177,6 +177,8 @@ def score(cfg: DictConfig) -> Any:
     output = Path(cfg.output)
     if output.is_dir():
         raise DataError(f"output={output} is a folder; give the path of the .csv file to write")
+    if output.suffix.lower() != ".csv":
+        raise DataError(f"output={output}: metaad-score writes a CSV table; give a path ending in .csv")
     blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise DataError(f"output={output}: {blocking} is a file, so the folder to write in cannot be made")
