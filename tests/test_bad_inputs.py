@@ -427,6 +427,7 @@ def test_an_image_in_a_score_folder_that_does_not_decode_is_named(tmp_path):
         (["backbone.embed_dim=0"], "backbone.embed_dim must be a positive integer, got 0"),
         (["trainer.max_epochs=0"], "trainer.max_epochs must be a positive integer (or -1: no limit), got 0"),
         (["trainer.max_epochs=ten"], "trainer.max_epochs must be a positive integer"),
+        (["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch must be a positive integer"),
         (["threshold=fixed", "threshold.value=high"], "threshold.value must be a number, got 'high'"),
         (["threshold=fixed", "threshold.value=null"], "threshold.value must be a number, got None"),
         (["threshold=support_quantile", "threshold.q=2"], "threshold.q must be in [0, 1]"),
@@ -440,6 +441,18 @@ def test_a_bad_setting_is_refused_before_any_data_naming_it(compose_cfg, overrid
     with pytest.raises(ConfigError) as error:
         check_train_config(compose_cfg(overrides))
     refused(error, message)
+
+
+def test_a_trainer_setting_lightning_refuses_is_one_message_not_a_bug(compose_cfg):
+    from hydra.errors import InstantiationException
+
+    from metaad.build import build_trainer
+    from metaad.cli import message
+
+    with pytest.raises(InstantiationException) as error:
+        build_trainer(compose_cfg(["trainer.devices=0", "logger=none"]))
+    text = message(error.value)
+    assert text is not None and text.startswith("trainer: ") and "devices=0" in text
 
 
 def test_the_missing_field_hint_names_each_setting_once(compose_cfg):

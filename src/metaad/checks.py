@@ -177,6 +177,9 @@ def check_learner(cfg: DictConfig) -> None:
 
 
 def check_trainer(trainer: Any) -> None:
+    for key in ("check_val_every_n_epoch", "log_every_n_steps"):
+        if trainer.get(key) is not None:
+            _integer(f"trainer.{key}", trainer.get(key), 1)
     epochs = trainer.get("max_epochs")
     if epochs is not None and (
         isinstance(epochs, bool) or not isinstance(epochs, int) or not (epochs >= 1 or epochs == -1)
