@@ -681,6 +681,14 @@ def test_an_output_that_is_a_folder_is_refused_before_any_scoring(
     refused(error, "s.parquet", "writes a CSV table")
 
 
+@pytest.mark.parametrize("setting", ["support=5", "query=[a,b]", "ckpt_path=null"])
+def test_a_path_setting_that_is_not_a_path_is_named(trained, digits_files, tmp_path, setting):
+    folder, _, _ = digits_files
+    with pytest.raises(ConfigError) as error:
+        run_score(trained, tmp_path, folder / "support.csv", folder / "query.csv", setting)
+    refused(error, f"{setting.split('=')[0]} must be the path of a file or folder")
+
+
 def test_a_bad_threshold_setting_at_scoring_is_named(trained, digits_files, tmp_path):
     folder, _, _ = digits_files
     files = (folder / "support.csv", folder / "query.csv")
@@ -822,6 +830,23 @@ def test_a_checkpoint_continued_in_a_fresh_folder_gets_its_config_files(trained,
     assert train(cfg)["global_step"] == 8  # the second epoch of the run, after its checkpoint's 4 steps
     assert (tmp_path / "fresh" / ".hydra" / "config.yaml").is_file()
     assert "ckpt_path=" in (tmp_path / "fresh" / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_a_read_only_checkpoint_folder_is_named_and_the_last_checkpoint_kept(tmp_path):
+    import errno
+
+    from metaad.resume import save_generation
+
+    path = tmp_path / "last.ckpt"
+    save_generation(lambda f: torch.save({"step": 1}, f), path)
+
+    def read_only(file: Path) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    with pytest.raises(RunFolderError) as error:
+        save_generation(read_only, path)
+    refused(error, f"{tmp_path}: cannot write last.ckpt (Read-only file system)", f"({path}) is intact")
+    assert torch.load(path)["step"] == 1
 
 
 def test_resume_with_a_checkpoint_of_another_kind_is_refused(trained, tmp_path):

@@ -34,13 +34,16 @@ def save_generation(save, path: Path) -> None:
         save(partial)
     except OSError as error:
         partial.unlink(missing_ok=True)
+        good = path if path.exists() else previous_of(path)
         if error.errno == errno.ENOSPC:
             raise RunFolderError(
                 f"{path.parent}: no space left on the device to write {path.name}; the last good "
-                f"checkpoint ({path if path.exists() else previous_of(path)}) is intact. Free space, then "
-                "resume with ckpt_path=last"
+                f"checkpoint ({good}) is intact. Free space, then resume with ckpt_path=last"
             ) from error
-        raise
+        raise RunFolderError(
+            f"{path.parent}: cannot write {path.name} ({error.strerror or error}); the last good checkpoint "
+            f"({good}) is intact"
+        ) from error
     if path.exists():
         os.replace(path, previous_of(path))
     os.replace(partial, path)

@@ -174,6 +174,9 @@ def score(cfg: DictConfig) -> Any:
     from metaad.api import load
     from metaad.checks import check_threshold
 
+    for key in ("ckpt_path", "support", "query", "output"):
+        if not isinstance(cfg.get(key), str) or not cfg.get(key):
+            raise ConfigError(f"{key} must be the path of a file or folder, got {cfg.get(key)!r}")
     output = Path(cfg.output)
     if output.is_dir():
         raise DataError(f"output={output} is a folder; give the path of the .csv file to write")
