@@ -704,6 +704,27 @@ def test_a_folder_of_images_for_a_vector_model_is_refused(trained, digits_files,
     refused(error, "support=", "is a folder of images", "shape (64,)")
 
 
+@pytest.mark.slow
+def test_image_folders_for_an_image_model_wrong_size_refused_rgb_read_as_gray(tmp_path):
+    overrides = ["dataset=mnist_small", "backbone=mlp", "logger=none", "baselines=none", "test=false"]
+    train(compose_in(tmp_path / "run", [*overrides, "threshold=support_quantile"]))
+    rng = np.random.default_rng(0)
+    for name, shape in (("gray", (28, 28)), ("rgb", (28, 28, 3)), ("small", (20, 20))):
+        (tmp_path / name).mkdir()
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(tmp_path / name / f"{i}.png")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+
+    def run(support: str, query: str):
+        files = [f"ckpt_path={ckpt}", f"support={tmp_path / support}", f"query={tmp_path / query}"]
+        return score(compose_in(tmp_path / "score", files, config_name="score", quick=False))
+
+    assert run("gray", "rgb").id.tolist() == [f"{i}.png" for i in range(5)]  # RGB read as grayscale
+    with pytest.raises(DataError) as error:
+        run("gray", "small")
+    refused(error, "query=", "small", "expected images (N, 1, 28, 28)", "got shape (5, 20, 20)")
+
+
 def test_images_of_mixed_sizes_are_refused_naming_both(tmp_path):
     glyph(tmp_path / "images" / "a.png", size=8)
     glyph(tmp_path / "images" / "b.png", size=10)
