@@ -181,7 +181,7 @@ def load(path: str | Path, threshold: Threshold | None = None) -> FewShotDetecto
     """A learner trained by ``metaad-train`` from its checkpoint (loaded with ``weights_only=True``)."""
     from hydra.utils import instantiate
 
-    from metaad.build import build_learner, learner_state, load_checkpoint
+    from metaad.build import build_learner, load_checkpoint, load_weights
     from metaad.data.preprocessing import Preprocessing
 
     if threshold is not None and not isinstance(threshold, Threshold):
@@ -197,13 +197,7 @@ def load(path: str | Path, threshold: Threshold | None = None) -> FewShotDetecto
         )
     sample_shape = tuple(checkpoint["metaad_sample_shape"])
     learner = build_learner(cfg, sample_shape)
-    try:
-        learner.load_state_dict(learner_state(checkpoint, path))
-    except RuntimeError as error:
-        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-        raise CheckpointError(
-            f"ckpt_path: {path}: its weights do not fit the model its config describes ({first[:200]})"
-        ) from None
+    load_weights(learner, checkpoint, path)
     if "metaad_preprocessing" in checkpoint:
         preprocessing = Preprocessing.from_dict(checkpoint["metaad_preprocessing"])
     else:

@@ -112,6 +112,17 @@ def learner_state(checkpoint: dict[str, Any], path: str | Path = "the checkpoint
     return {k.removeprefix("learner."): v for k, v in checkpoint["state_dict"].items()}
 
 
+def load_weights(learner: Learner, checkpoint: dict[str, Any], path: str | Path) -> None:
+    """The checkpoint's weights into ``learner``; weights that do not fit are a CheckpointError."""
+    try:
+        learner.load_state_dict(learner_state(checkpoint, path))
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise CheckpointError(
+            f"ckpt_path: {path}: its weights do not fit the model its config describes ({first[:200]})"
+        ) from None
+
+
 def build_trainer(cfg: DictConfig, callbacks: list = ()) -> Any:
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]

@@ -34,7 +34,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: DictConfig, checkpoint: dict, run_cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    from metaad.build import build_datamodule, build_trainer, build_training, learner_state
+    from metaad.build import build_datamodule, build_trainer, build_training, load_weights
     from metaad.distributed import check_launch, job_scope
     from metaad.report import print_summary, results, write_metrics
     from metaad.training import quiet_lightning
@@ -43,7 +43,7 @@ def _evaluate(cfg: DictConfig, checkpoint: dict, run_cfg: DictConfig, run_dir: P
 
     datamodule = build_datamodule(run_cfg)
     model = build_training(run_cfg, datamodule.sample_shape)
-    model.learner.load_state_dict(learner_state(checkpoint))
+    load_weights(model.learner, checkpoint, cfg.ckpt_path)
     model.on_load_checkpoint(checkpoint)
     trainer = build_trainer(cfg)
     check_launch(trainer)
