@@ -254,7 +254,7 @@ def test_sweep_with_two_ddp_processes_per_job_gives_each_job_its_own_hyperparame
         for rank, log in ((0, "train.log"), (1, "train_rank1.log")):
             lines = [ln for ln in (job / log).read_text().splitlines() if f"rank {rank}/2 trained" in ln]
             assert len(lines) == 1, f"{job / log}: one run of this job only"
-            hparams = json.loads(lines[0].split(" trained ", 1)[1])
+            hparams = json.loads(lines[0].split(" steps; ", 1)[1])
             assert hparams["backbone"]["embed_dim"] == embed_dim
         assert metrics_of(job)["global_step"] == 16
     rows = summarize_sweep(sweep)
@@ -324,4 +324,8 @@ def test_killed_run_resumes_in_its_folder_with_the_same_steps_episodes_and_resul
     curve_a, curve_b = tensorboard_curve(straight, "train/loss"), tensorboard_curve(crashed, "train/loss")
     assert [s for s, _ in curve_b] == [s for s, _ in curve_a] and len(curve_a) == 32
     assert [v for _, v in curve_b] == pytest.approx([v for _, v in curve_a], abs=1e-5)
-    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == [
+        "best.ckpt",
+        "last.ckpt",
+        "last.previous.ckpt",
+    ]

@@ -58,8 +58,13 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None, resumed: dict
             for logger in trainer.loggers:
                 logger.log_hyperparams(hparams, metrics={"hp/val_auroc": 0.0, "hp/test_auroc": 0.0})
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        log.info("rank %d/%d trained %d steps", trainer.global_rank, trainer.world_size, trainer.global_step)
-        log.debug("hyperparameters: %s", json.dumps(hparams))
+        log.info(
+            "rank %d/%d trained %d steps; %s",
+            trainer.global_rank,
+            trainer.world_size,
+            trainer.global_step,
+            json.dumps({key: hparams[key] for key in ("backbone", "model")}),
+        )
         trained = {"val_auroc_best": model.val_auroc_best, "global_step": trainer.global_step}
         if not cfg.test:
             return trained
