@@ -304,14 +304,15 @@ def print_table(rows: list[dict]) -> None:
 
 @app("benchmark")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    # read before the runs: each composes its own config into Hydra's global state
+    command = " ".join(["metaad-benchmark", *HydraConfig.get().overrides.task])
     out_dir = Path(cfg.paths.output_dir)
     OmegaConf.save(cfg.preset, out_dir / "preset.yaml")
     only = list(cfg.suites) if cfg.get("suites") else None
     rows = run(cfg.preset, out_dir, list(cfg.overrides), only)
     rows = table_rows(rows, cfg.preset.get("references", {}))
-    from hydra.core.hydra_config import HydraConfig
-
-    command = " ".join(["metaad-benchmark", *HydraConfig.get().overrides.task])
     markdown = write_tables(rows, out_dir, what_ran(cfg.preset, only, command))
     print_table(rows)
     print(markdown)
