@@ -418,151 +418,162 @@ def test_loop_timer(path: str) -> Any:
 
     class TestLoopTimer(pl.Callback):
         def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            self.start = time.perf_counter()
+            self.start, self.batches, self.episodes, self.in_batches = time.perf_counter(), 0, 0, 0.0
+
+        def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+            self.batch_start = time.perf_counter()
+
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+            self.in_batches += time.perf_counter() - self.batch_start
+            self.batches += 1
+            self.episodes += len(batch[0])
 
         def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             seconds = time.perf_counter() - self.start
-            Path(f"{path}.rank{trainer.global_rank}").write_text(json.dumps({"test_loop_s": seconds}))
+            done = {"test_loop_s": seconds, "batches": self.batches, "episodes": self.episodes}
+            done["in_batches_s"] = self.in_batches
+            Path(f"{path}.rank{trainer.global_rank}").write_text(json.dumps(done))
 
     return TestLoopTimer()
 
 
 def evaluation(
-    model: str, test_episodes: int, batch_size: int, repeats: int, tmp: Path, progress: Progress
+    models: list[str], test_episodes: int, batch_size: int, repeats: int, tmp: Path, progress: Progress
 ) -> tuple[list[str], dict, list[str]]:
-    """``metaad-eval`` of a ``debug=quick`` checkpoint of ``model``, 1 and 2 processes alternating."""
-    task = progress.add_task(f"training a debug=quick {model} checkpoint", total=None)
-    train = [
-        str(BIN / "metaad-train"),
-        "debug=quick",
-        "logger=none",
-        "baselines=none",
-        f"model={model}",
-        f"hydra.run.dir={tmp / 'train'}",
-    ]
-    done = subprocess.run(train, capture_output=True, text=True)
-    progress.remove_task(task)
-    ckpt = tmp / "train" / "checkpoints" / "best.ckpt"
-    if done.returncode or not ckpt.is_file():
-        why = f"metaad-train failed (rc {done.returncode}): {done.stderr[-500:]}"
-        return [f"### Evaluation: not measured ({why})", ""], {}, [f"- evaluation: not measured ({why})"]
+    """``metaad-eval`` of a ``debug=quick`` checkpoint of each model, 1 and 2 processes alternating."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
     }
-    modes = {
-        "1 process": [],
-        "2 processes (trainer=ddp trainer.devices=2)": ["trainer=ddp", "trainer.devices=2"],
-    }
-    wall: dict[str, list[float]] = defaultdict(list)
-    loop: dict[str, list[float]] = defaultdict(list)
-    ranks_timed: dict[str, int] = {}
-    metrics: dict[str, dict] = {}
-    command: dict[str, list[str]] = {}
-    task = progress.add_task("metaad-eval, 1 and 2 processes", total=repeats * len(modes))
+    modes = {"1 process": [], "2 processes": ["trainer=ddp", "trainer.devices=2"]}
+    one, two = modes
+    ckpts: dict[str, Path] = {}
+    for model in models:
+        task = progress.add_task(f"training a debug=quick {model} checkpoint", total=None)
+        run_dir = tmp / f"train_{model}"
+        done = subprocess.run(
+            [
+                str(BIN / "metaad-train"),
+                "debug=quick",
+                "logger=none",
+                "baselines=none",
+                f"model={model}",
+                f"hydra.run.dir={run_dir}",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        progress.remove_task(task)
+        if done.returncode or not (run_dir / "checkpoints" / "best.ckpt").is_file():
+            why = f"metaad-train model={model} failed (rc {done.returncode}): {done.stderr[-500:]}"
+            return [f"### Evaluation: not measured ({why})", ""], {}, [f"- evaluation: not measured ({why})"]
+        ckpts[model] = run_dir / "checkpoints" / "best.ckpt"
+    runs: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    metrics: dict[tuple[str, str], dict] = {}
+    contenders = [(model, mode) for model in models for mode in modes]
+    task = progress.add_task("metaad-eval, 1 and 2 processes", total=repeats * len(contenders))
     for r in range(repeats):
-        for m, (label, extra) in enumerate(rotated(list(modes.items()), r)):
-            run_dir = tmp / f"eval_{r}_{m}"
-            timer = tmp / f"timer_{r}_{m}"
+        for i, (model, mode) in enumerate(rotated(contenders, r)):
+            run_dir, timer = tmp / f"eval_{r}_{i}", tmp / f"timer_{r}_{i}"
             cmd = [
                 str(BIN / "metaad-eval"),
-                f"ckpt_path={ckpt}",
+                f"ckpt_path={ckpts[model]}",
                 "logger=none",
                 f"+dataset.test_episodes={test_episodes}",
                 f"+dataset.eval_batch_size={batch_size}",
-                *extra,
+                *modes[mode],
                 "+callbacks.scale_timer._target_=bench_scale.test_loop_timer",
                 f"+callbacks.scale_timer.path={timer}",
                 f"hydra.run.dir={run_dir}",
             ]
-            command[label] = cmd
             start = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            wall[label].append(time.perf_counter() - start)
+            wall = time.perf_counter() - start
             if done.returncode:
                 raise RuntimeError(f"{shlex.join(cmd)} failed (rc {done.returncode}):\n{done.stderr[-2000:]}")
-            ranks = sorted(tmp.glob(f"timer_{r}_{m}.rank*"))
-            ranks_timed[label] = len(ranks)
-            if ranks:
-                loop[label].append(max(json.loads(p.read_text())["test_loop_s"] for p in ranks))
-            result = json.loads((run_dir / "metrics.json").read_text())
-            metrics.setdefault(label, result)
+            ranks = [json.loads(p.read_text()) for p in sorted(tmp.glob(f"timer_{r}_{i}.rank*"))]
+            runs[model, mode].append({"wall_s": wall, "ranks": ranks})
+            metrics.setdefault((model, mode), json.loads((run_dir / "metrics.json").read_text()))
             progress.advance(task)
     progress.remove_task(task)
-    one, two = modes
-    same = metrics[one] == metrics[two]
-    differ = sorted(
-        k for k in set(metrics[one]) | set(metrics[two]) if metrics[one].get(k) != metrics[two].get(k)
-    )
-    rows = []
-    for label in modes:
-        rows.append(
-            [
-                label,
-                str(ranks_timed[label]),
-                f"{statistics.median(wall[label]):.2f}",
-                f"{min(wall[label]):.2f}",
-                f"{statistics.median(loop[label]):.2f}" if loop[label] else "-",
-                f"{statistics.median(w - t for w, t in zip(wall[label], loop[label])):.2f}"
-                if loop[label]
-                else "-",
-            ]
-        )
-    ratio_wall = statistics.median(wall[one]) / statistics.median(wall[two])
-    ratio_loop = (
-        statistics.median(loop[one]) / statistics.median(loop[two]) if loop[one] and loop[two] else None
-    )
-    rows.append(
-        [
-            "1 process / 2 processes",
-            "",
-            f"{ratio_wall:.2f}x",
-            "",
-            f"{ratio_loop:.2f}x" if ratio_loop else "-",
-            "",
+
+    def median(model: str, mode: str, what: str) -> float | None:
+        """Median over the runs of the slowest rank's ``what`` (or of the whole command's wall time)."""
+        values = [
+            run["wall_s"] if what == "wall_s" else max((rank[what] for rank in run["ranks"]), default=None)
+            for run in runs[model, mode]
         ]
-    )
-    shown = " ".join(["metaad-eval", "ckpt_path=<debug=quick best.ckpt>", *command[two][2:-3]])
-    fits = [
-        f"- **evaluation** ({model}, {test_episodes:,} test episodes + the validation episodes): "
-        f"2 processes take {1 / ratio_wall:.2f}x the wall time of 1"
-        + (f", {1 / ratio_loop:.2f}x the test loop" if ratio_loop else "")
-        + f"; metrics.json identical: {'yes' if same else 'NO (' + ', '.join(differ) + ')'}."
-    ]
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    def cell(value: float | None, unit: str = "") -> str:
+        return "-" if value is None else f"{value:.2f}{unit}"
+
+    rows, fits, raw = [], [], {"test_episodes": test_episodes, "models": {}}
+    for model in models:
+        for mode in modes:
+            ranks = runs[model, mode][0]["ranks"]
+            wall, loop = median(model, mode, "wall_s"), median(model, mode, "test_loop_s")
+            rows.append(
+                [
+                    model,
+                    mode,
+                    " + ".join(str(rank["batches"]) for rank in ranks) or "-",
+                    cell(wall),
+                    cell(loop),
+                    cell(median(model, mode, "in_batches_s")),
+                    cell(wall - loop if wall is not None and loop is not None else None),
+                ]
+            )
+        ratios = {
+            w: (median(model, one, w) or 0) / (median(model, two, w) or float("inf"))
+            for w in ("wall_s", "test_loop_s", "in_batches_s")
+        }
+        rows.append([model, "1 / 2 processes", "", *(f"{ratios[w]:.2f}x" for w in ratios), ""])
+        same = metrics[model, one] == metrics[model, two]
+        differ = sorted(
+            k for k in metrics[model, one] if metrics[model, one].get(k) != metrics[model, two].get(k)
+        )
+        fits.append(
+            f"- **evaluation, {model}** ({test_episodes:,} test episodes + the validation episodes): "
+            f"2 processes are {ratios['wall_s']:.2f}x as fast as 1 on the whole command, "
+            f"{ratios['test_loop_s']:.2f}x on the test loop, {ratios['in_batches_s']:.2f}x on the scoring "
+            "steps; metrics.json identical: " + ("yes." if same else f"NO ({', '.join(differ)}).")
+        )
+        raw["models"][model] = {
+            "runs": {mode: runs[model, mode] for mode in modes},
+            "ratios": ratios,
+            "identical_metrics": same,
+        }
     lines = [
         f"### Evaluation: `metaad-eval` with 1 and 2 processes (median of {repeats}, alternating)",
         "",
-        f"`{shown}` (the 2-process run; the 1-process run without `trainer=ddp trainer.devices=2`), on a "
-        f"checkpoint trained here with `metaad-train debug=quick logger=none baselines=none model={model}` "
-        "(digits; no baselines, so the learner's adapt + score is the work). Test loop: `on_test_start` "
-        "to `on_test_end` (validation episodes for thresholds, then "
-        "the test episodes, gathered), the slowest rank; outside it: start-up (imports, data, "
-        "for DDP the second process and its process group), metrics and writing.",
+        f"`metaad-eval ckpt_path=<best.ckpt> logger=none +dataset.test_episodes={test_episodes} "
+        f"+dataset.eval_batch_size={batch_size}` and the same with `trainer=ddp trainer.devices=2`, on "
+        "checkpoints trained here with `metaad-train debug=quick logger=none baselines=none model=<model>` "
+        "(digits; no baselines, so the learner's adapt + score is the work). Test loop: `on_test_start` to "
+        "`on_test_end` (the validation episodes for thresholds, then the test episodes, gathered), the "
+        "slowest rank; scoring steps: the time inside `test_step` (adapt + score), summed; the rest of "
+        "the loop is drawing episodes, gathering and metrics. Outside the loop: start-up (imports, data; "
+        "for DDP the second process and its process group) and writing.",
         "",
         *table(
             [
+                "model",
                 "processes",
-                "ranks timed",
-                "wall s (median)",
-                "wall s (min)",
-                "test loop s (median)",
-                "outside it s (median)",
+                "batches per rank",
+                "wall s",
+                "test loop s",
+                "scoring steps s",
+                "outside the loop s",
             ],
             rows,
-            "lrrrrr",
+            "llrrrrr",
         ),
         "",
         *fits,
         "",
     ]
-    raw = {
-        "model": model,
-        "test_episodes": test_episodes,
-        "wall_s": wall,
-        "test_loop_s": loop,
-        "identical_metrics": same,
-        "differ": differ,
-    }
     return lines, raw, fits
 
 
@@ -645,27 +656,35 @@ def figure(raw: dict[str, Any], fits: list[str], path: Path) -> None:
         row += 1
     if ev or fits:
         if ev:
-            labels = list(ev["wall_s"])
             ax = axes[row, 0]
             ax.set_visible(True)
-            pos = np.arange(len(labels))
-            ax.bar(
-                pos - 0.2, [statistics.median(ev["wall_s"][k]) for k in labels], 0.4, label="whole command"
-            )
-            if all(ev["test_loop_s"].get(k) for k in labels):
-                loops = [statistics.median(ev["test_loop_s"][k]) for k in labels]
-                ax.bar(pos + 0.2, loops, 0.4, label="test loop")
-            ax.set_xticks(pos, [k.split(" (")[0] for k in labels])
+            models = list(ev["models"])
+            pos = np.arange(len(models))
+            for j, (mode, what) in enumerate(
+                [(m, w) for m in ("1 process", "2 processes") for w in ("wall_s", "test_loop_s")]
+            ):
+                values = []
+                for model in models:
+                    done = ev["models"][model]["runs"][mode]
+                    values.append(
+                        statistics.median(
+                            run["wall_s"] if what == "wall_s" else max(r[what] for r in run["ranks"])
+                            for run in done
+                        )
+                    )
+                label = f"{mode}, {'whole command' if what == 'wall_s' else 'test loop'}"
+                ax.bar(pos + (j - 1.5) * 0.2, values, 0.2, label=label)
+            ax.set_xticks(pos, models)
             ax.set_ylabel("seconds")
-            ax.set_title(f"metaad-eval ({ev['model']}, {ev['test_episodes']:,} test episodes)", fontsize=10)
-            ax.legend(fontsize=7)
+            ax.set_title(f"metaad-eval, {ev['test_episodes']:,} test episodes", fontsize=10)
+            ax.legend(fontsize=7, loc="upper left")
     fig.suptitle(raw.get("title", "metaad scaling"), fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     if fits:  # after the layout, over the two empty cells of the last row
         box = axes[row, 1].get_position()
         wrapped = [textwrap.fill(f.replace("**", ""), 120, subsequent_indent="    ") for f in fits]
         fig.text(
-            box.x0 - 0.02,
+            box.x0 + 0.01,
             box.y1,
             "How each cost grows (log-log slopes)\n\n" + "\n".join(wrapped),
             va="top",
@@ -715,7 +734,9 @@ def main() -> None:
         default=None,
         help="metaad-eval test episodes (default 50000, quick 2000): evaluation should dominate start-up",
     )
-    parser.add_argument("--eval-model", default="maml", help="the learner of the evaluated checkpoint")
+    parser.add_argument(
+        "--eval-models", nargs="+", default=["protonet", "maml"], help="learners of the evaluated checkpoints"
+    )
     parser.add_argument("--eval-batch-size", type=int, default=100, help="episodes per evaluation batch")
     parser.add_argument(
         "--eval-repeats",
@@ -790,7 +811,7 @@ def main() -> None:
                 )
             else:
                 part, raw["evaluation"], fit = evaluation(
-                    args.eval_model, test_episodes, args.eval_batch_size, eval_repeats, Path(tmp), progress
+                    args.eval_models, test_episodes, args.eval_batch_size, eval_repeats, Path(tmp), progress
                 )
             fits += fit
             progress.console.print(
