@@ -416,8 +416,8 @@ def _check_rotations(data: LabelledData, train_rotations: Sequence[int]) -> tupl
 
 def _expand(entries: list[str], names: list[str]) -> list[str]:
     """Replace each wildcard entry that is not itself a task name by the tasks it matches, in order."""
-    expanded = []
+    expanded, known = [], set(names)  # a set: with thousands of tasks, list membership was quadratic
     for entry in entries:
-        matches = [] if entry in names else [n for n in names if fnmatch.fnmatchcase(n, entry)]
+        matches = [] if entry in known else [n for n in names if fnmatch.fnmatchcase(n, entry)]
         expanded += matches or [entry]
     return expanded
