@@ -106,3 +106,16 @@ def test_required_dataset_settings_are_named(compose_cfg):
     ) as error:
         train(compose_cfg(["dataset=task_files"]))
     assert "dataset.dataset." not in str(error.value)
+
+
+def test_debug_overfit_trains_on_the_same_episodes_every_epoch(compose_cfg):
+    """debug=overfit: one fixed meta-batch each epoch (so the loss can go to ~0), val/test as usual."""
+    cfg = compose_cfg(["debug=overfit", "trainer.max_epochs=2", "logger=none"], quick=False)
+    datamodule = build_datamodule(cfg)
+    train_set = datamodule.datasets["train"]
+    assert len(train_set) == cfg.dataset.meta_batch_size
+    first, later = train_set[(0, 3)], train_set[(7, 3)]
+    assert torch.equal(first.support, later.support) and torch.equal(first.query, later.query)
+    fresh = build_datamodule(compose_cfg(["logger=none"])).datasets["train"]
+    assert not torch.equal(fresh[(0, 3)].support, fresh[(7, 3)].support)  # normal runs: new episodes
+    assert train(cfg)["global_step"] == 2

@@ -107,8 +107,9 @@ def check_dataset(dataset: DictConfig) -> None:
         raise ConfigError(
             f"dataset.anomalies_from must be 'split' or 'source_test', got {dataset.anomalies_from!r}"
         )
-    if "require_disjoint" in dataset:
-        _flag("dataset.require_disjoint", dataset.require_disjoint)
+    for flag in ("require_disjoint", "fixed_train_episodes"):
+        if flag in dataset:
+            _flag(f"dataset.{flag}", dataset[flag])
     if "anomaly_ratio" in dataset:
         ratio = _number("dataset.anomaly_ratio", dataset.anomaly_ratio)
         if not 0.0 < ratio < 1.0:

@@ -66,10 +66,12 @@ class EpisodeDataModule(pl.LightningDataModule):
         anomalies_from: str = "split",
         require_disjoint: bool = True,
         train_rotations: Sequence[int] = (),
+        fixed_train_episodes: bool = False,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        self.fixed_train_episodes = bool(fixed_train_episodes)
         n_queries = {
             "train": n_query,
             "val": n_query if val_n_query is None else val_n_query,
@@ -138,6 +140,7 @@ class EpisodeDataModule(pl.LightningDataModule):
                 split,
                 n_query=self.n_queries[split],
                 n_episodes=self.n_episodes[split],
+                fixed=self.fixed_train_episodes,
                 **self.episode_args,
             )
             for split, pool in self.pools.items()

@@ -32,7 +32,8 @@ class Episode(NamedTuple):
 
 
 class EpisodeDataset(Dataset):
-    """Map-style episodes; an index is ``(epoch, i)`` so training episodes change between epochs."""
+    """Map-style episodes; an index is ``(epoch, i)`` so training episodes change between epochs
+    (unless ``fixed``: the same episodes every epoch, as val/test always are; ``debug=overfit``)."""
 
     def __init__(
         self,
@@ -43,8 +44,9 @@ class EpisodeDataset(Dataset):
         anomaly_ratio: float,
         n_episodes: int,
         seed: int,
+        fixed: bool = False,
     ) -> None:
-        self.pool, self.split = pool, split
+        self.pool, self.split, self.fixed = pool, split, fixed or split != "train"
         self.k_shot, self.n_query, self.n_episodes, self.seed = k_shot, n_query, n_episodes, seed
         self.n_anomalies = int(round(n_query * anomaly_ratio))
         self.n_normals = n_query - self.n_anomalies
@@ -74,7 +76,7 @@ class EpisodeDataset(Dataset):
 
     def __getitem__(self, index: tuple[int, int] | int) -> Episode:
         epoch, i = index if isinstance(index, tuple) else (0, index)
-        if self.split != "train":
+        if self.fixed:
             epoch = 0  # Lightning sets the epoch on eval samplers too; val/test episodes stay fixed
         rng = np.random.default_rng([self.seed, SPLIT_ID[self.split], epoch, i])
         pool = self.pool
