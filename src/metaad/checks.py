@@ -11,18 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from metaad.data.episodes import check_episode_settings
 from metaad.errors import ConfigError
-
-POSITIVE_INTS = (
-    "k_shot",
-    "n_query",
-    "meta_batch_size",
-    "train_episodes",
-    "val_episodes",
-    "test_episodes",
-    "eval_batch_size",
-)
-
 
 # Learner and backbone settings by name, wherever a conf/model or conf/backbone file has one:
 # (least value, whether null is allowed) for an integer, or "positive" for a positive number.
@@ -76,15 +66,7 @@ def check_dataset(dataset: DictConfig) -> None:
     if missing:
         settings = " ".join(f"dataset.{key}=..." for key in missing)
         raise ConfigError(f"the dataset config leaves {missing} unset (???); give them: {settings}")
-    for key in POSITIVE_INTS:
-        if key in dataset:
-            value = dataset[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"dataset.{key} must be a positive integer, got {value!r}")
-    for key in ("val_n_query", "test_n_query"):
-        value = dataset.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"dataset.{key} must be a positive integer or null (= n_query), got {value!r}")
+    check_episode_settings(dataset, ConfigError)
     workers = dataset.get("num_workers", 0)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ConfigError(f"dataset.num_workers must be an integer >= 0, got {workers!r}")
@@ -110,25 +92,6 @@ def check_dataset(dataset: DictConfig) -> None:
     for flag in ("require_disjoint", "fixed_train_episodes"):
         if flag in dataset:
             _flag(f"dataset.{flag}", dataset[flag])
-    if "anomaly_ratio" in dataset:
-        ratio = _number("dataset.anomaly_ratio", dataset.anomaly_ratio)
-        if not 0.0 < ratio < 1.0:
-            raise ConfigError(
-                f"dataset.anomaly_ratio must be in (0, 1) so queries hold both kinds, got {ratio}"
-            )
-        for key in ("n_query", "val_n_query", "test_n_query"):
-            size = dataset.get(key) or dataset.get("n_query")
-            if isinstance(size, int) and not 0 < round(size * ratio) < size:
-                raise ConfigError(
-                    f"dataset.{key}={size} with anomaly_ratio={ratio} gives {round(size * ratio)} anomalies; "
-                    "a query needs at least one normal and one anomaly"
-                )
-    episodes, batch = dataset.get("train_episodes"), dataset.get("meta_batch_size")
-    if isinstance(episodes, int) and isinstance(batch, int) and episodes < batch:
-        raise ConfigError(
-            f"dataset.train_episodes ({episodes}) is smaller than dataset.meta_batch_size ({batch}), "
-            "so an epoch holds no meta-batch"
-        )
 
 
 def check_threshold(threshold: DictConfig | None) -> None:

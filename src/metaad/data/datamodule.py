@@ -8,7 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from metaad.data.episodes import EpisodeDataset, EpisodeSampler
+from metaad.data.episodes import EpisodeDataset, EpisodeSampler, check_episode_settings
 from metaad.data.preprocessing import Preprocessing
 from metaad.data.tasks import DataError, LabelledData, TaskPool, split_tasks
 
@@ -77,36 +77,20 @@ class EpisodeDataModule(pl.LightningDataModule):
             "val": n_query if val_n_query is None else val_n_query,
             "test": n_query if test_n_query is None else test_n_query,
         }
-        for name, value in (
-            ("k_shot", k_shot),
-            ("n_query", n_query),
-            ("val_n_query", n_queries["val"]),
-            ("test_n_query", n_queries["test"]),
-            ("meta_batch_size", meta_batch_size),
-            ("train_episodes", train_episodes),
-            ("val_episodes", val_episodes),
-            ("test_episodes", test_episodes),
-            ("eval_batch_size", eval_batch_size),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise DataError(f"dataset.{name} must be a positive integer, got {value!r}")
-        if not 0.0 < anomaly_ratio < 1.0:
-            raise DataError(
-                f"dataset.anomaly_ratio must be in (0, 1) so queries hold both kinds, got {anomaly_ratio}"
+        check_episode_settings(
+            dict(
+                k_shot=k_shot,
+                n_query=n_query,
+                val_n_query=val_n_query,
+                test_n_query=test_n_query,
+                anomaly_ratio=anomaly_ratio,
+                meta_batch_size=meta_batch_size,
+                train_episodes=train_episodes,
+                val_episodes=val_episodes,
+                test_episodes=test_episodes,
+                eval_batch_size=eval_batch_size,
             )
-        for split, size in n_queries.items():
-            n_anomalies = round(size * anomaly_ratio)
-            if not 0 < n_anomalies < size:
-                key = "n_query" if split == "train" else f"{split}_n_query"
-                raise DataError(
-                    f"dataset.{key}={size} with anomaly_ratio={anomaly_ratio} gives {n_anomalies} "
-                    "anomalies; a query needs at least one normal and one anomaly"
-                )
-        if train_episodes < meta_batch_size:
-            raise DataError(
-                f"dataset.train_episodes ({train_episodes}) is smaller than "
-                f"meta_batch_size ({meta_batch_size})"
-            )
+        )
         self.source = source
         self.split_args = dict(
             train_tasks=train_tasks,

@@ -8,8 +8,9 @@ process count, fixed for val/test, fresh each epoch for training.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +20,50 @@ from torch.utils.data import Dataset, Sampler
 from metaad.data.tasks import DataError, TaskPool
 
 SPLIT_ID = {"train": 0, "val": 1, "test": 2}
+POSITIVE_INTS = (
+    "k_shot",
+    "n_query",
+    "meta_batch_size",
+    "train_episodes",
+    "val_episodes",
+    "test_episodes",
+    "eval_batch_size",
+)
+
+
+def check_episode_settings(settings: Mapping[str, Any], error: type[Exception] = DataError) -> None:
+    """The episode settings (``dataset.*``) that are present, checked once for the config gate
+    (``metaad.checks``, before any data is read) and the datamodule alike; raises ``error``."""
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    for key in POSITIVE_INTS:
+        if key in settings and not whole(settings[key]):
+            raise error(f"dataset.{key} must be a positive integer, got {settings[key]!r}")
+    for key in ("val_n_query", "test_n_query"):
+        value = settings.get(key)
+        if value is not None and not whole(value):
+            raise error(f"dataset.{key} must be a positive integer or null (= n_query), got {value!r}")
+    if "anomaly_ratio" in settings:
+        ratio = settings["anomaly_ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not math.isfinite(ratio):
+            raise error(f"dataset.anomaly_ratio must be a number, got {ratio!r}")
+        if not 0.0 < ratio < 1.0:
+            raise error(f"dataset.anomaly_ratio must be in (0, 1) so queries hold both kinds, got {ratio}")
+        for key in ("n_query", "val_n_query", "test_n_query"):
+            size = settings.get(key)  # a null val/test size is n_query, checked as such
+            if isinstance(size, int) and not 0 < round(size * ratio) < size:
+                raise error(
+                    f"dataset.{key}={size} with anomaly_ratio={ratio} gives {round(size * ratio)} anomalies; "
+                    "a query needs at least one normal and one anomaly"
+                )
+    episodes, batch = settings.get("train_episodes"), settings.get("meta_batch_size")
+    if isinstance(episodes, int) and isinstance(batch, int) and episodes < batch:
+        raise error(
+            f"dataset.train_episodes ({episodes}) is smaller than dataset.meta_batch_size ({batch}), "
+            "so an epoch holds no meta-batch"
+        )
 
 
 class Episode(NamedTuple):
