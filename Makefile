@@ -9,7 +9,7 @@ STAMP := $(VENV)/.install.stamp
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval score sweep benchmark benchmark-quick speed scale test test-slow lint format tensorboard clean
+.PHONY: help install train eval score sweep benchmark benchmark-quick speed scale scale-store test test-slow lint format tensorboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ speed: $(STAMP) ## throughput of each learner; MAML beside TorchOpt and higher (
 
 scale: $(STAMP) ## how setup, meta-training and evaluation costs grow (tables + PNG in outputs/scale/; ARGS=--quick)
 	$(BIN)/python scripts/bench_scale.py $(ARGS)
+
+scale-store: $(STAMP) ## peak memory of metaad-train on tables up to 10^7 rows x 100 features, in memory vs the store (ARGS=--quick)
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/bench_store.py $(ARGS)
 
 test: $(STAMP) ## the default test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)

@@ -120,7 +120,7 @@ def test_task_files_shared_between_train_and_test_never_lend_test_rows_to_traini
     for pool in pools.values():
         for t in pool.tasks:  # a task's anomalies are its own anomalous rows, in its own share
             anomalies = pool.anomaly_rows[t]
-            assert data.anomalous[anomalies].all() and set(data.task[anomalies]) == {t}
+            assert data.anomalous[anomalies].all() and set(data.tasks_of(anomalies)) == {t}
             assert not data.anomalous[pool.normal_rows[t]].any()
 
 
@@ -212,7 +212,7 @@ def test_rotations_are_made_of_training_characters_only():
     assert pools["val"].tasks == ["A1/c3", "A1/c4"] and pools["test"].tasks == ["A1/c5", "A2/c6"]
     assert not pools["val"].rotations and not pools["test"].rotations
     can = assert_no_leak(pools)
-    assert set(data.task[list(can["train"])]) == {"A0/c0", "A0/c1", "A0/c2"}
+    assert set(data.tasks_of(list(can["train"]))) == {"A0/c0", "A0/c1", "A0/c2"}
     rotated = train.normal_rows["A0/c1/rot90"]
     np.testing.assert_array_equal(
         train.take(rotated), np.rot90(data.x[rotated % len(data.x)], 1, axes=(-2, -1))

@@ -260,7 +260,7 @@ def test_wildcards_split_characters_by_alphabet(tmp_path):
     assert pools["test"].tasks == ["Gamma/character01", "Gamma/character02"]
     # anomalies of a test character: the other test characters only (anomalies_from=split)
     test = pools["test"]
-    assert set(data.task[test.anomaly_rows["Gamma/character01"]]) == {"Gamma/character02"}
+    assert set(data.tasks_of(test.anomaly_rows["Gamma/character01"])) == {"Gamma/character02"}
     with pytest.raises(DataError, match=r"\['Delta/\*'\] not in"):
         split_tasks(data, None, ["Delta/*"], ["Gamma/*"])
     with pytest.raises(DataError, match="overlaps val/test"):
@@ -294,7 +294,9 @@ def test_task_files_are_tasks_named_by_stem_with_their_own_anomalies(tmp_path):
     assert pools["train"].tasks == ["a"]
     test = pools["test"]
     assert len(test.normal_rows["c"]) == 22 and len(test.anomaly_rows["c"]) == 8
-    assert set(data.task[test.anomaly_rows["c"]]) == {"c"} and data.anomalous[test.anomaly_rows["c"]].all()
+    assert (
+        set(data.tasks_of(test.anomaly_rows["c"])) == {"c"} and data.anomalous[test.anomaly_rows["c"]].all()
+    )
 
 
 @pytest.mark.parametrize(

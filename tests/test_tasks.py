@@ -45,7 +45,7 @@ def test_draws_equal_sampling_the_materialised_anomaly_rows(own):
             rows = pool.anomaly_rows[t]
             assert len(rows) == pool.n_anomalies(t)
             if own:  # a task's own anomalous rows
-                assert set(data.task[rows]) == {t} and data.anomalous[rows].all()
+                assert set(data.tasks_of(rows)) == {t} and data.anomalous[rows].all()
             else:  # every row of the split's other tasks, in the split's task order, ascending within each
                 others = [pool.normal_rows[o] for o in pool.tasks if o != t]
                 np.testing.assert_array_equal(rows, np.concatenate(others))

@@ -146,7 +146,8 @@ class Threshold:
                 f"threshold={self.rule} has not been fitted on validation episodes (no validation ran and "
                 "none was available to fit it)"
             )
-        return torch.full(normalised.shape[:1], self.value, device=normalised.device)
+        # float64: the fitted value itself, not its float32 rounding (the API reports it as threshold_)
+        return torch.full(normalised.shape[:1], self.value, dtype=torch.float64, device=normalised.device)
 
     def fit(self, normalised: Tensor, labels: Tensor) -> None:
         """Fit on validation episodes' normalised scores (E, Q) and labels; most rules have nothing to fit."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from metaad.data import store
 from metaad.data.errors import DataError
 from metaad.data.preprocessing import Preprocessing
 from metaad.data.tasks import LabelledData
@@ -307,11 +308,13 @@ def _archive(path: Path, loaded: dict[str, np.ndarray] | np.ndarray) -> dict[str
 # --- one file per task (ADBench) -----------------------------------------------------------------
 
 
-def task_files(root: str, pattern: str = "*.npz") -> LabelledData:
+def task_files(root: str, pattern: str = "*.npz", cache: str | None = None) -> LabelledData:
     """A folder of ``.npz`` files in the ADBench format, one task each, named by file stem.
 
     Each file holds ``X`` (n, features...) and ``y`` (n,) with 0 = normal and 1 = anomalous; every
-    file must have the same feature shape.
+    file must have the same feature shape. ``cache`` (a folder): the files are read one at a time
+    into a memory-mapped store there (:mod:`metaad.data.store`), reused while no file changes, so
+    a folder larger than memory trains (each file must fit).
     """
     folder = Path(root)
     if not folder.is_dir():
@@ -320,23 +323,35 @@ def task_files(root: str, pattern: str = "*.npz") -> LabelledData:
         raise DataError(
             f"dataset.source.pattern must be a file name pattern such as '*.npz', got {pattern!r}"
         )
+    if cache is not None and not isinstance(cache, str | Path):
+        raise DataError(f"dataset.source.cache must be a folder or null, got {cache!r}")
     files = sorted(folder.glob(pattern))
     if not files:
         raise DataError(f"{folder}: no task files match {pattern!r}")
-    xs, labels, tasks = [], [], []
-    for path in files:
-        x, anomalous = _task_file(path)
-        if xs and x.shape[1:] != xs[0].shape[1:]:
-            raise DataError(
-                f"{path}: X has feature shape {x.shape[1:]} but {files[0]} has {xs[0].shape[1:]}; "
-                "every task file needs the same features"
-            )
-        xs.append(x)
-        labels.append(anomalous)
-        tasks.append(np.full(len(x), path.stem))
-    return LabelledData(
-        x=np.concatenate(xs), task=np.concatenate(tasks), anomalous=np.concatenate(labels), name=str(folder)
-    )
+    ident = store.identity("task_files", files, {"pattern": pattern})
+    if cache is not None:
+        found = store.open_store(store.store_folder(cache, folder.name, ident), ident)
+        if found is not None:
+            log.info("%s: read from its store in %s", folder, cache)
+            return _labelled(found, str(folder))
+    sink, first = None, None
+    try:
+        for code, path in enumerate(files):
+            x, anomalous = _task_file(path)
+            if sink is None:
+                sink, first = store.writer(cache, folder.name, ident, x.shape[1:], True), (path, x.shape[1:])
+            elif x.shape[1:] != first[1]:
+                raise DataError(
+                    f"{path}: X has feature shape {x.shape[1:]} but {first[0]} has {first[1]}; "
+                    "every task file needs the same features"
+                )
+            sink.append(x, np.full(len(x), code, np.int32), anomalous)
+        arrays = sink.finish([path.stem for path in files])
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
+    return _labelled(arrays, str(folder))
 
 
 def _task_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -369,8 +384,11 @@ def _require_finite(x: np.ndarray, where: object) -> None:
         raise DataError(f"{where}: {len(bad)} row(s) hold NaN or inf (first rows: {bad[:5].tolist()})")
 
 
-def _anomaly_labels(y: np.ndarray, where: str) -> np.ndarray:
-    """0/1 (or boolean) labels -> bool; anything else is an error naming the first bad row."""
+def _anomaly_labels(y: np.ndarray, where: str, numbers: np.ndarray | None = None) -> np.ndarray:
+    """0/1 (or boolean) labels -> bool; anything else is an error naming the first bad row.
+
+    ``numbers``: the data row of each label, when ``y`` is a chunk of a table.
+    """
     if y.dtype == bool:
         return y
     try:
@@ -380,8 +398,9 @@ def _anomaly_labels(y: np.ndarray, where: str) -> np.ndarray:
         values, ok = None, np.zeros(len(y), bool)
     if not ok.all():
         rows = np.flatnonzero(~ok)
+        row = rows[0] if numbers is None else int(numbers[rows[0]])
         raise DataError(
-            f"{where}: anomaly labels must be 0 (normal) or 1 (anomalous); row {rows[0]} holds "
+            f"{where}: anomaly labels must be 0 (normal) or 1 (anomalous); row {row} holds "
             f"{y[rows[0]]!r} ({len(rows)} bad row(s))"
         )
     return values == 1
@@ -397,6 +416,7 @@ def table(
     features: Sequence[str] | None = None,
     ignore_columns: Sequence[str] = (),
     drop_missing: bool = False,
+    cache: str | None = None,
 ) -> LabelledData:
     """A CSV, TSV, Parquet or NPZ table: feature columns, a class or task column, optional 0/1 labels.
 
@@ -405,24 +425,26 @@ def table(
     every column but the task, anomaly and ``ignore_columns`` ones. Rows with a missing or
     non-finite value are an error naming them, unless ``drop_missing`` (then their count is logged).
     In an NPZ every 1-D array is a column and a 2-D array ``K`` is the columns ``K_0, K_1, ...``.
-    """
-    import pandas as pd
 
+    CSV, TSV and Parquet are read in chunks of rows. ``cache`` (a folder): the chunks go to a
+    memory-mapped store there (:mod:`metaad.data.store`), reused while the file and these settings
+    are unchanged, so a table larger than memory trains; without it they are gathered in memory.
+    """
     if not isinstance(drop_missing, bool):
         raise DataError(f"dataset.source.drop_missing must be true or false, got {drop_missing!r}")
+    if cache is not None and not isinstance(cache, str | Path):
+        raise DataError(f"dataset.source.cache must be a folder or null, got {cache!r}")
     task_column = _column_name("task_column", task_column)
     anomaly_column = None if anomaly_column is None else _column_name("anomaly_column", anomaly_column)
     ignore_columns = _column_names("ignore_columns", ignore_columns)
     features = None if features is None else _column_names("features", features)
-    frame = _read_table(Path(path))
-    columns = list(frame.columns)
-    if not len(frame):
-        raise DataError(f"{path}: the table has a header {columns[:20]} but no data rows")
+    reader = _TableReader(Path(path), task_column)
+    columns = reader.columns
     named = [("task_column", [task_column]), ("ignore_columns", list(ignore_columns))]
     named += [("anomaly_column", [anomaly_column])] if anomaly_column is not None else []
     named += [("features", list(features))] if features is not None else []
     for setting, names in named:
-        unknown = [n for n in names if n not in frame.columns]
+        unknown = [n for n in names if n not in columns]
         if unknown:
             hint = (
                 "; its first row looks like data (mostly numbers): a table needs a header row naming "
@@ -449,35 +471,183 @@ def table(
         raise DataError(f"{path}: dataset.source.features include the label column(s) {leaked}")
     if not features:
         raise DataError(f"{path}: no feature columns left (columns: {columns[:20]})")
-    text = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])]  # bools count as 0/1
-    if text:
-        raise DataError(
-            f"{path}: feature column(s) {text[:10]} are not numeric; list them in "
-            "dataset.source.ignore_columns or give dataset.source.features"
-        )
 
-    x = frame[features].to_numpy(np.float64).astype(np.float32)
-    missing = ~np.isfinite(x).all(axis=1) | frame[labels].isna().any(axis=1).to_numpy()
-    if missing.any():
-        rows = np.flatnonzero(missing)
-        if not drop_missing:
-            raise DataError(
-                f"{path}: {len(rows)} row(s) have a missing, NaN or infinite value (first data rows, "
-                f"0-based: {rows[:5].tolist()}); fix them or set dataset.source.drop_missing=true"
-            )
-        log.warning(
-            "%s: dropped %d of %d rows with a missing or non-finite value", path, len(rows), len(frame)
-        )
-        frame, x = frame[~missing], x[~missing]
-        if not len(frame):
-            raise DataError(f"{path}: every row has a missing or non-finite value")
-    anomalous = None
-    if anomaly_column is not None:
-        anomalous = _anomaly_labels(frame[anomaly_column].to_numpy(), f"{path}: column {anomaly_column!r}")
-    task = frame[task_column].astype(str).to_numpy()
+    settings = dict(
+        task_column=task_column,
+        anomaly_column=anomaly_column,
+        features=list(features),
+        drop_missing=drop_missing,
+    )
+    ident = store.identity("table", [Path(path)], settings)
     # the source's own arithmetic is Preprocessing.transform's: to_numpy(float64), then float32
     preprocessing = Preprocessing((len(features),), feature_names=tuple(features))
-    return LabelledData(x=x, task=task, anomalous=anomalous, name=str(path), preprocessing=preprocessing)
+    if cache is not None:
+        found = store.open_store(store.store_folder(cache, Path(path).name, ident), ident)
+        if found is not None:
+            log.info("%s: read from its store in %s", path, cache)
+            return _labelled(found, str(path), preprocessing)
+    elif Path(path).stat().st_size > _LARGE:
+        log.warning(
+            "%s: reading %.1f GB into memory; dataset.source.cache=<folder> memory-maps it instead",
+            path,
+            Path(path).stat().st_size / 1e9,
+        )
+    sink = store.writer(cache, Path(path).name, ident, (len(features),), anomaly_column is not None)
+    try:
+        arrays, dropped, rows = _read_rows(reader, sink, features, task_column, anomaly_column, drop_missing)
+    except BaseException:
+        sink.abort()
+        raise
+    if dropped:
+        log.warning("%s: dropped %d of %d rows with a missing or non-finite value", path, dropped, rows)
+    if cache is not None:
+        log.info("%s: %d rows written to a memory-mapped store in %s", path, len(arrays.codes), cache)
+    return _labelled(arrays, str(path), preprocessing)
+
+
+def _labelled(arrays: store.Arrays, name: str, preprocessing: Preprocessing | None = None) -> LabelledData:
+    """A source's arrays as data; the source refused NaN and inf while reading them."""
+    return LabelledData(
+        x=arrays.x,
+        task=arrays.codes,
+        names=arrays.names,
+        anomalous=arrays.anomalous,
+        name=name,
+        preprocessing=preprocessing,
+        finite_checked=True,
+    )
+
+
+def _read_rows(reader, sink, features, task_column, anomaly_column, drop_missing):
+    """Every chunk of the table checked, converted and appended to ``sink``: (arrays, dropped, rows)."""
+    import pandas as pd
+
+    path, labels = reader.path, [task_column] + ([anomaly_column] if anomaly_column is not None else [])
+    codes: dict[str, int] = {}
+    first_missing: list[int] = []
+    n_missing = rows = 0
+    for frame in reader.chunks(features + labels):
+        if not len(frame):  # a header-only CSV reads as one empty chunk of text columns
+            continue
+        text = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])]  # bools are 0/1
+        if text:
+            raise DataError(
+                f"{path}: feature column(s) {text[:10]} are not numeric; list them in "
+                "dataset.source.ignore_columns or give dataset.source.features"
+            )
+        x = frame[features].to_numpy(np.float64).astype(np.float32)
+        missing = ~np.isfinite(x).all(axis=1) | frame[labels].isna().any(axis=1).to_numpy()
+        numbers = np.arange(rows, rows + len(frame))  # data rows, 0-based
+        rows += len(frame)
+        if missing.any():
+            n_missing += int(missing.sum())
+            first_missing += numbers[missing][: 5 - len(first_missing)].tolist()
+            frame, x, numbers = frame[~missing], x[~missing], numbers[~missing]
+        if n_missing and not drop_missing:
+            continue  # only counting from here: the error below names them all
+        anomalous = None
+        if anomaly_column is not None:
+            where = f"{path}: column {anomaly_column!r}"
+            anomalous = _anomaly_labels(frame[anomaly_column].to_numpy(), where, numbers)
+        unique, inverse = np.unique(frame[task_column].astype(str).to_numpy(), return_inverse=True)
+        lookup = np.array([codes.setdefault(str(u), len(codes)) for u in unique], np.int32)
+        sink.append(x, lookup[inverse.reshape(-1)], anomalous)
+    if not rows:
+        raise DataError(f"{path}: the table has a header {reader.columns[:20]} but no data rows")
+    if n_missing and not drop_missing:
+        raise DataError(
+            f"{path}: {n_missing} row(s) have a missing, NaN or infinite value (first data rows, "
+            f"0-based: {first_missing}); fix them or set dataset.source.drop_missing=true"
+        )
+    if n_missing == rows:
+        raise DataError(f"{path}: every row has a missing or non-finite value")
+    return sink.finish(list(codes)), n_missing, rows
+
+
+_LARGE = 2**30  # bytes of a table file above which reading it into memory is worth a warning
+_TABLE_CHUNK = 50_000  # rows read at a time: about 40 MB of float64 values for 100 features
+
+
+class _TableReader:
+    """A table's column names, from its header or schema alone, and its rows in chunks."""
+
+    DELIMITERS = {".csv": ",", ".tsv": "\t"}
+
+    def __init__(self, path: Path, task_column: str) -> None:
+        import pandas as pd
+
+        self.path, self.task_column = path, task_column
+        self.suffix = suffix = path.suffix.lower()
+        if suffix not in (*self.DELIMITERS, ".parquet", ".pq", ".npz"):
+            raise DataError(
+                f"dataset.source.path: {path} is not a table metaad reads (.csv, .tsv, .parquet, .pq, .npz)"
+            )
+        if not path.is_file():
+            raise DataError(f"dataset.source.path: {path} does not exist")
+        if suffix == ".npz":
+            self.frame = _npz_table(path, _archive(path, load_arrays(path)))
+            self.columns = [str(c) for c in self.frame.columns]
+            return
+        try:
+            if suffix in self.DELIMITERS:
+                _refuse_repeated(path, _header(path, self.DELIMITERS[suffix]))
+                header = pd.read_csv(path, sep=self.DELIMITERS[suffix], nrows=0)
+                self.columns = [str(c) for c in header.columns]
+            else:
+                schema = self._parquet().schema_arrow
+                index = (schema.pandas_metadata or {}).get("index_columns", [])
+                self.columns = [n for n in schema.names if n not in {c for c in index if isinstance(c, str)}]
+        except DataError:
+            raise
+        except (OSError, ValueError, pd.errors.ParserError) as error:
+            raise DataError(f"{path}: cannot read the table ({error})") from error
+        _refuse_repeated(path, self.columns)
+
+    def _parquet(self):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as error:
+            raise ImportError(f"reading {self.path} needs pyarrow: pip install 'metaad[parquet]'") from error
+        return pq.ParquetFile(self.path, pre_buffer=False)
+
+    def chunks(self, columns: list[str]):
+        """DataFrames of at most ``_TABLE_CHUNK`` rows holding (at least) ``columns``, in file order."""
+        import pandas as pd
+
+        if self.suffix == ".npz":
+            for start in range(0, len(self.frame), _TABLE_CHUNK):
+                yield self.frame.iloc[start : start + _TABLE_CHUNK]
+            return
+        try:
+            if self.suffix in self.DELIMITERS:
+                batches = pd.read_csv(
+                    self.path,
+                    sep=self.DELIMITERS[self.suffix],
+                    chunksize=_TABLE_CHUNK,
+                    dtype={self.task_column: str},  # task names as written: 007 stays 007
+                )
+            else:
+                parquet = self._parquet()
+                # one row group at a time (threads would decode several ahead): memory grows with
+                # the file's row-group size, not with its rows
+                chunks = parquet.iter_batches(_TABLE_CHUNK, columns=columns, use_threads=False)
+                batches = (b.to_pandas() for b in chunks)
+            offset = 0
+            for frame in batches:
+                if self.suffix in self.DELIMITERS and not frame.index.equals(
+                    pd.RangeIndex(offset, offset + len(frame))
+                ):
+                    raise DataError(
+                        f"{self.path}: its rows have more fields than its header names "
+                        f"({len(frame.columns)}: {list(frame.columns)[:10]}); every row needs one value "
+                        "per column"
+                    )
+                offset += len(frame)
+                yield frame
+        except DataError:
+            raise
+        except (OSError, ValueError, pd.errors.ParserError) as error:
+            raise DataError(f"{self.path}: cannot read the table ({error})") from error
 
 
 def _column_name(setting: str, name: object) -> str:
@@ -522,42 +692,6 @@ def _refuse_repeated(path: Path, names: Sequence[str]) -> None:
             f"{path}: the header names the column(s) {repeated} more than once; give every column its "
             "own name (a repeated label column would otherwise be read as a feature)"
         )
-
-
-def _read_table(path: Path):
-    import pandas as pd
-
-    suffix = path.suffix.lower()
-    delimiters = {".csv": ",", ".tsv": "\t"}
-    if suffix not in (*delimiters, ".parquet", ".pq", ".npz"):
-        raise DataError(
-            f"dataset.source.path: {path} is not a table metaad reads (.csv, .tsv, .parquet, .pq, .npz)"
-        )
-    if not path.is_file():
-        raise DataError(f"dataset.source.path: {path} does not exist")
-    if suffix in (".parquet", ".pq"):
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError as error:
-            raise ImportError(f"reading {path} needs pyarrow: pip install 'metaad[parquet]'") from error
-    if suffix == ".npz":
-        return _npz_table(path, _archive(path, load_arrays(path)))
-    if suffix in delimiters:
-        _refuse_repeated(path, _header(path, delimiters[suffix]))
-    try:
-        if suffix in delimiters:
-            frame = pd.read_csv(path, sep=delimiters[suffix])
-        else:
-            frame = pd.read_parquet(path)
-    except (OSError, ValueError, pd.errors.ParserError) as error:
-        raise DataError(f"{path}: cannot read the table ({error})") from error
-    _refuse_repeated(path, [str(c) for c in frame.columns])
-    if suffix in delimiters and not frame.index.equals(pd.RangeIndex(len(frame))):
-        raise DataError(
-            f"{path}: its rows have more fields than its header names ({len(frame.columns)}: "
-            f"{list(frame.columns)[:10]}); every row needs one value per column"
-        )
-    return frame
 
 
 def _npz_table(path: Path, arrays: dict[str, np.ndarray]):

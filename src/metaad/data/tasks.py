@@ -50,14 +50,21 @@ class LabelledData:
     as in the ADBench one-file-per-task format. ``partition`` is the source's own train/test split
     of the rows (``"train"`` / ``"test"``; None when it has none). ``preprocessing`` turns a user's
     raw samples into ``x`` the way the source did (default: identity on ``x.shape[1:]``).
+
+    ``x`` may be a read-only memory map (a source read into a store, ``data.store``): nothing here
+    reads all of it, and episodes read only their rows. With ``names``, ``task`` holds integer codes
+    into it (millions of rows need no string per row). ``finite_checked`` says the source already
+    refused NaN and inf while reading, so the check here need not read ``x`` again.
     """
 
     x: np.ndarray  # (N, *sample_shape) float32
-    task: np.ndarray  # (N,) str: class or task name of each row
+    task: np.ndarray  # (N,) str: class or task name of each row; or int codes into ``names``
     anomalous: np.ndarray | None = None  # (N,) bool, or None for one-vs-rest
     name: str = "data"
     partition: np.ndarray | None = None  # (N,) "train" / "test": the source's own split, or None
     preprocessing: Preprocessing = field(default=None)  # type: ignore[assignment]
+    names: tuple[str, ...] | None = None
+    finite_checked: bool = False
 
     def __post_init__(self) -> None:
         if self.x.ndim < 2 or len(self.x) == 0:
@@ -82,6 +89,11 @@ class LabelledData:
                 f"{self.name}: preprocessing gives samples of shape {self.preprocessing.sample_shape} "
                 f"but x has {self.x.shape[1:]}"
             )
+        codes = self.task if self.names is not None and len(self.task) else None
+        if codes is not None and not 0 <= int(codes.min()) <= int(codes.max()) < len(self.names):
+            raise DataError(f"{self.name}: task codes outside the {len(self.names)} task names")
+        if self.finite_checked:
+            return
         flat = self.x.reshape(n, -1)
         for start in range(0, n, _CHUNK):
             bad = ~np.isfinite(flat[start : start + _CHUNK]).all(axis=1)
@@ -93,11 +105,16 @@ class LabelledData:
 
     @cached_property
     def _grouping(self) -> tuple[list[str], np.ndarray]:
-        unique, inverse = np.unique(self.task, return_inverse=True)
+        if self.names is not None:
+            unique, inverse = np.array(self.names), self.task
+        else:
+            unique, inverse = np.unique(self.task, return_inverse=True)
         names = sorted((str(u) for u in unique), key=_natural_key)
         position = {name: i for i, name in enumerate(names)}
+        if len(position) < len(unique):
+            raise DataError(f"{self.name}: a task name is listed twice in its names")
         remap = np.array([position[str(u)] for u in unique], np.int64)
-        return names, remap[inverse.reshape(-1)]
+        return names, remap[np.asarray(inverse).reshape(-1)]
 
     @property
     def task_names(self) -> list[str]:
@@ -108,6 +125,10 @@ class LabelledData:
     def task_codes(self) -> np.ndarray:
         """``(N,)`` int64: each row's task as an index into :attr:`task_names`."""
         return self._grouping[1]
+
+    def tasks_of(self, rows: np.ndarray) -> np.ndarray:
+        """The task name of each of ``rows`` (whether ``task`` holds names or codes)."""
+        return np.asarray(self.task_names)[self.task_codes[rows]]
 
 
 def _natural_key(name: str) -> tuple:

@@ -1,0 +1,188 @@
+"""Tables larger than memory: peak memory and time of a whole ``metaad-train`` on a Parquet table, read
+into memory or through the store (``dataset.source.cache``), as rows grow.
+
+For each size a child process writes a Parquet table (row groups of 500,000 rows, never the whole
+table in memory): ``features`` float32 columns, a ``task`` column dealing rows evenly to
+rows / ``--rows-per-task`` tasks (``t0000`` ...), an ``anomalous`` 0/1 column (10% of each task's
+rows, shifted); tasks ``*8?`` validate, ``*9?`` test, the rest meta-train. Then, each in its own
+process, single-threaded, peak resident memory from ``os.wait4`` (the process's ru_maxrss):
+
+- ``memory``: ``dataset.source.cache=null``, the table gathered in memory;
+- ``store: build``: the first run with a cache folder: the table streamed into the store, then trained;
+- ``store: reuse``: the same command again: the store opened as it is.
+
+Every run meta-trains ProtoNet on the MLP (``trainer.max_steps``, default 50), validates and tests
+(50 / 100 episodes) beside the baselines. Sizes whose in-memory run would not fit in the free memory
+are skipped for ``memory`` and the output says so.
+
+    python scripts/bench_store.py                        # 10^5 .. 10^7 rows x 100 features, 1,000 rows a task
+    python scripts/bench_store.py --rows 100000 --quick  # one small size, checks that it runs
+
+The table goes to ``--out`` (default ``outputs/scale/store-<time>/store.md``), the raw numbers beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+GB = 1e9
+GROUP = 500_000
+
+
+def write_table(path: Path, rows: int, features: int, tasks: int, seed: int = 0) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 1, (tasks, features)).astype(np.float32)
+    names = np.array([f"t{t:04d}" for t in range(tasks)])
+    columns = [f"f{j}" for j in range(features)]
+    schema = pa.schema(
+        [*(pa.field(c, pa.float32()) for c in columns), ("task", pa.string()), ("anomalous", pa.int8())]
+    )
+    with pq.ParquetWriter(path, schema, compression="none") as writer:
+        for start in range(0, rows, GROUP):
+            n = min(GROUP, rows - start)
+            task = (start + np.arange(n)) % tasks
+            anomalous = (start + np.arange(n)) // tasks % 10 == 9
+            x = rng.standard_normal((n, features), np.float32) + means[task]
+            x[anomalous, : max(1, features // 10)] += 0.5
+            block = {c: x[:, j] for j, c in enumerate(columns)}
+            block |= {"task": names[task], "anomalous": anomalous.astype(np.int8)}
+            writer.write_table(pa.table(block, schema=schema))
+
+
+def train(table: Path, cache: Path | None, run_dir: Path, steps: int, log_file: Path) -> dict:
+    cmd = [
+        str(Path(sys.executable).with_name("metaad-train")),
+        "dataset=table",
+        f"dataset.source.path={table}",
+        "dataset.source.task_column=task",
+        "dataset.source.anomaly_column=anomalous",
+        f"dataset.source.cache={cache if cache else 'null'}",
+        "dataset.val_tasks=[*8?]",  # a tenth of the tasks each
+        "dataset.test_tasks=[*9?]",
+        "dataset.val_episodes=50",
+        "dataset.test_episodes=100",
+        f"dataset.train_episodes={8 * steps}",  # one epoch of `steps` meta-batches of 8
+        "dataset.eval_batch_size=50",
+        "model=protonet",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "logger=none",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    start = time.perf_counter()
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"metaad-train failed (log: {log_file}):\n{' '.join(cmd)}")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    best = max(b["auroc"]["mean"] for b in metrics["baselines"].values())
+    auroc = metrics["test"]["auroc"]["mean"]
+    peak = usage.ru_maxrss * 1024 / GB
+    return {"wall_s": wall, "peak_gb": peak, "test_auroc": auroc, "baseline_auroc": best}
+
+
+def free_gb() -> float:
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+    return info["MemAvailable"] * 1024 / GB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--features", type=int, default=100)
+    parser.add_argument("--rows-per-task", type=int, default=1000, help="tasks = rows / this")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--quick", action="store_true", help="10 steps")
+    parser.add_argument(
+        "--scratch", type=Path, default=None, help="where tables and stores go (default: a temp dir)"
+    )
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.steps = 10
+    out = args.out or Path("outputs/scale") / time.strftime("store-%Y-%m-%d_%H-%M-%S")
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="metaad-store-", dir=args.scratch))
+    results = []
+    try:
+        for rows in args.rows:
+            tasks = max(10, rows // args.rows_per_task)
+            table = scratch / f"table-{rows}.parquet"
+            start = time.perf_counter()
+            # in a child: a parent's resident memory at fork counts in its children's ru_maxrss
+            child = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_store; "
+            child += f"bench_store.write_table(bench_store.Path({str(table)!r}), {rows}, {args.features}, "
+            child += f"{tasks})"
+            subprocess.run([sys.executable, "-c", child], check=True)
+            x_gb = rows * args.features * 4 / GB
+            print(
+                f"{rows:,} rows x {args.features} features over {tasks:,} tasks: "
+                f"{table.stat().st_size / GB:.2f} GB Parquet written in {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+            cache = scratch / "cache"
+            modes = [("store: build", cache), ("store: reuse", cache), ("memory", None)]
+            for mode, folder in modes:
+                row = {
+                    "rows": rows,
+                    "features": args.features,
+                    "tasks": tasks,
+                    "mode": mode,
+                    "x_gb": x_gb,
+                    "table_gb": table.stat().st_size / GB,
+                }
+                if folder is None and 3 * x_gb > 0.6 * free_gb():
+                    row["skipped"] = f"needs about {3 * x_gb:.0f} GB, {free_gb():.0f} GB free"
+                else:
+                    run_dir = scratch / f"run-{rows}-{mode.replace(': ', '-')}"
+                    row |= train(table, folder, run_dir, args.steps, out / f"{run_dir.name}.log")
+                print("  " + json.dumps(row), flush=True)
+                results.append(row)
+            shutil.rmtree(cache, ignore_errors=True)
+            table.unlink()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    lines = [
+        f"`python scripts/bench_store.py {' '.join(sys.argv[1:])}`: a whole metaad-train (ProtoNet, MLP, "
+        f"{args.steps} steps, val 50 / test 100 episodes), one thread, peak resident memory of the process",
+        "",
+        "| rows | features | tasks | x (GB) | mode | wall (s) | peak memory (GB) | peak / x | test AUROC "
+        "| best baseline |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if "skipped" in r:
+            cells = ["skipped: " + r["skipped"], "", "", "", ""]
+        else:
+            cells = [f"{r['wall_s']:.0f}", f"{r['peak_gb']:.2f}", f"{r['peak_gb'] / r['x_gb']:.2f}"]
+            cells += [f"{r['test_auroc']:.3f}", f"{r['baseline_auroc']:.3f}"]
+        lines.append(
+            f"| {r['rows']:,} | {r['features']} | {r['tasks']:,} | {r['x_gb']:.2f} | {r['mode']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    text = "\n".join(lines)
+    (out / "store.md").write_text(text + "\n")
+    (out / "store.json").write_text(json.dumps(results, indent=1))
+    print("\n" + text + f"\n\n(written to {out})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""A source read once into memory-mapped arrays on disk, so that tables larger than memory train.
+
+A store is a folder ``<cache>/<source stem>-<key>/`` holding
+
+- ``x.npy``: float32 samples ``(N, *sample_shape)``, row-major, read a row at a time (:class:`RowFile`);
+- ``task.npy``: int32 task codes into the names of ``tasks.json``;
+- ``anomalous.npy``: bool labels (only for tasks that carry their own anomalies);
+- ``manifest.json``: what it was built from (the source's path, size and modification time, the
+  source settings, the format version), written last: a folder without it is unfinished.
+
+``key`` hashes the manifest's identity, so a changed source file or other settings give another
+store; a store of the same source and settings whose file has since changed is deleted when its
+successor is built. Building streams: the writer appends each chunk to ``x.npy`` with plain
+writes (a writable memory map would keep every written page resident), the finished folder
+appears by one rename, and only the task codes and labels (a few bytes a row) stay in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from metaad.data.errors import DataError
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+_HEADER = 256  # bytes of the .npy header (format 1.0), fixed so the placeholder and the final one match
+
+
+@dataclass(frozen=True)
+class Arrays:
+    """What a sink returns: samples, task codes into ``names`` (first-appearance order), labels."""
+
+    x: np.ndarray
+    codes: np.ndarray
+    names: tuple[str, ...]
+    anomalous: np.ndarray | None
+
+
+def identity(kind: str, files: list[Path], settings: dict[str, Any]) -> dict[str, Any]:
+    """What a store is built from: the files (path, size, mtime) and the settings that shape it."""
+    stats = []
+    for path in files:
+        stat = path.stat()
+        stats.append({"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return {"version": VERSION, "kind": kind, "files": stats, "settings": settings}
+
+
+def _key(ident: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Same source files and settings, whatever their sizes and times (b is a stale version of a)."""
+    paths = lambda ident: [f["path"] for f in ident.get("files", [])]  # noqa: E731
+    return a.get("kind") == b.get("kind") and paths(a) == paths(b) and a.get("settings") == b.get("settings")
+
+
+class ArraySink:
+    """Collects chunks in memory (no cache folder given)."""
+
+    def __init__(self, sample_shape: tuple[int, ...], own_anomalies: bool) -> None:
+        self.sample_shape, self.own_anomalies = tuple(sample_shape), own_anomalies
+        self.xs: list[np.ndarray] = []
+        self.codes: list[np.ndarray] = []
+        self.anomalous: list[np.ndarray] = []
+        self.rows = 0
+
+    def append(self, x: np.ndarray, codes: np.ndarray, anomalous: np.ndarray | None = None) -> None:
+        self.xs.append(np.ascontiguousarray(x, np.float32))
+        self._labels(codes, anomalous)
+
+    def _labels(self, codes: np.ndarray, anomalous: np.ndarray | None) -> None:
+        self.codes.append(np.asarray(codes, np.int32))
+        if self.own_anomalies:
+            self.anomalous.append(np.asarray(anomalous, bool))
+        self.rows += len(codes)
+
+    def _label_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        codes = np.concatenate(self.codes) if self.codes else np.zeros(0, np.int32)
+        anomalous = np.concatenate(self.anomalous) if self.own_anomalies and self.anomalous else None
+        return codes, anomalous
+
+    def finish(self, names: list[str]) -> Arrays:
+        codes, anomalous = self._label_arrays()
+        x = np.concatenate(self.xs) if self.xs else np.zeros((0, *self.sample_shape), np.float32)
+        self.xs.clear()
+        return Arrays(x, codes, tuple(names), anomalous)
+
+    def abort(self) -> None:
+        self.xs.clear()
+
+
+class StoreWriter(ArraySink):
+    """Streams chunks into a store folder; :meth:`finish` makes it appear and opens it read-only."""
+
+    def __init__(
+        self, folder: Path, ident: dict[str, Any], sample_shape: tuple[int, ...], own_anomalies: bool
+    ) -> None:
+        super().__init__(sample_shape, own_anomalies)
+        self.folder, self.ident = folder, ident
+        self.partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        try:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.partial.mkdir(parents=True)
+            self.file = open(self.partial / "x.npy", "wb")
+            self.file.write(_npy_header(np.float32, (0, *self.sample_shape)))
+        except OSError as error:
+            raise DataError(f"dataset.source.cache: cannot write in {folder.parent} ({error})") from None
+
+    def append(self, x: np.ndarray, codes: np.ndarray, anomalous: np.ndarray | None = None) -> None:
+        try:
+            self.file.write(np.ascontiguousarray(x, np.float32).tobytes())
+        except OSError as error:
+            self.abort()
+            raise DataError(f"dataset.source.cache: writing {self.partial} failed ({error})") from error
+        self._labels(codes, anomalous)
+
+    def finish(self, names: list[str]) -> Arrays:
+        codes, anomalous = self._label_arrays()
+        try:
+            self.file.seek(0)
+            self.file.write(_npy_header(np.float32, (self.rows, *self.sample_shape)))
+            self.file.close()
+            np.save(self.partial / "task.npy", codes)
+            if anomalous is not None:
+                np.save(self.partial / "anomalous.npy", anomalous)
+            (self.partial / "tasks.json").write_text(json.dumps(list(names)))
+            record = dict(self.ident, rows=self.rows, sample_shape=list(self.sample_shape))
+            (self.partial / "manifest.json").write_text(json.dumps(record, indent=1))
+            try:
+                os.replace(self.partial, self.folder)
+            except OSError:
+                if not self.folder.is_dir():
+                    raise
+                shutil.rmtree(self.partial)  # another process (a DDP rank) built it meanwhile: use that
+        except OSError as error:
+            self.abort()
+            raise DataError(f"dataset.source.cache: writing {self.partial} failed ({error})") from error
+        opened = open_store(self.folder, self.ident)
+        if opened is None:
+            raise DataError(f"dataset.source.cache: the store written in {self.folder} does not read back")
+        return opened
+
+    def abort(self) -> None:
+        self.file.close()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def _npy_header(dtype: Any, shape: tuple[int, ...]) -> bytes:
+    """A .npy 1.0 header of exactly ``_HEADER`` bytes (numpy reads padded headers; the spec allows it)."""
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    text = repr({"descr": descr, "fortran_order": False, "shape": shape})
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", _HEADER - 10) + text.ljust(_HEADER - 11).encode() + b"\n"
+
+
+def store_folder(cache: str | Path, stem: str, ident: dict[str, Any]) -> Path:
+    return Path(cache).expanduser() / f"{stem}-{_key(ident)}"
+
+
+def open_store(folder: Path, ident: dict[str, Any]) -> Arrays | None:
+    """The store in ``folder`` if it is complete and built from ``ident``; None otherwise."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if {k: manifest.get(k) for k in ident} != ident:
+        return None
+    try:
+        x = RowFile(folder / "x.npy")
+        codes = np.load(folder / "task.npy", allow_pickle=False)
+        names = tuple(json.loads((folder / "tasks.json").read_text()))
+        labels = folder / "anomalous.npy"
+        anomalous = np.load(labels, allow_pickle=False) if labels.exists() else None
+    except (OSError, ValueError) as error:
+        log.warning("store %s is damaged (%s); building it again", folder, error)
+        return None
+    rows, shape = manifest.get("rows"), tuple(manifest.get("sample_shape", ()))
+    whole = x.shape == (rows, *shape) and len(codes) == rows and (anomalous is None or len(anomalous) == rows)
+    if not whole or (len(codes) and int(codes.max()) >= len(names)):
+        log.warning("store %s does not match its manifest; building it again", folder)
+        return None
+    return Arrays(x, codes, names, anomalous)
+
+
+class RowFile:
+    """The rows of a row-major .npy file, read on demand with ``pread``: ``rows[index]`` -> ndarray.
+
+    Episodes read scattered rows. A memory map of the file would do it too, but the kernel maps
+    the cached pages around every touched one into the process (about 40 kB a row measured here,
+    even advised for random access), so a long run's resident memory grows towards the file's
+    size; reading each row into the episode's own array costs a system call a row and keeps the
+    process's memory to what it uses. It pickles as its path (DataLoader workers, DDP ranks).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran_order, dtype = read(file)
+            self.offset = file.tell()
+        if fortran_order or dtype.hasobject or not shape:
+            raise ValueError(f"{self.path} is not a row-major numeric array")
+        self.shape, self.dtype = tuple(shape), dtype
+        self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        if self.path.stat().st_size != self.offset + self.row_bytes * shape[0]:
+            raise ValueError(f"{self.path} does not hold the {shape} array its header names")
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = np.arange(len(self))[index] if isinstance(index, slice) else np.asarray(index)
+        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer):
+            raise IndexError("a RowFile takes a slice or a 1-D array of row numbers")
+        rows = np.where(rows < 0, rows + len(self), rows)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row numbers outside the {len(self)} rows of {self.path}")
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        flat = out.reshape(len(rows), -1)
+        for i, row in enumerate(rows.tolist()):
+            os.preadv(self.fd, [flat[i]], self.offset + row * self.row_bytes)
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def remove_stale(folder: Path, ident: dict[str, Any]) -> None:
+    """Delete stores of the same source and settings built from an older version of its files."""
+    for manifest in folder.parent.glob("*/manifest.json"):
+        other = manifest.parent
+        if other == folder or ".partial-" in other.name:
+            continue
+        try:
+            record = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if _same_source(ident, record):
+            log.info("removing the store %s: its source has changed since it was built", other)
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def writer(cache: str | Path | None, stem: str, ident: dict[str, Any], sample_shape, own_anomalies: bool):
+    """An :class:`ArraySink` (no cache) or a :class:`StoreWriter` for a new store in ``cache``."""
+    if cache is None:
+        return ArraySink(sample_shape, own_anomalies)
+    folder = store_folder(cache, stem, ident)
+    shutil.rmtree(folder, ignore_errors=True)  # incomplete or damaged: open_store refused it
+    remove_stale(folder, ident)
+    return StoreWriter(folder, ident, sample_shape, own_anomalies)
