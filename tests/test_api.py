@@ -99,6 +99,17 @@ def test_a_baseline_matches_frame_columns_by_name():
         det.decision_function(query.rename(columns={"c": "d"}))
 
 
+def test_a_1d_array_is_refused_as_by_a_loaded_learner(trained):
+    """N values: N samples of one feature or one sample of N? Neither detector guesses."""
+    with pytest.raises(DataError, match=r"got shape \(6,\)"):
+        metaad.load(trained[1]).fit(np.arange(6.0))
+    with pytest.raises(DataError, match=r"1-D array of 6 values; reshape it: X.reshape\(-1, 1\)"):
+        metaad.baseline("nn_euclidean").fit(np.arange(6.0))
+    det = metaad.baseline("nn_euclidean").fit(np.arange(6.0).reshape(-1, 1))
+    with pytest.raises(DataError, match="1-D array of 3 values"):
+        det.decision_function(np.arange(3.0))
+
+
 def test_unknown_baseline_and_threshold_are_named():
     with pytest.raises(ValueError, match="unknown baseline 'knn'.*mahalanobis"):
         metaad.baseline("knn")

@@ -8,6 +8,7 @@ run the command line, where one error block without a traceback is what is teste
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -851,6 +852,18 @@ def test_a_checkpoint_continued_in_a_fresh_folder_gets_its_config_files(trained,
     assert train(cfg)["global_step"] == 8  # the second epoch of the run, after its checkpoint's 4 steps
     assert (tmp_path / "fresh" / ".hydra" / "config.yaml").is_file()
     assert "ckpt_path=" in (tmp_path / "fresh" / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_a_run_continued_after_its_best_checkpoint_was_deleted_tests_the_last_weights(tmp_path, caplog):
+    """No epoch of the continued run beats the old best, whose file is gone: say so, do not crash."""
+    overrides = ["baselines=none", "logger=none"]
+    train(compose_in(tmp_path / "old", overrides))
+    (tmp_path / "old" / "checkpoints" / "best.ckpt").unlink()
+    last = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    with caplog.at_level(logging.WARNING, logger="metaad.train"):
+        metrics = train(compose_in(tmp_path / "fresh", [*overrides, f"ckpt_path={last}"]))
+    assert "best checkpoint" in caplog.text and "is gone: testing the last weights" in caplog.text
+    assert metrics["checkpoint"] == "" and metrics["test"]["auroc"]["n_episodes"] > 0
 
 
 def test_a_read_only_checkpoint_folder_is_named_and_the_last_checkpoint_kept(tmp_path):

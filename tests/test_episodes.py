@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from metaad.data import (
     DataError,
     EpisodeDataModule,
+    EpisodeDataset,
     EpisodeSampler,
     LabelledData,
     split_tasks,
@@ -175,3 +176,15 @@ def test_the_datamodule_exposes_the_sources_preprocessing_and_name_after_setup()
     tagged = module()
     assert tagged.data_name == "tagged" and tagged.preprocessing.sample_shape == (2,)  # identity by default
     assert tagged.preprocessing.scale == 1.0 and not tagged.preprocessing.invert
+
+
+def test_a_task_with_its_own_anomalies_but_none_is_not_told_to_use_source_test():
+    """anomalies_from does not apply to tasks that carry their own anomalies: the hint must not say it."""
+    rng = np.random.default_rng(0)
+    task = np.repeat(["a", "b", "c"], 30)
+    anomalous = (np.arange(90) % 5 == 0) & (task != "c")
+    data = LabelledData(x=rng.normal(size=(90, 4)).astype(np.float32), task=task, anomalous=anomalous)
+    pools = split_tasks(data, None, ["b"], ["c"])
+    with pytest.raises(DataError, match="test task 'c' has 0 anomalies") as error:
+        EpisodeDataset(pools["test"], "test", k_shot=2, n_query=6, anomaly_ratio=0.5, n_episodes=2, seed=0)
+    assert "source_test" not in str(error.value)

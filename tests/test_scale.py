@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -329,3 +331,38 @@ def test_killed_run_resumes_in_its_folder_with_the_same_steps_episodes_and_resul
         "last.ckpt",
         "last.previous.ckpt",
     ]
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_build_one_store_and_train_from_it_like_one_process_from_memory(tmp_path):
+    """Both ranks read the table into the same cache at once: one store results, and the numbers are
+    the in-memory run's (exactly for one process, up to summation order for two)."""
+    rng = np.random.default_rng(0)
+    n = 1200
+    frame = pd.DataFrame(rng.normal(size=(n, 6)), columns=[f"f{j}" for j in range(6)])
+    frame["machine"] = [f"m{i % 12:02d}" for i in range(n)]
+    frame["faulty"] = (np.arange(n) // 12) % 5 == 4
+    frame.loc[frame.faulty, ["f0", "f1"]] += 2.0
+    frame.astype({"faulty": int}).to_csv(tmp_path / "t.csv", index=False)
+    data = [
+        "dataset=table",
+        f"dataset.source.path={tmp_path / 't.csv'}",
+        "dataset.source.task_column=machine",
+        "dataset.source.anomaly_column=faulty",
+        "dataset.val_tasks=[m10]",
+        "dataset.test_tasks=[m11]",
+    ]
+    cache = tmp_path / "cache"
+    runs = {
+        "memory": [],
+        "store": [f"dataset.source.cache={cache}"],
+        "ddp": [f"dataset.source.cache={tmp_path / 'cache2'}", "trainer=ddp", "trainer.devices=2"],
+    }
+    for name, extra in runs.items():
+        run_app("metaad-train", [*TINY, *data, *extra, f"hydra.run.dir={tmp_path / name}"], tmp_path)
+    memory, stored, ddp = (metrics_of(tmp_path / name) for name in runs)
+    for block in ("test", "baselines", "val"):
+        assert stored[block] == memory[block], block
+    assert ddp["test"]["auroc"]["mean"] == pytest.approx(memory["test"]["auroc"]["mean"], abs=1e-4)
+    assert ddp["baselines"] == memory["baselines"]
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache2").iterdir()] == ["t.csv"]

@@ -276,4 +276,9 @@ def _as_array(X: Any) -> np.ndarray:
         x = np.asarray(X, dtype=np.float64)
     except (TypeError, ValueError) as error:
         raise DataError(f"expected numeric samples (numpy array, tensor or data frame): {error}") from error
-    return x.reshape(len(x), -1) if x.ndim == 1 else x
+    if x.ndim == 1:  # N samples of one feature, or one sample of N? as scikit-learn, ask instead of guessing
+        raise DataError(
+            f"expected a (samples, features) array, got a 1-D array of {len(x)} values; reshape it: "
+            "X.reshape(-1, 1) for samples of one feature, X.reshape(1, -1) for one sample"
+        )
+    return x

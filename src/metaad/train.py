@@ -72,6 +72,13 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None, resumed: dict
             cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor
         ]
         best = next((cb.best_model_path for cb in tracks_best), "")
+        if best and not Path(best).resolve().is_relative_to(run_dir.resolve()):
+            # continued in a fresh folder and no epoch here beat the resumed run's best
+            if Path(best).is_file():
+                log.warning("testing the best checkpoint of the resumed run, %s: no epoch here beat it", best)
+            else:
+                log.warning("the resumed run's best checkpoint %s is gone: testing the last weights", best)
+                best = ""
         trainer.test(
             model,
             datamodule=datamodule,

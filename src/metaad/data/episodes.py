@@ -109,7 +109,8 @@ class EpisodeDataset(Dataset):
                 )
             if have_a < self.n_anomalies:
                 alone = " (it is alone in its split: list more tasks or use anomalies_from=source_test)"
-                alone = alone if have_a == 0 and len(self.pool.tasks) == 1 else ""
+                one_vs_rest_alone = have_a == 0 and len(self.pool.tasks) == 1 and not self.pool.own_anomalies
+                alone = alone if one_vs_rest_alone else ""
                 raise DataError(
                     f"{self.pool.name}: {self.split} task {t!r} has {have_a} anomalies but an episode needs "
                     f"{self.n_anomalies} (dataset.n_query x dataset.anomaly_ratio); "
