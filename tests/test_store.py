@@ -195,3 +195,16 @@ def test_a_row_file_reads_the_rows_asked_for_and_pickles_as_its_path(tmp_path):
         f.truncate(1000)
     with pytest.raises(ValueError, match="does not hold"):
         store.RowFile(tmp_path / "x.npy")
+
+
+@pytest.mark.parametrize("capacity", [None, 4, 10, 12])
+def test_an_array_sink_gives_the_rows_appended_whatever_its_capacity(capacity):
+    """capacity is the metadata's row count: rows dropped on the way (4 < 10) or more than it said."""
+    sink = store.ArraySink((2,), own_anomalies=True, capacity=capacity)
+    chunks = [np.arange(8.0).reshape(4, 2), np.arange(8.0, 20.0).reshape(6, 2)]
+    for i, chunk in enumerate(chunks):
+        sink.append(chunk, np.full(len(chunk), i), np.arange(len(chunk)) % 2 == 0)
+    arrays = sink.finish(["a", "b"])
+    np.testing.assert_array_equal(arrays.x, np.arange(20.0).reshape(10, 2))
+    np.testing.assert_array_equal(arrays.codes, [0] * 4 + [1] * 6)
+    assert arrays.x.dtype == np.float32 and arrays.anomalous.sum() == 5

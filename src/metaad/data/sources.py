@@ -492,7 +492,8 @@ def table(
             path,
             Path(path).stat().st_size / 1e9,
         )
-    sink = store.writer(cache, Path(path).name, ident, (len(features),), anomaly_column is not None)
+    own = anomaly_column is not None
+    sink = store.writer(cache, Path(path).name, ident, (len(features),), own, reader.rows)
     try:
         arrays, dropped, rows = _read_rows(reader, sink, features, task_column, anomaly_column, drop_missing)
     except BaseException:
@@ -569,7 +570,7 @@ _TABLE_CHUNK = 50_000  # rows read at a time: about 40 MB of float64 values for 
 
 
 class _TableReader:
-    """A table's column names, from its header or schema alone, and its rows in chunks."""
+    """A table's column names (and row count, where its metadata says), and its rows in chunks."""
 
     DELIMITERS = {".csv": ",", ".tsv": "\t"}
 
@@ -587,14 +588,17 @@ class _TableReader:
         if suffix == ".npz":
             self.frame = _npz_table(path, _archive(path, load_arrays(path)))
             self.columns = [str(c) for c in self.frame.columns]
+            self.rows = len(self.frame)
             return
+        self.rows: int | None = None  # a CSV's row count is known only once read
         try:
             if suffix in self.DELIMITERS:
                 _refuse_repeated(path, _header(path, self.DELIMITERS[suffix]))
                 header = pd.read_csv(path, sep=self.DELIMITERS[suffix], nrows=0)
                 self.columns = [str(c) for c in header.columns]
             else:
-                schema = self._parquet().schema_arrow
+                parquet = self._parquet()
+                schema, self.rows = parquet.schema_arrow, parquet.metadata.num_rows
                 index = (schema.pandas_metadata or {}).get("index_columns", [])
                 self.columns = [n for n in schema.names if n not in {c for c in index if isinstance(c, str)}]
         except DataError:

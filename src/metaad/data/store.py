@@ -67,17 +67,29 @@ def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 class ArraySink:
-    """Collects chunks in memory (no cache folder given)."""
+    """Collects chunks in memory (no cache folder given).
 
-    def __init__(self, sample_shape: tuple[int, ...], own_anomalies: bool) -> None:
+    With ``capacity`` (the row count, where the file's metadata tells it) the chunks go straight
+    into one array of that size; otherwise they are kept and joined at the end (twice the memory).
+    """
+
+    def __init__(
+        self, sample_shape: tuple[int, ...], own_anomalies: bool, capacity: int | None = None
+    ) -> None:
         self.sample_shape, self.own_anomalies = tuple(sample_shape), own_anomalies
         self.xs: list[np.ndarray] = []
+        self.buffer = None if capacity is None else np.empty((capacity, *self.sample_shape), np.float32)
         self.codes: list[np.ndarray] = []
         self.anomalous: list[np.ndarray] = []
         self.rows = 0
 
     def append(self, x: np.ndarray, codes: np.ndarray, anomalous: np.ndarray | None = None) -> None:
-        self.xs.append(np.ascontiguousarray(x, np.float32))
+        if self.buffer is not None and self.rows + len(x) <= len(self.buffer):
+            self.buffer[self.rows : self.rows + len(x)] = x
+        else:
+            if self.buffer is not None:  # more rows than the metadata said: keep what is there as a chunk
+                self.xs, self.buffer = [self.buffer[: self.rows]], None
+            self.xs.append(np.ascontiguousarray(x, np.float32))
         self._labels(codes, anomalous)
 
     def _labels(self, codes: np.ndarray, anomalous: np.ndarray | None) -> None:
@@ -93,12 +105,17 @@ class ArraySink:
 
     def finish(self, names: list[str]) -> Arrays:
         codes, anomalous = self._label_arrays()
-        x = np.concatenate(self.xs) if self.xs else np.zeros((0, *self.sample_shape), np.float32)
+        if self.buffer is not None:
+            x = self.buffer[: self.rows]  # fewer rows than allotted (drop_missing): a view
+        else:
+            x = np.concatenate(self.xs) if self.xs else np.zeros((0, *self.sample_shape), np.float32)
         self.xs.clear()
+        self.buffer = None
         return Arrays(x, codes, tuple(names), anomalous)
 
     def abort(self) -> None:
         self.xs.clear()
+        self.buffer = None
 
 
 class StoreWriter(ArraySink):
@@ -273,10 +290,17 @@ def remove_stale(folder: Path, ident: dict[str, Any]) -> None:
             shutil.rmtree(other, ignore_errors=True)
 
 
-def writer(cache: str | Path | None, stem: str, ident: dict[str, Any], sample_shape, own_anomalies: bool):
+def writer(
+    cache: str | Path | None,
+    stem: str,
+    ident: dict[str, Any],
+    sample_shape,
+    own_anomalies: bool,
+    capacity: int | None = None,
+):
     """An :class:`ArraySink` (no cache) or a :class:`StoreWriter` for a new store in ``cache``."""
     if cache is None:
-        return ArraySink(sample_shape, own_anomalies)
+        return ArraySink(sample_shape, own_anomalies, capacity)
     folder = store_folder(cache, stem, ident)
     shutil.rmtree(folder, ignore_errors=True)  # incomplete or damaged: open_store refused it
     remove_stale(folder, ident)
