@@ -125,7 +125,7 @@ def test_a_cache_that_cannot_be_written_is_named(tmp_path):
 
 def test_a_store_built_meanwhile_by_another_process_is_the_one_used(tmp_path):
     """Two DDP ranks may build the same store at once: the second to finish keeps the first's."""
-    ident = store.identity("table", [], {"n": 1})
+    ident = store.identity("table", tmp_path / "t.csv", [], {"n": 1})
     folder = store.store_folder(tmp_path, "t", ident)
     second = store.StoreWriter(folder, ident, (2,), False)
     second.partial = second.partial.rename(folder.with_name(folder.name + ".partial-other"))  # another pid's
@@ -176,6 +176,7 @@ def test_cached_task_files_equal_the_files_read_into_memory(tmp_path):
     same(in_memory, cached)
     np.savez(tmp_path / "files" / "d.npz", X=rng.normal(size=(20, 4)), y=np.arange(20) % 5 == 0)
     assert task_files(str(tmp_path / "files"), cache=str(tmp_path / "cache")).task_names[-1] == "d"
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the store of the three files is gone
 
 
 def test_a_row_file_reads_the_rows_asked_for_and_pickles_as_its_path(tmp_path):

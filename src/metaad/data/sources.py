@@ -328,7 +328,7 @@ def task_files(root: str, pattern: str = "*.npz", cache: str | None = None) -> L
     files = sorted(folder.glob(pattern))
     if not files:
         raise DataError(f"{folder}: no task files match {pattern!r}")
-    ident = store.identity("task_files", files, {"pattern": pattern})
+    ident = store.identity("task_files", folder, files, {"pattern": pattern})
     if cache is not None:
         found = store.open_store(store.store_folder(cache, folder.name, ident), ident)
         if found is not None:
@@ -478,7 +478,7 @@ def table(
         features=list(features),
         drop_missing=drop_missing,
     )
-    ident = store.identity("table", [Path(path)], settings)
+    ident = store.identity("table", Path(path), [Path(path)], settings)
     # the source's own arithmetic is Preprocessing.transform's: to_numpy(float64), then float32
     preprocessing = Preprocessing((len(features),), feature_names=tuple(features))
     if cache is not None:

@@ -1,15 +1,15 @@
-"""A source read once into memory-mapped arrays on disk, so that tables larger than memory train.
+"""A source read once into arrays on disk, read back row by row, so that tables larger than memory train.
 
-A store is a folder ``<cache>/<source stem>-<key>/`` holding
+A store is a folder ``<cache>/<file or folder name>-<key>/`` holding
 
 - ``x.npy``: float32 samples ``(N, *sample_shape)``, row-major, read a row at a time (:class:`RowFile`);
 - ``task.npy``: int32 task codes into the names of ``tasks.json``;
 - ``anomalous.npy``: bool labels (only for tasks that carry their own anomalies);
-- ``manifest.json``: what it was built from (the source's path, size and modification time, the
-  source settings, the format version), written last: a folder without it is unfinished.
+- ``manifest.json``: what it was built from (the source, its files' paths, sizes and modification
+  times, the source settings, the format version), written last: a folder without it is unfinished.
 
 ``key`` hashes the manifest's identity, so a changed source file or other settings give another
-store; a store of the same source and settings whose file has since changed is deleted when its
+store; a store of the same source and settings whose files have since changed is deleted when its
 successor is built. Building streams: the writer appends each chunk to ``x.npy`` with plain
 writes (a writable memory map would keep every written page resident), the finished folder
 appears by one rename, and only the task codes and labels (a few bytes a row) stay in memory.
@@ -41,19 +41,21 @@ _HEADER = 256  # bytes of the .npy header (format 1.0), fixed so the placeholder
 class Arrays:
     """What a sink returns: samples, task codes into ``names`` (first-appearance order), labels."""
 
-    x: np.ndarray
+    x: np.ndarray | RowFile
     codes: np.ndarray
     names: tuple[str, ...]
     anomalous: np.ndarray | None
 
 
-def identity(kind: str, files: list[Path], settings: dict[str, Any]) -> dict[str, Any]:
-    """What a store is built from: the files (path, size, mtime) and the settings that shape it."""
+def identity(kind: str, source: Path, files: list[Path], settings: dict[str, Any]) -> dict[str, Any]:
+    """What a store is built from: the source (a table, a folder), its files (path, size, mtime) and
+    the settings that shape it."""
     stats = []
     for path in files:
         stat = path.stat()
         stats.append({"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
-    return {"version": VERSION, "kind": kind, "files": stats, "settings": settings}
+    source = str(source.resolve())
+    return {"version": VERSION, "kind": kind, "source": source, "files": stats, "settings": settings}
 
 
 def _key(ident: dict[str, Any]) -> str:
@@ -61,9 +63,8 @@ def _key(ident: dict[str, Any]) -> str:
 
 
 def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Same source files and settings, whatever their sizes and times (b is a stale version of a)."""
-    paths = lambda ident: [f["path"] for f in ident.get("files", [])]  # noqa: E731
-    return a.get("kind") == b.get("kind") and paths(a) == paths(b) and a.get("settings") == b.get("settings")
+    """Same source and settings, whatever its files now (b is an outdated version of a)."""
+    return all(a.get(k) == b.get(k) for k in ("version", "kind", "source", "settings"))
 
 
 class ArraySink:
