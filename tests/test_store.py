@@ -1,4 +1,4 @@
-"""The memory-mapped store (dataset.source.cache) and chunked table reading: same data as in memory,
+"""The store on disk (dataset.source.cache) and chunked table reading: same data as in memory,
 reused while the source is unchanged, rebuilt when it changes or is damaged, never half-written."""
 
 from __future__ import annotations

@@ -313,7 +313,7 @@ def task_files(root: str, pattern: str = "*.npz", cache: str | None = None) -> L
 
     Each file holds ``X`` (n, features...) and ``y`` (n,) with 0 = normal and 1 = anomalous; every
     file must have the same feature shape. ``cache`` (a folder): the files are read one at a time
-    into a memory-mapped store there (:mod:`metaad.data.store`), reused while no file changes, so
+    into a store on disk there (:mod:`metaad.data.store`), reused while no file changes, so
     a folder larger than memory trains (each file must fit).
     """
     folder = Path(root)
@@ -427,7 +427,7 @@ def table(
     In an NPZ every 1-D array is a column and a 2-D array ``K`` is the columns ``K_0, K_1, ...``.
 
     CSV, TSV and Parquet are read in chunks of rows. ``cache`` (a folder): the chunks go to a
-    memory-mapped store there (:mod:`metaad.data.store`), reused while the file and these settings
+    store on disk there (:mod:`metaad.data.store`), reused while the file and these settings
     are unchanged, so a table larger than memory trains; without it they are gathered in memory.
     """
     if not isinstance(drop_missing, bool):
@@ -488,7 +488,7 @@ def table(
             return _labelled(found, str(path), preprocessing)
     elif Path(path).stat().st_size > _LARGE:
         log.warning(
-            "%s: reading %.1f GB into memory; dataset.source.cache=<folder> memory-maps it instead",
+            "%s: reading %.1f GB into memory; dataset.source.cache=<folder> trains from a store on disk",
             path,
             Path(path).stat().st_size / 1e9,
         )
@@ -502,7 +502,7 @@ def table(
     if dropped:
         log.warning("%s: dropped %d of %d rows with a missing or non-finite value", path, dropped, rows)
     if cache is not None:
-        log.info("%s: %d rows written to a memory-mapped store in %s", path, len(arrays.codes), cache)
+        log.info("%s: %d rows written to a store in %s", path, len(arrays.codes), cache)
     return _labelled(arrays, str(path), preprocessing)
 
 
