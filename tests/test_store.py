@@ -209,3 +209,15 @@ def test_an_array_sink_gives_the_rows_appended_whatever_its_capacity(capacity):
     np.testing.assert_array_equal(arrays.x, np.arange(20.0).reshape(10, 2))
     np.testing.assert_array_equal(arrays.codes, [0] * 4 + [1] * 6)
     assert arrays.x.dtype == np.float32 and arrays.anomalous.sum() == 5
+
+
+def test_labelled_data_with_names_takes_integer_codes_into_them():
+    from metaad.data import LabelledData
+
+    x = np.zeros((3, 2), np.float32)
+    data = LabelledData(x=x, task=np.array([1, 0, 1]), names=("b", "a"))
+    assert data.task_names == ["a", "b"] and list(data.tasks_of(np.arange(3))) == ["a", "b", "a"]
+    with pytest.raises(DataError, match="task codes outside the 2 task names"):
+        LabelledData(x=x, task=np.array([0, 2, 1]), names=("b", "a"))
+    with pytest.raises(DataError, match="integer codes"):
+        LabelledData(x=x, task=np.array(["a", "b", "a"]), names=("b", "a"))

@@ -89,6 +89,8 @@ class LabelledData:
                 f"{self.name}: preprocessing gives samples of shape {self.preprocessing.sample_shape} "
                 f"but x has {self.x.shape[1:]}"
             )
+        if self.names is not None and not np.issubdtype(np.asarray(self.task).dtype, np.integer):
+            raise DataError(f"{self.name}: with task names given, task must hold integer codes into them")
         codes = self.task if self.names is not None and len(self.task) else None
         if codes is not None and not 0 <= int(codes.min()) <= int(codes.max()) < len(self.names):
             raise DataError(f"{self.name}: task codes outside the {len(self.names)} task names")
