@@ -323,17 +323,13 @@ def task_files(root: str, pattern: str = "*.npz", cache: str | None = None) -> L
         raise DataError(
             f"dataset.source.pattern must be a file name pattern such as '*.npz', got {pattern!r}"
         )
-    if cache is not None and not isinstance(cache, str | Path):
-        raise DataError(f"dataset.source.cache must be a folder or null, got {cache!r}")
     files = sorted(folder.glob(pattern))
     if not files:
         raise DataError(f"{folder}: no task files match {pattern!r}")
     ident = store.identity("task_files", folder, files, {"pattern": pattern})
-    if cache is not None:
-        found = store.open_store(store.store_folder(cache, folder.name, ident), ident)
-        if found is not None:
-            log.info("%s: read from its store in %s", folder, cache)
-            return _labelled(found, str(folder))
+    found = store.find(cache, folder.name, ident)
+    if found is not None:
+        return _labelled(found, str(folder))
     sink, first = None, None
     try:
         for code, path in enumerate(files):
@@ -432,8 +428,6 @@ def table(
     """
     if not isinstance(drop_missing, bool):
         raise DataError(f"dataset.source.drop_missing must be true or false, got {drop_missing!r}")
-    if cache is not None and not isinstance(cache, str | Path):
-        raise DataError(f"dataset.source.cache must be a folder or null, got {cache!r}")
     task_column = _column_name("task_column", task_column)
     anomaly_column = None if anomaly_column is None else _column_name("anomaly_column", anomaly_column)
     ignore_columns = _column_names("ignore_columns", ignore_columns)
@@ -481,16 +475,15 @@ def table(
     ident = store.identity("table", Path(path), [Path(path)], settings)
     # the source's own arithmetic is Preprocessing.transform's: to_numpy(float64), then float32
     preprocessing = Preprocessing((len(features),), feature_names=tuple(features))
-    if cache is not None:
-        found = store.open_store(store.store_folder(cache, Path(path).name, ident), ident)
-        if found is not None:
-            log.info("%s: read from its store in %s", path, cache)
-            return _labelled(found, str(path), preprocessing)
-    elif Path(path).stat().st_size > _LARGE:
+    found = store.find(cache, Path(path).name, ident)
+    if found is not None:
+        return _labelled(found, str(path), preprocessing)
+    size = ident["files"][0]["size"]
+    if cache is None and size > _LARGE:
         log.warning(
             "%s: reading %.1f GB into memory; dataset.source.cache=<folder> trains from a store on disk",
             path,
-            Path(path).stat().st_size / 1e9,
+            size / 1e9,
         )
     own = anomaly_column is not None
     sink = store.writer(cache, Path(path).name, ident, (len(features),), own, reader.rows)

@@ -186,6 +186,18 @@ def store_folder(cache: str | Path, stem: str, ident: dict[str, Any]) -> Path:
     return Path(cache).expanduser() / f"{stem}-{_key(ident)}"
 
 
+def find(cache: str | Path | None, name: str, ident: dict[str, Any]) -> Arrays | None:
+    """The usable store of ``ident`` in ``cache`` (None: no cache, or none built yet / usable)."""
+    if cache is None:
+        return None
+    if not isinstance(cache, str | Path):
+        raise DataError(f"dataset.source.cache must be a folder or null, got {cache!r}")
+    found = open_store(store_folder(cache, name, ident), ident)
+    if found is not None:
+        log.info("%s: read from its store in %s", name, cache)
+    return found
+
+
 def open_store(folder: Path, ident: dict[str, Any]) -> Arrays | None:
     """The store in ``folder`` if it is complete and built from ``ident``; None otherwise."""
     try:
