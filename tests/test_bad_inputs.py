@@ -869,7 +869,7 @@ def test_a_run_continued_after_its_best_checkpoint_was_deleted_tests_the_last_we
 def test_a_read_only_checkpoint_folder_is_named_and_the_last_checkpoint_kept(tmp_path):
     import errno
 
-    from metaad.resume import save_generation
+    from metaad.checkpoint import save_generation
 
     path = tmp_path / "last.ckpt"
     save_generation(lambda f: torch.save({"step": 1}, f), path)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaad.build import load_checkpoint
+from metaad.checkpoint import load as load_checkpoint
+from metaad.checkpoint import previous_of, save_generation
 from metaad.errors import CheckpointError, RunFolderError
-from metaad.resume import previous_of, resolve_ckpt_path, save_generation
+from metaad.resume import resolve_ckpt_path
 from metaad.runs import LOCK, claim
 from metaad.train import train
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from metaad.build import build_datamodule, build_learner, learner_state, load_checkpoint
+from metaad import checkpoint as ckpt
+from metaad.build import build_datamodule, build_learner
 from metaad.data import DataError
 from metaad.eval import evaluate
 from metaad.score import read_samples, score
@@ -36,9 +37,9 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(trained):
     """The checkpoint's model rebuilt as metaad-eval does, in eval mode."""
-    checkpoint, run_cfg = load_checkpoint(trained[2])
-    model = build_learner(run_cfg, tuple(checkpoint["metaad_sample_shape"]))
-    model.load_state_dict(learner_state(checkpoint))
+    checkpoint = ckpt.load(trained[2])
+    model = build_learner(checkpoint.config, checkpoint.sample_shape)
+    checkpoint.load_weights(model)
     return model.eval()
 
 

@@ -26,7 +26,6 @@ from torch import Tensor
 
 from metaad.data.tasks import DataError
 from metaad.detectors.base import Detector
-from metaad.errors import CheckpointError
 from metaad.thresholds import Threshold, leave_one_out_scores, standardise
 
 BASELINES = {
@@ -181,7 +180,8 @@ def load(path: str | Path, threshold: Threshold | None = None) -> FewShotDetecto
     """A learner trained by ``metaad-train`` from its checkpoint (loaded with ``weights_only=True``)."""
     from hydra.utils import instantiate
 
-    from metaad.build import build_learner, load_checkpoint, load_weights
+    from metaad import checkpoint as ckpt
+    from metaad.build import build_learner
     from metaad.data.preprocessing import Preprocessing
 
     if threshold is not None and not isinstance(threshold, Threshold):
@@ -189,20 +189,16 @@ def load(path: str | Path, threshold: Threshold | None = None) -> FewShotDetecto
             f"metaad.load: threshold must be a metaad.thresholds.Threshold (e.g. SupportQuantile()) or None "
             f"for the checkpoint's own, got {threshold!r}"
         )
-    checkpoint, cfg = load_checkpoint(path)
-    if "metaad_sample_shape" not in checkpoint:
-        raise CheckpointError(
-            f"ckpt_path: {path} does not record the sample shape its model takes (written by an older "
-            "metaad-train); retrain to score with it"
-        )
-    sample_shape = tuple(checkpoint["metaad_sample_shape"])
+    checkpoint = ckpt.load(path)
+    cfg = checkpoint.config
+    sample_shape = checkpoint.sample_shape
     learner = build_learner(cfg, sample_shape)
-    load_weights(learner, checkpoint, path)
-    if "metaad_preprocessing" in checkpoint:
-        preprocessing = Preprocessing.from_dict(checkpoint["metaad_preprocessing"])
+    checkpoint.load_weights(learner)
+    if checkpoint.preprocessing is not None:
+        preprocessing = Preprocessing.from_dict(checkpoint.preprocessing)
     else:
         preprocessing = Preprocessing(sample_shape=sample_shape)
-    stored = checkpoint.get("metaad_threshold")
+    stored = checkpoint.threshold_state
     if threshold is None and cfg.get("threshold"):
         threshold = instantiate(cfg.threshold)
     if threshold is not None and stored is not None:

@@ -6,9 +6,12 @@ should be, raised before any data is read or Lightning is imported, so a typo co
 
 from __future__ import annotations
 
+import functools
 import math
+from importlib import resources
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from metaad.data.episodes import check_episode_settings
@@ -92,6 +95,36 @@ def check_dataset(dataset: DictConfig) -> None:
     for flag in ("require_disjoint", "fixed_train_episodes"):
         if flag in dataset:
             _flag(f"dataset.{flag}", dataset[flag])
+
+
+# Settings an app reads beyond those its conf/<app>.yaml names (a Lightning callback at evaluation).
+READ_BESIDES = {"eval": ("callbacks",), "score": ()}
+
+
+def check_settings_of(cfg: DictConfig, app: str) -> None:
+    """Refuse a top-level setting the app does not read (``+model=siamese`` given to metaad-eval):
+    given on the command line and silently ignored, it would look applied."""
+    known = _own_settings(app) | set(READ_BESIDES.get(app, ())) | {"hydra"}
+    foreign = [key for key in cfg if key not in known]
+    if foreign:
+        one = len(foreign) == 1
+        raise ConfigError(
+            f"metaad-{app}: {', '.join(foreign)} {'is not a setting' if one else 'are not settings'} "
+            f"of metaad-{app}, which would ignore {'it' if one else 'them'}; its settings are "
+            f"{', '.join(sorted(known - {'hydra'}))}"
+        )
+
+
+@functools.cache
+def _own_settings(app: str) -> frozenset[str]:
+    """Top-level keys and config groups of ``conf/<app>.yaml`` (``group@package`` counts as package)."""
+    config = yaml.safe_load((resources.files("metaad.conf") / f"{app}.yaml").read_text()) or {}
+    keys = {key for key in config if key != "defaults"}
+    for entry in config.get("defaults", []):
+        if isinstance(entry, dict):
+            name = next(iter(entry)).removeprefix("override ").strip()
+            keys.add(name.split("@", 1)[1] if "@" in name else name.split("/", 1)[0])
+    return frozenset(keys)
 
 
 def check_threshold(threshold: DictConfig | None) -> None:

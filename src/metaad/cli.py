@@ -2,13 +2,18 @@
 
 A mistake in the config, the data or a checkpoint stops the app with one block on stderr, the
 message that names the file, field or setting, and exit status 1; no traceback (set
-``HYDRA_FULL_ERROR=1`` for it). Any other exception is a bug and keeps its traceback. A run that
-fails at start-up (before it wrote a checkpoint, metrics or scores) leaves no run folder behind.
+``HYDRA_FULL_ERROR=1`` for it). Any other exception is a bug and keeps its traceback.
+
+A run that fails at start-up (before it wrote a checkpoint, metrics or scores) removes only what it
+created: its run folder if the folder did not exist before Hydra started (recorded by
+:class:`RecordRunFolders`, a Hydra callback, before Hydra makes the folder), else only the log files
+it added to a folder that existed. Where it cannot tell, it removes nothing.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import sys
@@ -18,7 +23,8 @@ from typing import Any
 
 import hydra
 from hydra.errors import ConfigCompositionException, InstantiationException
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from metaad.data.errors import DataError
@@ -58,15 +64,15 @@ def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[]
         @functools.wraps(fn)
         def task(cfg: DictConfig) -> Any:
             run_dir = _run_dir()
-            fresh = run_dir is not None and _only_logs(run_dir)
+            before = _entries_before(run_dir) if run_dir is not None else UNKNOWN
             try:
                 return fn(cfg)
             except Exception as error:
                 text = message(error)
                 if text is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
-                if fresh and not _holds_results(run_dir):
-                    shutil.rmtree(run_dir, ignore_errors=True)
+                if run_dir is not None:
+                    _remove_what_this_run_created(run_dir, before)
                 print(f"metaad-{config_name}: error: {text}", file=sys.stderr)
                 print("(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
                 sys.exit(1)
@@ -90,8 +96,63 @@ def _holds_results(folder: Path) -> bool:
     return any((folder / name).exists() for name in ("checkpoints", "metrics.json", "scores.csv"))
 
 
-def _only_logs(folder: Path) -> bool:
-    """Whether ``folder`` holds nothing but log files (what Hydra writes before the app starts)."""
-    if not folder.is_dir():
-        return False
-    return all(p.is_file() and p.suffix == ".log" for p in folder.iterdir())
+# --- what existed before the run: recorded before Hydra makes the run folder ----------------------
+RECORD = "METAAD_RUN_FOLDERS_BEFORE"  # environment: inherited by a sweep's job processes
+UNKNOWN = "unknown"
+
+
+class RecordRunFolders(Callback):
+    """Records, before Hydra creates them, whether the run folder (or the sweep folder and its job
+    folders) existed and what they held, so a failed start can remove exactly what it created."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _record([_pin(config.hydra.run, "dir")])
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = _pin(config.hydra.sweep, "dir")
+        children = [p for p in sweep.iterdir() if p.is_dir()] if sweep.is_dir() else []
+        _record([sweep, *children])
+
+
+def _pin(node: DictConfig, key: str) -> Path:
+    """Resolve ``node[key]`` once (``${now:...}`` would give another second later) and keep it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():  # ${hydra:...} in the path resolves through it (run_job sets it too)
+        HydraConfig.instance().set_config(node._get_root())
+    value = str(node[key])
+    with read_write(node):
+        node[key] = value
+    return Path(value)
+
+
+def _record(folders: list[Path]) -> None:
+    os.environ[RECORD] = json.dumps(
+        {str(f.absolute()): sorted(p.name for p in f.iterdir()) if f.is_dir() else None for f in folders}
+    )
+
+
+def _entries_before(run_dir: Path) -> list[str] | None | str:
+    """The names ``run_dir`` held before the run (None: it did not exist; UNKNOWN: not recorded)."""
+    try:
+        record = json.loads(os.environ.get(RECORD, "{}"))
+    except ValueError:
+        return UNKNOWN
+    key, parent = str(run_dir.absolute()), str(run_dir.absolute().parent)
+    if key in record:
+        return record[key]
+    if parent in record:  # a sweep's job folder: absent from the sweep folder's listing -> new
+        listing = record[parent]
+        return None if listing is None or run_dir.name not in listing else UNKNOWN
+    return UNKNOWN
+
+
+def _remove_what_this_run_created(run_dir: Path, before: list[str] | None | str) -> None:
+    if before == UNKNOWN or not run_dir.is_dir() or _holds_results(run_dir):
+        return
+    if before is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for entry in run_dir.iterdir():  # a folder that existed: only the logs this run added
+        if entry.name not in before and entry.is_file() and entry.suffix == ".log":
+            entry.unlink(missing_ok=True)

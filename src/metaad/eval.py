@@ -8,19 +8,29 @@ scores another set of baselines beside it and ``threshold=...`` decides by anoth
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from metaad.build import load_checkpoint
-from metaad.checks import check_dataset, check_threshold
+from metaad import checkpoint as ckpt
+from metaad.checks import check_dataset, check_settings_of, check_threshold
 from metaad.cli import app
+from metaad.errors import ConfigError
 from metaad.runs import claim
+
+log = logging.getLogger(__name__)
+
+# Settings a checkpoint fixes: given to metaad-eval they would be ignored, so they are refused.
+STORED_ONLY = {"model": "model", "backbone": "backbone", "seed": "seed", "names": "run names"}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    checkpoint, run_cfg = load_checkpoint(cfg.ckpt_path)
+    _refuse_stored_only(cfg)
+    check_settings_of(cfg, "eval")
+    checkpoint = ckpt.load(cfg.ckpt_path)
+    run_cfg = checkpoint.config
     run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, cfg.dataset)
     # chosen on the command line: replaces the stored one
     for group in ("baselines", "threshold", "baseline_threshold"):
@@ -33,8 +43,44 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return _evaluate(cfg, checkpoint, run_cfg, run_dir)
 
 
-def _evaluate(cfg: DictConfig, checkpoint: dict, run_cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    from metaad.build import build_datamodule, build_trainer, build_training, load_weights
+def _refuse_stored_only(cfg: DictConfig) -> None:
+    given = [key for key in STORED_ONLY if key in cfg]
+    if given:
+        raise ConfigError(
+            f"metaad-eval: {', '.join(given)} cannot be changed at evaluation: the "
+            f"{STORED_ONLY[given[0]]} of "
+            f"ckpt_path={cfg.get('ckpt_path')} is the one it was trained with; to score another model, train "
+            "it with metaad-train and evaluate its checkpoint"
+        )
+
+
+def check_held_out(checkpoint: ckpt.Checkpoint, test_tasks: list[str]) -> None:
+    """Refuse test tasks the checkpoint was trained or selected on (its recorded task lists)."""
+    if checkpoint.tasks is None:
+        log.warning(
+            "%s records no task lists (written by an older metaad-train): whether its test tasks were "
+            "held out of training cannot be checked",
+            checkpoint.path,
+        )
+        return
+    tasks = checkpoint.tasks
+    seen_train = sorted(set(test_tasks) & set(tasks.get("train", [])))
+    # validation tasks that were also the run's own test tasks share classes by design (their rows
+    # are split in disjoint halves, as dataset=digits does); any other is a task it was selected on
+    seen_val = sorted(set(test_tasks) & set(tasks.get("val", [])) - set(tasks.get("test", [])))
+    for seen, role in ((seen_train, "meta-trained"), (seen_val, "validated (early stopping, thresholds)")):
+        if seen:
+            raise ConfigError(
+                f"dataset.test_tasks: {seen[:10]} {'is' if len(seen) == 1 else 'are'} among the tasks "
+                f"ckpt_path={checkpoint.path} was {role} on, so scores on them would not measure a new "
+                "task; evaluate on tasks it never saw"
+            )
+
+
+def _evaluate(
+    cfg: DictConfig, checkpoint: ckpt.Checkpoint, run_cfg: DictConfig, run_dir: Path
+) -> dict[str, Any]:
+    from metaad.build import build_datamodule, build_trainer, build_training
     from metaad.distributed import check_launch, job_scope
     from metaad.report import print_summary, results, write_metrics
     from metaad.training import quiet_lightning
@@ -43,8 +89,10 @@ def _evaluate(cfg: DictConfig, checkpoint: dict, run_cfg: DictConfig, run_dir: P
 
     datamodule = build_datamodule(run_cfg)
     model = build_training(run_cfg, datamodule.sample_shape)
-    load_weights(model.learner, checkpoint, cfg.ckpt_path)
-    model.on_load_checkpoint(checkpoint)
+    tasks = datamodule.task_names()
+    check_held_out(checkpoint, tasks["test"])
+    checkpoint.load_weights(model.learner)
+    model.on_load_checkpoint(checkpoint.contents)
     trainer = build_trainer(cfg)
     check_launch(trainer)
     with job_scope():
@@ -55,6 +103,7 @@ def _evaluate(cfg: DictConfig, checkpoint: dict, run_cfg: DictConfig, run_dir: P
         "seed": run_cfg.seed,
         "data": getattr(datamodule, "data_name", None),
         "checkpoint": str(cfg.ckpt_path),
+        "tasks": {"trained_on": checkpoint.tasks, **tasks},
         **results(model.report),
     }
     if trainer.is_global_zero:

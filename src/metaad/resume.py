@@ -8,49 +8,17 @@ the crashed process wrote after the checkpoint, so the curves continue without a
 
 from __future__ import annotations
 
-import errno
-import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from metaad.build import load_checkpoint
-from metaad.errors import CheckpointError, RunFolderError
+from metaad import checkpoint as ckpt
+from metaad.errors import CheckpointError
 
 # Config sections that decide what is trained; a resume must not change them.
 RUN_DEFINING = ("dataset", "backbone", "model", "seed")
-
-
-def save_generation(save, path: Path) -> None:
-    """Write a checkpoint with ``save(file)`` as ``path``, keeping the one it replaces as
-    ``<name>.previous.ckpt``: a kill or a disk fault at any moment leaves a loadable generation.
-
-    A full disk is reported naming the folder, with the last good checkpoint left as it was.
-    """
-    partial = path.with_suffix(".ckpt.partial")
-    try:
-        save(partial)
-    except OSError as error:
-        partial.unlink(missing_ok=True)
-        good = path if path.exists() else previous_of(path)
-        if error.errno == errno.ENOSPC:
-            raise RunFolderError(
-                f"{path.parent}: no space left on the device to write {path.name}; the last good "
-                f"checkpoint ({good}) is intact. Free space, then resume with ckpt_path=last"
-            ) from error
-        raise RunFolderError(
-            f"{path.parent}: cannot write {path.name} ({error.strerror or error}); the last good checkpoint "
-            f"({good}) is intact"
-        ) from error
-    if path.exists():
-        os.replace(path, previous_of(path))
-    os.replace(partial, path)
-
-
-def previous_of(path: Path) -> Path:
-    return path.with_name(f"{path.stem}.previous{path.suffix}")
 
 
 def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
@@ -76,11 +44,11 @@ def resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> Path | None:
 
 
 def _readable_generation(path: Path) -> Path:
-    previous = previous_of(path)
+    previous = ckpt.previous_of(path)
     if not previous.is_file():
         return path
     try:
-        load_checkpoint(path)
+        ckpt.load(path)
         return path
     except (CheckpointError, FileNotFoundError) as error:
         warnings.warn(
@@ -92,8 +60,8 @@ def _readable_generation(path: Path) -> Path:
 
 def load_resume_state(path: Path, cfg: DictConfig) -> dict[str, Any]:
     """The checkpoint to resume (plain data, ``weights_only``); refused if trained with another config."""
-    checkpoint, _ = load_checkpoint(path)
-    stored = checkpoint["metaad_config"]
+    checkpoint = ckpt.load(path)
+    stored = checkpoint.contents[ckpt.CONFIG]
     now = {key: _plain(cfg.get(key)) for key in RUN_DEFINING}
     changed = _differences({k: stored.get(k) for k in RUN_DEFINING}, now)
     if changed:
@@ -103,7 +71,7 @@ def load_resume_state(path: Path, cfg: DictConfig) -> dict[str, Any]:
             "the original run (its .hydra/overrides.yaml); only trainer, callbacks and logger "
             "settings may change."
         )
-    return checkpoint
+    return checkpoint.contents
 
 
 def _plain(value: Any) -> Any:

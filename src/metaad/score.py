@@ -17,6 +17,8 @@ Settings, the output path and the files are checked before the model is loaded o
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +168,51 @@ def _positions(n: int) -> list[str]:
     return [str(i) for i in range(n)]
 
 
+COLUMNS = ("id", "score", "normalised_score", "is_anomaly")
+
+
+def check_output(output: Path, inputs: list[Path], overwrite: Any) -> None:
+    """Never write onto an input; replace an existing file only if it is a previous scores table
+    (or ``overwrite=true``)."""
+    if not isinstance(overwrite, bool):
+        raise ConfigError(f"overwrite must be true or false, got {overwrite!r}")
+    if not output.exists():
+        return
+    for path in inputs:
+        if path.exists() and os.path.samefile(output, path):
+            raise DataError(
+                f"output={output} is one of the inputs ({path}); give another path for the scores"
+            )
+    if not overwrite and not _is_scores_table(output):
+        raise DataError(
+            f"output={output} exists and is not a scores table written by metaad-score (its header is not "
+            f"{','.join(COLUMNS)}); give another path, or overwrite=true to replace it"
+        )
+
+
+def _is_scores_table(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.readline().strip() == ",".join(COLUMNS)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(temporary)`` then rename onto ``path``: a failure leaves ``path`` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except OSError as error:
+        raise DataError(
+            f"output={path}: cannot write it ({error.strerror or error}); nothing was replaced"
+        ) from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def score(cfg: DictConfig) -> Any:
     """Score ``cfg.query`` against ``cfg.support`` with ``cfg.ckpt_path``; writes and returns the table."""
     import pandas as pd
@@ -185,6 +232,9 @@ def score(cfg: DictConfig) -> Any:
     blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise DataError(f"output={output}: {blocking} is a file, so the folder to write in cannot be made")
+    check_output(
+        output, [Path(cfg[role]) for role in ("ckpt_path", "support", "query")], cfg.get("overwrite")
+    )
     check_threshold(cfg.get("threshold"))
     threshold = instantiate(cfg.threshold) if cfg.get("threshold") is not None else None
     detector = load(cfg.ckpt_path, threshold=threshold)
@@ -212,11 +262,8 @@ def score(cfg: DictConfig) -> Any:
     except DataError as error:
         raise DataError(f"query={cfg.query}: {error}") from error
     is_anomaly = (normalised > detector.threshold_).astype(int)
-    table = pd.DataFrame(
-        {"id": query_ids, "score": scores, "normalised_score": normalised, "is_anomaly": is_anomaly}
-    )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(output, index=False)
+    table = pd.DataFrame(dict(zip(COLUMNS, (query_ids, scores, normalised, is_anomaly), strict=True)))
+    write_atomically(output, lambda path: table.to_csv(path, index=False))
     print(
         f"{len(table)} query samples scored against {len(support_ids)} normal support samples: "
         f"{int(is_anomaly.sum())} anomalies at threshold {detector.threshold.rule} = "

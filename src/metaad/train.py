@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
+from metaad.checkpoint import stored_config
 from metaad.checks import check_train_config
 from metaad.cli import app
 from metaad.resume import load_resume_state, resolve_ckpt_path
@@ -28,14 +29,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     With ``test=false`` nothing is written and only ``val_auroc_best`` and ``global_step`` return.
     """
     check_train_config(cfg)  # before reading data or importing Lightning
+    stored = stored_config(cfg)  # what the checkpoints keep: refused now if it could not be loaded
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     resumed = load_resume_state(ckpt_path, cfg) if ckpt_path else None
     with claim(cfg, run_dir, resume=resumed is not None):
-        return _train(cfg, run_dir, ckpt_path, resumed)
+        return _train(cfg, stored, run_dir, ckpt_path, resumed)
 
 
-def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None, resumed: dict | None) -> dict[str, Any]:
+def _train(
+    cfg: DictConfig, stored: dict[str, Any], run_dir: Path, ckpt_path: Path | None, resumed: dict | None
+) -> dict[str, Any]:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -49,7 +53,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None, resumed: dict
     datamodule = build_datamodule(cfg)
     model = build_training(cfg, datamodule.sample_shape)
     trainer = build_trainer(
-        _continue_curves(cfg, resumed["global_step"]) if resumed else cfg, [StoreConfig(plain(cfg))]
+        _continue_curves(cfg, resumed["global_step"]) if resumed else cfg, [StoreConfig(stored)]
     )
     check_launch(trainer)
     hparams = {key: plain(cfg[key]) for key in ("names", "dataset", "backbone", "model")} | {"seed": cfg.seed}
@@ -93,6 +97,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None, resumed: dict
         "data": getattr(datamodule, "data_name", None),
         **trained,
         "checkpoint": best,
+        "tasks": datamodule.task_names(),
         **results(model.report),
     }
     if trainer.is_global_zero:

@@ -20,11 +20,11 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from metaad import checkpoint as ckpt
 from metaad import pictures
 from metaad.data.episodes import Episode
 from metaad.detectors.base import Learner
 from metaad.evaluation import Evaluator, Report
-from metaad.resume import save_generation
 
 log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -175,12 +175,12 @@ class MetaTraining(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["val_auroc_best"] = self.val_auroc_best
         if self.evaluator.threshold is not None:
-            checkpoint["metaad_threshold"] = self.evaluator.threshold.state_dict()
+            checkpoint[ckpt.THRESHOLD] = self.evaluator.threshold.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.val_auroc_best = checkpoint.get("val_auroc_best", float("-inf"))
-        if self.evaluator.threshold is not None and "metaad_threshold" in checkpoint:
-            self.evaluator.threshold.load_state_dict(checkpoint["metaad_threshold"])
+        if self.evaluator.threshold is not None and ckpt.THRESHOLD in checkpoint:
+            self.evaluator.threshold.load_state_dict(checkpoint[ckpt.THRESHOLD])
 
 
 class LastCheckpoint(Checkpoint):
@@ -217,24 +217,31 @@ class LastCheckpoint(Checkpoint):
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         if trainer.is_global_zero:
-            save_generation(trainer.save_checkpoint, self.path)
+            ckpt.save_generation(trainer.save_checkpoint, self.path)
         else:
             trainer.save_checkpoint(self.path.with_suffix(".ckpt.partial"))  # takes part; rank 0 writes
 
 
 class StoreConfig(pl.Callback):
-    """Stores in every checkpoint what scoring needs besides the weights, as plain data: the run's
-    resolved config, the sample shape, the source's preprocessing and the data it was trained on."""
+    """Stores in every checkpoint what scoring needs besides the weights, as plain data
+    (:func:`metaad.checkpoint.contents`): the run's stored config, the sample shape, the source's
+    preprocessing, the data it was trained on and the tasks of each split."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        checkpoint["metaad_config"] = self.config
         datamodule = trainer.datamodule
-        if datamodule is not None:
-            checkpoint["metaad_sample_shape"] = list(datamodule.sample_shape)
-            preprocessing = getattr(datamodule, "preprocessing", None)
-            if preprocessing is not None:
-                checkpoint["metaad_preprocessing"] = preprocessing.to_dict()
-            checkpoint["metaad_data"] = getattr(datamodule, "data_name", None)
+        if datamodule is None:
+            checkpoint.update(ckpt.contents(self.config, None, None, None, None))
+            return
+        preprocessing = getattr(datamodule, "preprocessing", None)
+        checkpoint.update(
+            ckpt.contents(
+                self.config,
+                datamodule.sample_shape,
+                preprocessing.to_dict() if preprocessing is not None else None,
+                getattr(datamodule, "data_name", None),
+                datamodule.task_names(),
+            )
+        )

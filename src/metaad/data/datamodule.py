@@ -137,6 +137,16 @@ class EpisodeDataModule(pl.LightningDataModule):
             raise RuntimeError("call setup() before asking for sample_shape")
         return self.pools["train"].sample_shape
 
+    def task_names(self, splits: Sequence[str] = ("train", "val", "test")) -> dict[str, list[str]]:
+        """The tasks of each split (rotated copies of training tasks left out); needs :meth:`setup`."""
+        if not self.pools:
+            raise RuntimeError("call setup() before asking for task_names")
+        named = {}
+        for split in splits:
+            pool = self.pools[split]
+            named[split] = [str(t) for t in pool.tasks[: len(pool.tasks) // (1 + len(pool.rotations))]]
+        return named
+
     @property
     def preprocessing(self) -> Preprocessing:
         """What the source did to raw samples (store ``.to_dict()`` with a model); needs :meth:`setup`."""
