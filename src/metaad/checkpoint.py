@@ -53,6 +53,8 @@ SECTION_MODULES = {
     "baselines": ("metaad.detectors.baselines.",),
     "threshold": ("metaad.thresholds.",),
     "baseline_threshold": ("metaad.thresholds.",),
+    "names": (),
+    "seed": (),
 }
 
 CONFIG, SAMPLE_SHAPE, PREPROCESSING, DATA, THRESHOLD, TASKS = (

@@ -37,6 +37,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get(group) is not None:
             run_cfg[group] = cfg[group]
     check_dataset(run_cfg.dataset)
+    # the names as given now, before any data is read; the tasks they expand to after (wildcards)
+    check_held_out(checkpoint, [str(t) for t in run_cfg.dataset.get("test_tasks") or []])
     check_threshold(run_cfg.get("threshold"))
     run_dir = Path(cfg.paths.output_dir)
     with claim(cfg, run_dir, resume=False):

@@ -219,8 +219,9 @@ def score(cfg: DictConfig) -> Any:
     from hydra.utils import instantiate
 
     from metaad.api import load
-    from metaad.checks import check_threshold
+    from metaad.checks import check_settings_of, check_threshold
 
+    check_settings_of(cfg, "score")
     for key in ("ckpt_path", "support", "query", "output"):
         if not isinstance(cfg.get(key), str) or not cfg.get(key):
             raise ConfigError(f"{key} must be the path of a file or folder, got {cfg.get(key)!r}")
