@@ -323,7 +323,7 @@ def throughput(
     every configuration once per round, in rotated order."""
     from hydra.utils import instantiate
 
-    from metaad.build import build_learner, compose_config
+    from metaad.apps.build import build_learner, compose_config
 
     pool = split_tasks(digits(), train_tasks=None, val_tasks=[6, 7, 8, 9], test_tasks=[6, 7, 8, 9])["train"]
     batches: dict[tuple[int, int], list[Episode]] = {}

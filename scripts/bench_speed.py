@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader
 
-from metaad.build import build_learner, compose_config
+from metaad.apps.build import build_learner, compose_config
 from metaad.data import Episode, EpisodeDataset, split_tasks
 from metaad.data.sources import digits
 from metaad.detectors.base import Learner, anomaly_scores

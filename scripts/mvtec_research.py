@@ -49,7 +49,7 @@ from metaad.data.sources import task_files
 from metaad.data.tasks import TaskPool, split_tasks
 from metaad.detectors.baselines import Mahalanobis, NearestNeighbourDistance
 from metaad.detectors.covariance import CovariancePrior
-from metaad.metrics import episode_auroc, summarize
+from metaad.evaluation.metrics import episode_auroc, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("nn_cosine", "lw_mahalanobis", "pooled_whitening")

@@ -9,7 +9,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from metaad.build import compose_config
+from metaad.apps.build import compose_config
 
 # Every stage of a real experiment in seconds (conf/debug/quick.yaml).
 QUICK = ["debug=quick"]

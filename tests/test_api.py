@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import metaad
-from metaad.build import build_datamodule
+from metaad.apps.build import build_datamodule
+from metaad.apps.train import train
 from metaad.data import DataError
 from metaad.detectors.baselines import Mahalanobis
-from metaad.thresholds import leave_one_out_scores, standardise
-from metaad.train import train
+from metaad.evaluation.thresholds import leave_one_out_scores, standardise
 from tests.conftest import compose_in
 
 

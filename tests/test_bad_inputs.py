@@ -2,7 +2,7 @@
 
 Every case asserts one outcome: a refusal whose message names the file, field or setting and what
 is wrong (and never advises an unsafe load), or a documented correct handling. Most cases call
-the functions in-process (sources, config checks, ``metaad.load``, ``metaad.score.score``); a few
+the functions in-process (sources, config checks, ``metaad.load``, ``metaad.apps.score.score``); a few
 run the command line, where one error block without a traceback is what is tested.
 """
 
@@ -25,15 +25,15 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from PIL import Image
 
 import metaad
-from metaad.build import build_datamodule
-from metaad.checks import check_train_config
+from metaad.apps.build import build_datamodule
+from metaad.apps.checks import check_train_config
+from metaad.apps.runs import LOCK, claim
+from metaad.apps.score import read_samples, score
+from metaad.apps.train import train
 from metaad.data import DataError
 from metaad.data.sources import omniglot, table, task_files
 from metaad.errors import CheckpointError, ConfigError, RunFolderError
-from metaad.resume import load_resume_state, resolve_ckpt_path
-from metaad.runs import LOCK, claim
-from metaad.score import read_samples, score
-from metaad.train import train
+from metaad.training.resume import load_resume_state, resolve_ckpt_path
 from tests.conftest import compose_in
 
 BIN = Path(sys.executable).parent
@@ -447,8 +447,8 @@ def test_a_bad_setting_is_refused_before_any_data_naming_it(compose_cfg, overrid
 def test_a_trainer_setting_lightning_refuses_is_one_message_not_a_bug(compose_cfg):
     from hydra.errors import InstantiationException
 
-    from metaad.build import build_trainer
-    from metaad.cli import message
+    from metaad.apps.build import build_trainer
+    from metaad.apps.cli import message
 
     with pytest.raises(InstantiationException) as error:
         build_trainer(compose_cfg(["trainer.devices=0", "logger=none"]))
@@ -774,7 +774,7 @@ def test_a_sample_file_that_is_not_what_it_says_is_refused(tmp_path, name, make,
 def test_a_threshold_given_by_name_to_load_is_refused_saying_what_it_takes(trained):
     with pytest.raises(TypeError) as error:
         metaad.load(trained[1], threshold="f1_optimal")
-    refused(error, "metaad.load: threshold must be a metaad.thresholds.Threshold", "'f1_optimal'")
+    refused(error, "metaad.load: threshold must be a metaad.evaluation.thresholds.Threshold", "'f1_optimal'")
 
 
 def test_an_empty_array_is_refused_by_the_api(trained):
@@ -860,7 +860,7 @@ def test_a_run_continued_after_its_best_checkpoint_was_deleted_tests_the_last_we
     train(compose_in(tmp_path / "old", overrides))
     (tmp_path / "old" / "checkpoints" / "best.ckpt").unlink()
     last = tmp_path / "old" / "checkpoints" / "last.ckpt"
-    with caplog.at_level(logging.WARNING, logger="metaad.train"):
+    with caplog.at_level(logging.WARNING, logger="metaad.apps.train"):
         metrics = train(compose_in(tmp_path / "fresh", [*overrides, f"ckpt_path={last}"]))
     assert "best checkpoint" in caplog.text and "is gone: testing the last weights" in caplog.text
     assert metrics["checkpoint"] == "" and metrics["test"]["auroc"]["n_episodes"] > 0

@@ -21,7 +21,7 @@ from metaad.detectors.baselines import (
     OneClassSVM,
     SupportMeanDistance,
 )
-from metaad.metrics import episode_auroc
+from metaad.evaluation.metrics import episode_auroc
 
 
 def _episodes(b: int, k: int, q: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from metaad.apps.train import train
 from metaad.data import Episode, EpisodeDataset, LabelledData, split_tasks
 from metaad.detectors.baselines import Mahalanobis
 from metaad.detectors.covariance import CovariancePrior
-from metaad.metrics import episode_auroc
-from metaad.train import train
+from metaad.evaluation.metrics import episode_auroc
 
 DIM = 16
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metaad.build import build_datamodule
+from metaad.apps.build import build_datamodule
 from metaad.data import DataError, EpisodeDataModule, EpisodeDataset, LabelledData, sources, split_tasks
 
 

@@ -12,12 +12,12 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from metaad.build import build_learner
+from metaad.apps.build import build_learner
+from metaad.apps.train import train
 from metaad.data import Episode, EpisodeDataset, split_tasks
 from metaad.data.sources import digits
 from metaad.detectors.siamese import Siamese
-from metaad.metrics import episode_auroc
-from metaad.train import train
+from metaad.evaluation.metrics import episode_auroc
 from tests.conftest import LEARNERS
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from metaad.metrics import EpisodeMetrics, episode_auroc, episode_average_precision, summarize
+from metaad.evaluation.metrics import EpisodeMetrics, episode_auroc, episode_average_precision, summarize
 
 
 def test_auroc_by_hand():

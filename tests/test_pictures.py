@@ -10,8 +10,8 @@ import torch
 from sklearn.metrics import roc_curve
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from metaad.pictures import histogram_figure, pr_probabilities, roc_points
-from metaad.train import train
+from metaad.apps.train import train
+from metaad.evaluation.pictures import histogram_figure, pr_probabilities, roc_points
 from tests.conftest import compose_in
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from metaad.train import train
+from metaad.apps.train import train
 from tests.conftest import compose_in
 
 README = Path(__file__).parents[1] / "README.md"

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from metaad.build import build_datamodule
+from metaad.apps.build import build_datamodule
 from metaad.data import EpisodeDataModule
 from metaad.data.sources import omniglot, task_files
 from metaad.detectors.baselines import NearestNeighbourDistance
-from metaad.metrics import EpisodeMetrics
+from metaad.evaluation.metrics import EpisodeMetrics
 
 # The same place conf/paths/default.yaml looks, but from the repository root rather than the cwd.
 DATA = Path(os.environ.get("METAAD_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -92,7 +92,7 @@ def test_mvtec_nearest_neighbour_reproduces_the_reference_figure():
     ],
 )
 def test_each_real_dataset_trains_and_tests_beside_the_baselines(compose_cfg, dataset, extra, n_baselines):
-    from metaad.train import train
+    from metaad.apps.train import train
 
     metrics = train(compose_cfg([f"dataset={dataset}", AT_DATA, *extra]))
     assert metrics["dataset"] == dataset and metrics["test"]["auroc"]["n_episodes"] == 40

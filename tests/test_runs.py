@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from metaad.apps.runs import LOCK, claim
+from metaad.apps.train import train
 from metaad.checkpoint import load as load_checkpoint
 from metaad.checkpoint import previous_of, save_generation
 from metaad.errors import CheckpointError, RunFolderError
-from metaad.resume import resolve_ckpt_path
-from metaad.runs import LOCK, claim
-from metaad.train import train
+from metaad.training.resume import resolve_ckpt_path
 
 BIN = Path(sys.executable).parent
 

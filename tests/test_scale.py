@@ -26,12 +26,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from metaad.build import plain
+from metaad.apps.build import plain
+from metaad.apps.summarize import summarize_sweep
 from metaad.data import DataError, EpisodeDataModule, EpisodeSampler
 from metaad.data.sources import digits
-from metaad.distributed import HydraDDPStrategy, check_launch, rank_command
-from metaad.resume import load_resume_state, resolve_ckpt_path
-from metaad.summarize import summarize_sweep
+from metaad.training.distributed import HydraDDPStrategy, check_launch, rank_command
+from metaad.training.resume import load_resume_state, resolve_ckpt_path
 
 BIN = Path(sys.executable).parent
 
@@ -134,8 +134,8 @@ def test_resume_with_another_config_is_refused_naming_the_keys(compose_cfg, tmp_
 
 def test_extra_ranks_run_the_jobs_own_overrides_in_its_folder(compose_cfg):
     cfg = compose_cfg(["model.distance=cosine"])
-    command, cwd = rank_command("metaad.train")
-    assert command[:3] == [sys.executable, "-m", "metaad.train"]
+    command, cwd = rank_command("metaad.apps.train")
+    assert command[:3] == [sys.executable, "-m", "metaad.apps.train"]
     assert "model.distance=cosine" in command and "-m" not in command[3:] and "--multirun" not in command
     assert f"hydra.run.dir='{cfg.paths.output_dir}'" in command
     assert "hydra.mode=RUN" in command and "hydra.output_subdir=null" in command
@@ -148,7 +148,7 @@ def test_lightning_ddp_inside_a_multirun_is_refused_and_trainer_ddp_is_not(compo
     with pytest.raises(RuntimeError, match=r"replay the whole sweep\. Use trainer=ddp"):
         check_launch(plain_ddp)
     ours = pl.Trainer(
-        accelerator="cpu", devices=2, strategy=HydraDDPStrategy(app="metaad.train"), logger=False
+        accelerator="cpu", devices=2, strategy=HydraDDPStrategy(app="metaad.apps.train"), logger=False
     )
     check_launch(ours)
     with pytest.raises(ValueError, match="trainer.strategy.app"):

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from metaad import checkpoint as ckpt
-from metaad.build import build_datamodule, build_learner
+from metaad.apps.build import build_datamodule, build_learner
+from metaad.apps.eval import evaluate
+from metaad.apps.score import read_samples, score
+from metaad.apps.train import train
 from metaad.data import DataError
-from metaad.eval import evaluate
-from metaad.score import read_samples, score
-from metaad.thresholds import leave_one_out_scores, standardise
-from metaad.train import train
+from metaad.evaluation.thresholds import leave_one_out_scores, standardise
 from tests.conftest import compose_in
 
 COLUMNS = ["id", "score", "normalised_score", "is_anomaly"]
@@ -113,7 +113,7 @@ def test_npz_input_and_a_threshold_chosen_at_scoring_time(trained, model, episod
 def test_checkpoint_keeps_the_threshold_and_eval_reproduces_the_decisions(trained, compose_cfg):
     cfg, metrics, ckpt = trained
     checkpoint = torch.load(ckpt, weights_only=True)
-    assert checkpoint["metaad_config"]["threshold"]["_target_"] == "metaad.thresholds.F1Optimal"
+    assert checkpoint["metaad_config"]["threshold"]["_target_"] == "metaad.evaluation.thresholds.F1Optimal"
     assert checkpoint["metaad_sample_shape"] == [64]
     assert metrics["threshold"]["value"] == checkpoint["metaad_threshold"]["value"]
     for name in ("auroc", "f1", "precision", "recall", "balanced_accuracy"):
@@ -209,7 +209,7 @@ def test_command_line(trained, episode, tmp_path):
     query = write_csv(tmp_path / "new.csv", episode.query)
     out = tmp_path / "scores.csv"
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
-    cli = [sys.executable, "-m", "metaad.score", f"ckpt_path={trained[2]}", f"support={support}"]
+    cli = [sys.executable, "-m", "metaad.apps.score", f"ckpt_path={trained[2]}", f"support={support}"]
     done = subprocess.run([*cli, f"query={query}", f"output={out}"], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert "anomalies at threshold f1_optimal" in done.stdout

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torch.func import functional_call, vmap
 
-from metaad.build import build_datamodule
+from metaad.apps.build import build_datamodule
 from metaad.data import DataError, EpisodeDataModule, split_tasks
 from metaad.data.sources import (
     FASHION_MNIST_CLASSES,

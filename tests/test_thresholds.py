@@ -11,11 +11,12 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score
 
+from metaad.apps.train import train
 from metaad.detectors.backbones import MLP
 from metaad.detectors.baselines import NearestNeighbourDistance, SupportMeanDistance
 from metaad.detectors.protonet import ProtoNet
-from metaad.metrics import episode_decision_metrics
-from metaad.thresholds import (
+from metaad.evaluation.metrics import episode_decision_metrics
+from metaad.evaluation.thresholds import (
     F1Optimal,
     Fixed,
     SupportQuantile,
@@ -23,7 +24,6 @@ from metaad.thresholds import (
     score_episodes,
     standardise,
 )
-from metaad.train import train
 
 
 def mean_f1(z: torch.Tensor, labels: torch.Tensor, t: float) -> float:

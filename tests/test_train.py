@@ -10,13 +10,13 @@ import torch
 from hydra.errors import MissingConfigException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from metaad.build import build_datamodule
+from metaad.apps.build import build_datamodule
+from metaad.apps.eval import evaluate
+from metaad.apps.train import train
 from metaad.data import DataError
 from metaad.detectors.baselines import SupportMeanDistance
 from metaad.errors import ConfigError
-from metaad.eval import evaluate
-from metaad.metrics import EpisodeMetrics
-from metaad.train import train
+from metaad.evaluation.metrics import EpisodeMetrics
 
 
 @pytest.fixture(scope="module")

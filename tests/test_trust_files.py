@@ -18,11 +18,11 @@ import pytest
 import torch
 
 import metaad
+from metaad.apps.eval import evaluate
+from metaad.apps.score import score, write_atomically
+from metaad.apps.train import train
 from metaad.checkpoint import allowed_targets
 from metaad.errors import CheckpointError, ConfigError
-from metaad.eval import evaluate
-from metaad.score import score, write_atomically
-from metaad.train import train
 from tests.conftest import compose_in
 from tests.test_bad_inputs import one_block, refused, run_app
 

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from metaad.data.tasks import DataError
 from metaad.detectors.base import Detector
-from metaad.thresholds import Threshold, leave_one_out_scores, standardise
+from metaad.evaluation.thresholds import Threshold, leave_one_out_scores, standardise
 
 BASELINES = {
     "mean_euclidean": ("SupportMeanDistance", {"distance": "euclidean"}),
@@ -45,7 +45,7 @@ class FewShotDetector:
 
     Fitted attributes: ``n_support_`` (K), ``feature_names_in_`` (column names of a fitted
     frame, else None), ``threshold_`` (the decision threshold on the threshold's scale, see
-    :mod:`metaad.thresholds`; None without a threshold).
+    :mod:`metaad.evaluation.thresholds`; None without a threshold).
     """
 
     def __init__(
@@ -181,18 +181,17 @@ def load(path: str | Path, threshold: Threshold | None = None) -> FewShotDetecto
     from hydra.utils import instantiate
 
     from metaad import checkpoint as ckpt
-    from metaad.build import build_learner
     from metaad.data.preprocessing import Preprocessing
 
     if threshold is not None and not isinstance(threshold, Threshold):
         raise TypeError(
-            f"metaad.load: threshold must be a metaad.thresholds.Threshold (e.g. SupportQuantile()) or None "
-            f"for the checkpoint's own, got {threshold!r}"
+            "metaad.load: threshold must be a metaad.evaluation.thresholds.Threshold (e.g. "
+            f"SupportQuantile()) or None for the checkpoint's own, got {threshold!r}"
         )
     checkpoint = ckpt.load(path)
     cfg = checkpoint.config
     sample_shape = checkpoint.sample_shape
-    learner = build_learner(cfg, sample_shape)
+    learner = ckpt.build_learner(cfg, sample_shape)
     checkpoint.load_weights(learner)
     if checkpoint.preprocessing is not None:
         preprocessing = Preprocessing.from_dict(checkpoint.preprocessing)
@@ -217,7 +216,7 @@ def baseline(
     score of the support (needs K >= 2); ``None`` for scores only; or any :class:`Threshold`.
     """
     from metaad.detectors import baselines
-    from metaad.thresholds import SupportQuantile
+    from metaad.evaluation.thresholds import SupportQuantile
 
     if name not in BASELINES:
         raise ValueError(f"metaad.baseline: unknown baseline {name!r}; choose one of {sorted(BASELINES)}")

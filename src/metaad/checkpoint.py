@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import yaml
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metaad.errors import CheckpointError, ConfigError, RunFolderError
@@ -51,8 +52,8 @@ SECTION_MODULES = {
     "backbone": ("metaad.detectors.backbones.",),
     "model": ("metaad.detectors.", *OPTIMIZERS),
     "baselines": ("metaad.detectors.baselines.",),
-    "threshold": ("metaad.thresholds.",),
-    "baseline_threshold": ("metaad.thresholds.",),
+    "threshold": ("metaad.evaluation.thresholds.",),
+    "baseline_threshold": ("metaad.evaluation.thresholds.",),
     "names": (),
     "seed": (),
 }
@@ -140,6 +141,14 @@ def stored_config(cfg: DictConfig) -> dict[str, Any]:
     plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, kept), resolve=True)
     check_targets(plain, "the config", ConfigError)
     return plain
+
+
+def build_learner(cfg: DictConfig, sample_shape: tuple[int, ...]) -> torch.nn.Module:
+    """The learner of ``cfg.model`` on a backbone sized for ``sample_shape``, without the optimizer
+    (training's, not the learner's)."""
+    backbone = instantiate(cfg.backbone, sample_shape=list(sample_shape))
+    learner = OmegaConf.masked_copy(cfg.model, [key for key in cfg.model if key != "optimizer"])
+    return instantiate(learner, backbone=backbone)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """metaad's own errors: each message names the file, field or setting and what is wrong.
 
-The apps print them as one block without a traceback (:mod:`metaad.cli`); data errors are
+The apps print them as one block without a traceback (:mod:`metaad.apps.cli`); data errors are
 :class:`metaad.data.errors.DataError`.
 """
 

@@ -33,7 +33,7 @@ POSITIVE_INTS = (
 
 def check_episode_settings(settings: Mapping[str, Any], error: type[Exception] = DataError) -> None:
     """The episode settings (``dataset.*``) that are present, checked once for the config gate
-    (``metaad.checks``, before any data is read) and the datamodule alike; raises ``error``."""
+    (``metaad.apps.checks``, before any data is read) and the datamodule alike; raises ``error``."""
 
     def whole(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 1

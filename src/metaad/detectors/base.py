@@ -1,7 +1,7 @@
 """The one interface every detector answers, learned or not: adapt to a support set, then score.
 
 A *learner* is a plain ``nn.Module`` that also has a meta-training ``loss``. Nothing here (nor
-in any detector) imports Lightning: :mod:`metaad.training` meta-trains a learner, and the Python
+in any detector) imports Lightning: :mod:`metaad.training.module` meta-trains a learner, and the Python
 API (:mod:`metaad.api`) scores with one without it.
 """
 

@@ -35,7 +35,7 @@ depend on ``strength`` while it is small (the support's own directions are then 
 ``strength`` fitted by the ranking loss on other categories can grow until the support is
 ignored, which cost up to 0.07 AUROC on a held-out category: hence not learned by default.
 
-The ``backbone`` that ``metaad.build`` passes is not used: the learner works on the (flattened)
+The ``backbone`` that ``metaad.apps.build`` passes is not used: the learner works on the (flattened)
 inputs, which for this learner should already be good embeddings.
 """
 

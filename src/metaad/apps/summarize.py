@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from metaad.cli import app
+from metaad.apps.cli import app
 
 COLUMNS = ("job", "overrides", "val/auroc", "test/auroc", "test ci95", "steps", "status")
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from metaad.cli import app
+from metaad.apps.cli import app
 from metaad.data.tasks import DataError
 from metaad.errors import ConfigError
 
@@ -219,7 +219,7 @@ def score(cfg: DictConfig) -> Any:
     from hydra.utils import instantiate
 
     from metaad.api import load
-    from metaad.checks import check_settings_of, check_threshold
+    from metaad.apps.checks import check_settings_of, check_threshold
 
     check_settings_of(cfg, "score")
     for key in ("ckpt_path", "support", "query", "output"):

@@ -32,10 +32,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from metaad.build import compose_config
-from metaad.cli import app
-from metaad.eval import evaluate
-from metaad.train import train
+from metaad.apps.build import compose_config
+from metaad.apps.cli import app
+from metaad.apps.eval import evaluate
+from metaad.apps.train import train
 
 console = Console()
 

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from metaad.data.episodes import Episode
 from metaad.detectors.base import Detector
-from metaad.metrics import EpisodeMetrics
-from metaad.thresholds import Scored, Threshold, score_episodes
+from metaad.evaluation.metrics import EpisodeMetrics
+from metaad.evaluation.thresholds import Scored, Threshold, score_episodes
 
 FIELDS = ("index", "scores", "labels", "normalised", "support_normalised")
 

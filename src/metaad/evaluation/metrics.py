@@ -3,7 +3,7 @@
 Scores of different episodes are not on one scale, so ranking metrics are computed within each
 episode on raw scores (no sigmoid, no pooling) and then averaged, with a normal-approximation
 95% CI. Decision metrics (F1, precision, recall, balanced accuracy) take the yes/no decisions a
-threshold made (see ``metaad.thresholds``) and are averaged over episodes the same way.
+threshold made (see ``metaad.evaluation.thresholds``) and are averaged over episodes the same way.
 """
 
 from __future__ import annotations

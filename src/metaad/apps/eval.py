@@ -15,10 +15,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from metaad import checkpoint as ckpt
-from metaad.checks import check_dataset, check_settings_of, check_threshold
-from metaad.cli import app
+from metaad.apps.checks import check_dataset, check_settings_of, check_threshold
+from metaad.apps.cli import app
+from metaad.apps.runs import claim
 from metaad.errors import ConfigError
-from metaad.runs import claim
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,10 @@ def check_held_out(checkpoint: ckpt.Checkpoint, test_tasks: list[str]) -> None:
 def _evaluate(
     cfg: DictConfig, checkpoint: ckpt.Checkpoint, run_cfg: DictConfig, run_dir: Path
 ) -> dict[str, Any]:
-    from metaad.build import build_datamodule, build_trainer, build_training
-    from metaad.distributed import check_launch, job_scope
-    from metaad.report import print_summary, results, write_metrics
-    from metaad.training import quiet_lightning
+    from metaad.apps.build import build_datamodule, build_trainer, build_training
+    from metaad.evaluation.report import print_summary, results, write_metrics
+    from metaad.training.distributed import check_launch, job_scope
+    from metaad.training.module import quiet_lightning
 
     quiet_lightning()
 

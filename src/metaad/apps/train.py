@@ -14,11 +14,11 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
+from metaad.apps.checks import check_train_config
+from metaad.apps.cli import app
+from metaad.apps.runs import claim
 from metaad.checkpoint import stored_config
-from metaad.checks import check_train_config
-from metaad.cli import app
-from metaad.resume import load_resume_state, resolve_ckpt_path
-from metaad.runs import claim
+from metaad.training.resume import load_resume_state, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,11 @@ def _train(
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from metaad.build import build_datamodule, build_trainer, build_training, plain
-    from metaad.distributed import check_launch, job_scope
-    from metaad.report import print_summary, results, write_metrics
-    from metaad.training import StoreConfig, quiet_lightning
+    from metaad.apps.build import build_datamodule, build_trainer, build_training, plain
+    from metaad.evaluation.report import print_summary, results, write_metrics
+    from metaad.training.callbacks import StoreConfig
+    from metaad.training.distributed import check_launch, job_scope
+    from metaad.training.module import quiet_lightning
 
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)

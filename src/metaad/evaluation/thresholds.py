@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from metaad.detectors.base import Detector, anomaly_scores
-from metaad.metrics import decision_metrics
+from metaad.evaluation.metrics import decision_metrics
 
 EPS = 1e-6
 NORMALISATIONS = ("zscore", "none")

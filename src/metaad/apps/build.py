@@ -15,10 +15,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metaad.checks import check_dataset
-from metaad.detectors.base import Detector, Learner
-from metaad.evaluation import Evaluator
-from metaad.thresholds import Threshold
+from metaad.apps.checks import check_dataset
+from metaad.checkpoint import build_learner
+from metaad.detectors.base import Detector
+from metaad.evaluation.evaluator import Evaluator
+from metaad.evaluation.thresholds import Threshold
 
 
 def build_datamodule(cfg: DictConfig) -> Any:
@@ -27,14 +28,6 @@ def build_datamodule(cfg: DictConfig) -> Any:
     datamodule = instantiate(cfg.dataset)
     datamodule.setup()
     return datamodule
-
-
-def build_learner(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Learner:
-    """The learner of ``cfg.model`` on a backbone sized for ``sample_shape``, without the optimizer
-    (training's, not the learner's)."""
-    backbone = instantiate(cfg.backbone, sample_shape=list(sample_shape))
-    learner = OmegaConf.masked_copy(cfg.model, [key for key in cfg.model if key != "optimizer"])
-    return instantiate(learner, backbone=backbone)
 
 
 def build_baselines(cfg: DictConfig) -> dict[str, Detector]:
@@ -47,7 +40,7 @@ def build_threshold(cfg: DictConfig, key: str = "threshold") -> Threshold | None
 
 def build_training(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Any:
     """The LightningModule that meta-trains the configured learner, with its evaluator."""
-    from metaad.training import MetaTraining
+    from metaad.training.module import MetaTraining
 
     evaluator = Evaluator(
         build_baselines(cfg), build_threshold(cfg), build_threshold(cfg, "baseline_threshold")

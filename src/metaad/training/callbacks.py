@@ -1,0 +1,75 @@
+"""Callbacks of a training run: the resumable last checkpoint, and what metaad stores in every one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Checkpoint
+
+from metaad import checkpoint as ckpt
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes ``<dirpath>/last.ckpt``, the whole training state, every ``every_n_train_steps``
+    optimizer steps and at the end of every training epoch (after its validation).
+
+    The file is replaced atomically and the one it replaces kept as ``last.previous.ckpt``, so a
+    kill or disk fault while saving leaves a generation to resume from (:mod:`metaad.training.resume`). No
+    step save on an epoch's last batch: Lightning 2.6 would skip that epoch's validation when
+    resuming from it; the epoch-end save comes right after.
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int = 50) -> None:
+        if every_n_train_steps < 0:
+            raise ValueError(
+                f"callbacks: every_n_train_steps must be >= 0 (0: epoch ends only), got {every_n_train_steps}"
+            )
+        self.path = Path(dirpath) / "last.ckpt"
+        self.every_n_train_steps = every_n_train_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        n = self.every_n_train_steps
+        if (
+            n
+            and trainer.global_step % n == 0
+            and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        ):
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        if trainer.is_global_zero:
+            ckpt.save_generation(trainer.save_checkpoint, self.path)
+        else:
+            trainer.save_checkpoint(self.path.with_suffix(".ckpt.partial"))  # takes part; rank 0 writes
+
+
+class StoreConfig(pl.Callback):
+    """Stores in every checkpoint what scoring needs besides the weights, as plain data
+    (:func:`metaad.checkpoint.contents`): the run's stored config, the sample shape, the source's
+    preprocessing, the data it was trained on and the tasks of each split."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None:
+            checkpoint.update(ckpt.contents(self.config, None, None, None, None))
+            return
+        preprocessing = getattr(datamodule, "preprocessing", None)
+        checkpoint.update(
+            ckpt.contents(
+                self.config,
+                datamodule.sample_shape,
+                preprocessing.to_dict() if preprocessing is not None else None,
+                getattr(datamodule, "data_name", None),
+                datamodule.task_names(),
+            )
+        )
