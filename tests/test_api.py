@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import metaad
+from metaad.api import baseline_configs
 from metaad.apps.build import build_datamodule
 from metaad.apps.train import train
 from metaad.data import DataError
@@ -130,3 +131,18 @@ def test_loading_and_scoring_does_not_import_lightning(trained, episode):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("name", sorted(baseline_configs()))
+def test_the_api_builds_each_baseline_as_training_scores_it(name, tmp_path):
+    """One registry, conf/baselines/: metaad.baseline(name) is the detector baselines=all builds."""
+    from metaad.apps.build import build_baselines
+
+    built = build_baselines(compose_in(tmp_path / "run", ["baselines=all"]))[name]
+    api = metaad.baseline(name).detector
+    assert type(api) is type(built) and vars(api) == vars(built)
+
+
+def test_api_settings_replace_the_configured_ones():
+    assert baseline_configs()["mahalanobis"]["ridge"] != 0.5
+    assert metaad.baseline("mahalanobis", ridge=0.5).detector.ridge == 0.5

@@ -5,7 +5,9 @@ detector, both behind ``fit`` / ``decision_function`` / ``predict`` (:class:`Few
 Apps: ``metaad-train``, ``metaad-eval``, ``metaad-score``, ``metaad-benchmark``, ``metaad-summarize``.
 """
 
+from importlib.metadata import version
+
 from metaad.api import FewShotDetector, baseline, load
 
-__version__ = "0.2.0"
+__version__ = version("metaad")  # one place: pyproject.toml
 __all__ = ["FewShotDetector", "baseline", "load"]

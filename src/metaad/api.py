@@ -17,27 +17,34 @@ from __future__ import annotations
 
 import sys
 import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor
 
 from metaad.data.tasks import DataError
 from metaad.detectors.base import Detector
 from metaad.evaluation.thresholds import Threshold, leave_one_out_scores, standardise
 
-BASELINES = {
-    "mean_euclidean": ("SupportMeanDistance", {"distance": "euclidean"}),
-    "mean_cosine": ("SupportMeanDistance", {"distance": "cosine"}),
-    "nn_euclidean": ("NearestNeighbourDistance", {"distance": "euclidean"}),
-    "nn_cosine": ("NearestNeighbourDistance", {"distance": "cosine"}),
-    "mahalanobis": ("Mahalanobis", {}),
-    "isolation_forest": ("IsolationForest", {}),
-    "ocsvm": ("OneClassSVM", {}),
-    "lof": ("LocalOutlierFactor", {}),
-}
+
+def baseline_configs() -> dict[str, dict[str, Any]]:
+    """Every baseline ``baselines=all`` scores beside a learner, by name: the one registry is
+    ``conf/baselines/`` (a file's ``defaults`` are read first, as Hydra composes them)."""
+    folder = resources.files("metaad.conf") / "baselines"
+
+    def read(name: str) -> dict[str, Any]:
+        node = yaml.safe_load((folder / f"{name}.yaml").read_text()) or {}
+        merged: dict[str, Any] = {}
+        for entry in node.get("defaults", []):
+            if entry != "_self_":
+                merged |= read(entry)
+        return merged | {key: value for key, value in node.items() if key != "defaults"}
+
+    return read("all")
 
 
 class FewShotDetector:
@@ -210,18 +217,20 @@ def load(path: str | Path, threshold: Threshold | None = None) -> FewShotDetecto
 def baseline(
     name: str, threshold: Threshold | str | None = "support_quantile", **settings: Any
 ) -> FewShotDetector:
-    """A no-learning baseline by name (``metaad.api.BASELINES``), behind the same API.
+    """A no-learning baseline by name (:func:`baseline_configs`, as ``metaad-train`` scores it), behind
+    the same API; ``settings`` replace its configured ones.
 
     ``threshold="support_quantile"`` (default) flags a sample scoring above every leave-one-out
     score of the support (needs K >= 2); ``None`` for scores only; or any :class:`Threshold`.
     """
-    from metaad.detectors import baselines
+    from hydra.utils import instantiate
+
     from metaad.evaluation.thresholds import SupportQuantile
 
-    if name not in BASELINES:
-        raise ValueError(f"metaad.baseline: unknown baseline {name!r}; choose one of {sorted(BASELINES)}")
-    cls, defaults = BASELINES[name]
-    detector = getattr(baselines, cls)(**{**defaults, **settings})
+    configs = baseline_configs()
+    if name not in configs:
+        raise ValueError(f"metaad.baseline: unknown baseline {name!r}; choose one of {sorted(configs)}")
+    detector = instantiate({**configs[name], **settings})
     if threshold == "support_quantile":
         threshold = SupportQuantile(q=1.0, normalise="none")
     elif isinstance(threshold, str):

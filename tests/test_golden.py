@@ -1,0 +1,39 @@
+"""Same seed and config, same numbers: quick runs must reproduce the metrics recorded before the
+code moved into layer packages (tests/golden/metrics.json, written by the code at ce9ba6e)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from metaad.apps.train import train
+from tests.conftest import compose_in
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "metrics.json").read_text())
+RUNS = {
+    "default": [],
+    "maml": ["model=maml"],
+    "covariance": ["model=covariance"],
+}
+
+
+def differences(expected, got, key: str = "") -> list[str]:
+    if isinstance(expected, dict):
+        missing = [f"{key}.{k}: missing" for k in expected if k not in got]
+        return missing + [
+            d for k in expected if k in got for d in differences(expected[k], got[k], f"{key}.{k}")
+        ]
+    if isinstance(expected, float) and math.isclose(expected, got, rel_tol=1e-6, abs_tol=1e-9):
+        return []
+    return [] if expected == got else [f"{key}: {expected!r} before, {got!r} now"]
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n != "default" else n for n in RUNS]
+)
+def test_a_quick_run_reproduces_its_golden_metrics(tmp_path, name):
+    metrics = train(compose_in(tmp_path / "run", ["logger=none", *RUNS[name]]))
+    assert not differences(GOLDEN[name], metrics)
