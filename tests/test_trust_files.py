@@ -367,3 +367,11 @@ def test_a_failed_sweep_job_keeps_a_job_folder_the_user_had(tmp_path):
     assert done.returncode == 1, done.stderr
     assert (sweep / "0" / "mine.log").read_text() == "mine"
     assert not (sweep / "1").exists()  # created by the failed job: removed
+
+
+@pytest.mark.parametrize("key", ["inference_mode", "use_distributed_sampler"])
+def test_trainer_invariants_are_not_settings(tmp_path, key):
+    cfg = compose_in(tmp_path / "run", [f"+trainer.{key}=true", "logger=none"])
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    refused(error, f"trainer.{key} is fixed by metaad")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import os
 import pickle
 import zipfile
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 import yaml
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metaad.errors import CheckpointError, ConfigError, RunFolderError
@@ -146,9 +147,10 @@ def stored_config(cfg: DictConfig) -> dict[str, Any]:
 def build_learner(cfg: DictConfig, sample_shape: tuple[int, ...]) -> torch.nn.Module:
     """The learner of ``cfg.model`` on a backbone sized for ``sample_shape``, without the optimizer
     (training's, not the learner's)."""
-    backbone = instantiate(cfg.backbone, sample_shape=list(sample_shape))
     learner = OmegaConf.masked_copy(cfg.model, [key for key in cfg.model if key != "optimizer"])
-    return instantiate(learner, backbone=backbone)
+    if "backbone" not in inspect.signature(get_class(cfg.model._target_)).parameters:
+        return instantiate(learner)  # a learner on the raw inputs (the covariance prior)
+    return instantiate(learner, backbone=instantiate(cfg.backbone, sample_shape=list(sample_shape)))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metaad.apps.checks import check_dataset
+from metaad.apps.checks import TRAINER_INVARIANTS, check_dataset, check_trainer
 from metaad.checkpoint import build_learner
 from metaad.detectors.base import Detector
 from metaad.evaluation.evaluator import Evaluator
@@ -49,9 +49,12 @@ def build_training(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Any:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list = ()) -> Any:
+    check_trainer(cfg.trainer)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    return instantiate(cfg.trainer, logger=loggers or False, callbacks=[*configured, *callbacks])
+    return instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=[*configured, *callbacks], **TRAINER_INVARIANTS
+    )
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:

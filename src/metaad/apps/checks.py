@@ -173,7 +173,18 @@ def check_learner(cfg: DictConfig) -> None:
             _integer(f"backbone.hidden[{i}]", width, 1)
 
 
+# Trainer settings metaad's design depends on, so not settings: MAML adapts with gradients at
+# val/test time (no inference mode), and the episode samplers shard across ranks themselves.
+TRAINER_INVARIANTS = {"inference_mode": False, "use_distributed_sampler": False}
+
+
 def check_trainer(trainer: Any) -> None:
+    given = [key for key in TRAINER_INVARIANTS if key in trainer]
+    if given:
+        raise ConfigError(
+            f"trainer.{given[0]} is fixed by metaad ({TRAINER_INVARIANTS[given[0]]}): MAML adapts with "
+            "gradients at evaluation and the episode samplers shard across processes themselves"
+        )
     for key in ("check_val_every_n_epoch", "log_every_n_steps"):
         if trainer.get(key) is not None:
             _integer(f"trainer.{key}", trainer.get(key), 1)

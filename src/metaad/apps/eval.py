@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from metaad import checkpoint as ckpt
-from metaad.apps.checks import check_dataset, check_settings_of, check_threshold
+from metaad.apps.checks import check_dataset, check_settings_of, check_threshold, check_trainer
 from metaad.apps.cli import app
 from metaad.apps.runs import claim
 from metaad.errors import ConfigError
@@ -29,6 +29,7 @@ STORED_ONLY = {"model": "model", "backbone": "backbone", "seed": "seed", "names"
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     _refuse_stored_only(cfg)
     check_settings_of(cfg, "eval")
+    check_trainer(cfg.trainer)
     checkpoint = ckpt.load(cfg.ckpt_path)
     run_cfg = checkpoint.config
     run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, cfg.dataset)

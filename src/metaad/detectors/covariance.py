@@ -33,10 +33,10 @@ What is learned, and how:
 On MVTec AD (``scripts/mvtec_research.py``) the estimated ``P`` is what helps; rankings hardly
 depend on ``strength`` while it is small (the support's own directions are then trusted), and a
 ``strength`` fitted by the ranking loss on other categories can grow until the support is
-ignored, which cost up to 0.07 AUROC on a held-out category: hence not learned by default.
+ignored, which hurt held-out categories: hence not learned by default.
 
-The ``backbone`` that ``metaad.apps.build`` passes is not used: the learner works on the (flattened)
-inputs, which for this learner should already be good embeddings.
+It takes no backbone: it works on the (flattened) inputs, which for this learner should already
+be good embeddings.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ class CovarianceState(NamedTuple):
 class CovariancePrior(Learner):
     def __init__(
         self,
-        backbone: nn.Module | None = None,
         isotropy: float = 0.5,
         strength: float = 0.03,
         loss: str = "ranking",
