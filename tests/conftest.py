@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,3 +36,29 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+BIN = Path(sys.executable).parent
+
+
+def run_app(app: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """An installed app (``metaad-train`` ...) as a user runs it: one thread, no traceback switch,
+    no DDP variables of an enclosing run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("HYDRA_FULL_ERROR", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(name, None)
+    return subprocess.run(
+        [str(BIN / app), *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory) -> tuple[DictConfig, dict, Path]:
+    """One quick real digits run (f1_optimal on z-scores, fitted at K=5, no baselines), shared by
+    every test that needs a trained checkpoint: ``(cfg, metrics, best.ckpt)``. Read it, never change it."""
+    from metaad.apps.train import train
+
+    overrides = ["threshold=f1_optimal", "threshold.normalise=zscore", "baselines=none", "logger=none"]
+    cfg = compose_in(tmp_path_factory.mktemp("quick_run") / "run", overrides)
+    metrics = train(cfg)
+    return cfg, metrics, Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,7 +13,6 @@ import torch
 import metaad
 from metaad.api import baseline_configs
 from metaad.apps.build import build_datamodule
-from metaad.apps.train import train
 from metaad.data import DataError
 from metaad.detectors.baselines import Mahalanobis
 from metaad.evaluation.thresholds import leave_one_out_scores, standardise
@@ -22,12 +20,9 @@ from tests.conftest import compose_in
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A quick real run on digits (f1_optimal on z-scores): its config and best checkpoint."""
-    overrides = ["threshold=f1_optimal", "threshold.normalise=zscore", "baselines=none", "logger=none"]
-    cfg = compose_in(tmp_path_factory.mktemp("train"), overrides)
-    train(cfg)
-    return cfg, Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+def trained(quick_run):
+    """The shared quick run (f1_optimal on z-scores): its config and best checkpoint."""
+    return quick_run[0], quick_run[2]
 
 
 @pytest.fixture(scope="module")

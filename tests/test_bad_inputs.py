@@ -34,7 +34,7 @@ from metaad.data import DataError
 from metaad.data.sources import omniglot, table, task_files
 from metaad.errors import CheckpointError, ConfigError, RunFolderError
 from metaad.training.resume import load_resume_state, resolve_ckpt_path
-from tests.conftest import compose_in
+from tests.conftest import compose_in, run_app
 
 BIN = Path(sys.executable).parent
 UNSAFE = ("weights_only=False", "allow_pickle", "pickle.load", "trust")
@@ -496,12 +496,9 @@ def test_k_shot_larger_than_a_task_supplies_names_the_task_and_setting(compose_c
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One quick real run (f1_optimal on z-scores, fitted at K=5): its config and best checkpoint."""
-    overrides = ["threshold=f1_optimal", "threshold.normalise=zscore", "baselines=none", "logger=none"]
-    cfg = compose_in(tmp_path_factory.mktemp("train") / "run", overrides)
-    train(cfg)
-    return cfg, Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+def trained(quick_run):
+    """The shared quick run (f1_optimal on z-scores, fitted at K=5): its config and best checkpoint."""
+    return quick_run[0], quick_run[2]
 
 
 def doctored(key: str, value):
@@ -898,12 +895,6 @@ def test_resume_last_in_a_folder_without_a_run_says_where_to_point(tmp_path):
 
 
 # --- the command line: one block, no traceback ---------------------------------------------------
-
-
-def run_app(app: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([str(BIN / app), *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 def one_block(done: subprocess.CompletedProcess, app: str) -> str:

@@ -18,14 +18,9 @@ from metaad.checkpoint import load as load_checkpoint
 from metaad.checkpoint import previous_of, save_generation
 from metaad.errors import CheckpointError, RunFolderError
 from metaad.training.resume import resolve_ckpt_path
+from tests.conftest import run_app
 
 BIN = Path(sys.executable).parent
-
-
-def run_app(app: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([str(BIN / app), *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 @pytest.mark.parametrize(

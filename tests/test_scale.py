@@ -7,7 +7,6 @@ The fast tests check the pieces in-process; the slow ones run the real ``metaad-
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from metaad.data import DataError, EpisodeDataModule, EpisodeSampler
 from metaad.data.sources import digits
 from metaad.training.distributed import HydraDDPStrategy, check_launch, rank_command
 from metaad.training.resume import load_resume_state, resolve_ckpt_path
+from tests.conftest import run_app
 
 BIN = Path(sys.executable).parent
 
@@ -184,15 +184,8 @@ def test_sweep_summary_sorts_by_validation_and_lists_unfinished_jobs(tmp_path, c
 # --- slow: real processes ---------------------------------------------------------------------
 
 
-def run_app(app: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE")
-    }
-    done = subprocess.run(
-        [str(BIN / app), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+def run_ok(app: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    done = run_app(app, args, cwd, timeout)
     assert done.returncode == 0, (
         f"{app} {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     )
@@ -206,8 +199,8 @@ def metrics_of(run_dir: Path) -> dict:
 @pytest.mark.slow
 def test_two_process_ddp_trains_and_evaluates_like_one_process(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_app("metaad-train", [*TINY, f"hydra.run.dir={one}"], tmp_path)
-    run_app("metaad-train", [*TINY, "trainer=ddp", "trainer.devices=2", f"hydra.run.dir={two}"], tmp_path)
+    run_ok("metaad-train", [*TINY, f"hydra.run.dir={one}"], tmp_path)
+    run_ok("metaad-train", [*TINY, "trainer=ddp", "trainer.devices=2", f"hydra.run.dir={two}"], tmp_path)
     assert (two / "train_rank1.log").is_file(), "a second process must have run"
     assert "rank 1/2 trained" in (two / "train_rank1.log").read_text()
     assert "rank 0/2 trained" in (two / "train.log").read_text()
@@ -219,7 +212,7 @@ def test_two_process_ddp_trains_and_evaluates_like_one_process(tmp_path):
     # the same checkpoint evaluated by 2 processes reports exactly the one-process test numbers
     evaluated = tmp_path / "eval2"
     ckpt = one / "checkpoints" / "best.ckpt"
-    run_app(
+    run_ok(
         "metaad-eval",
         [f"ckpt_path={ckpt}", "trainer=ddp", "trainer.devices=2", f"hydra.run.dir={evaluated}"],
         tmp_path,
@@ -227,7 +220,7 @@ def test_two_process_ddp_trains_and_evaluates_like_one_process(tmp_path):
     # each rank scored half of the 20 val and 40 test episodes; the gathered results are the one-process ones
     assert "{'val': 10, 'test': 20}" in (evaluated / "eval_rank1.log").read_text()
     one_process = tmp_path / "eval1"
-    run_app("metaad-eval", [f"ckpt_path={ckpt}", f"hydra.run.dir={one_process}"], tmp_path)
+    run_ok("metaad-eval", [f"ckpt_path={ckpt}", f"hydra.run.dir={one_process}"], tmp_path)
     m_eval, m_one = metrics_of(evaluated), metrics_of(one_process)
     for block in ("test", "baselines", "val", "threshold"):
         assert m_eval[block] == m_one[block], block
@@ -246,7 +239,7 @@ def test_sweep_with_two_ddp_processes_per_job_gives_each_job_its_own_hyperparame
         *TINY,
         f"hydra.sweep.dir={sweep}",
     ]
-    run_app("metaad-train", args, tmp_path, timeout=400)
+    run_ok("metaad-train", args, tmp_path, timeout=400)
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"], "no rank may replay the sweep into more job folders"
     for job, embed_dim in zip(jobs, (16, 32)):
@@ -272,7 +265,7 @@ def test_optuna_study_of_two_trials_maximises_validation_auroc_in_sqlite(tmp_pat
         "hydra.sweeper.n_trials=2",
         f"hydra.sweeper.storage=sqlite:///{db}",
     ]
-    run_app("metaad-train", [*args, *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
+    run_ok("metaad-train", [*args, *TINY, f"hydra.sweep.dir={sweep}"], tmp_path)
     vals = [metrics_of(sweep / str(n))["val_auroc_best"] for n in range(2)]
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["best_value"] == pytest.approx(max(vals), abs=1e-9)
@@ -298,7 +291,7 @@ def test_killed_run_resumes_in_its_folder_with_the_same_steps_episodes_and_resul
         "callbacks.last_checkpoint.every_n_train_steps=5",
     ]
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    run_app("metaad-train", [*config, f"hydra.run.dir={straight}"], tmp_path)
+    run_ok("metaad-train", [*config, f"hydra.run.dir={straight}"], tmp_path)
 
     process = subprocess.Popen(
         [str(BIN / "metaad-train"), *config, f"hydra.run.dir={crashed}"],
@@ -317,7 +310,7 @@ def test_killed_run_resumes_in_its_folder_with_the_same_steps_episodes_and_resul
     killed_at = torch.load(last, weights_only=True)["global_step"]
     assert 0 < killed_at < 32
 
-    run_app("metaad-train", [*config, f"hydra.run.dir={crashed}", "ckpt_path=last"], tmp_path)
+    run_ok("metaad-train", [*config, f"hydra.run.dir={crashed}", "ckpt_path=last"], tmp_path)
     a, b = metrics_of(straight), metrics_of(crashed)
     assert b["global_step"] == a["global_step"] == 32
     assert b["val_auroc_best"] == pytest.approx(a["val_auroc_best"], abs=1e-6)
@@ -359,7 +352,7 @@ def test_two_ddp_ranks_build_one_store_and_train_from_it_like_one_process_from_m
         "ddp": [f"dataset.source.cache={tmp_path / 'cache2'}", "trainer=ddp", "trainer.devices=2"],
     }
     for name, extra in runs.items():
-        run_app("metaad-train", [*TINY, *data, *extra, f"hydra.run.dir={tmp_path / name}"], tmp_path)
+        run_ok("metaad-train", [*TINY, *data, *extra, f"hydra.run.dir={tmp_path / name}"], tmp_path)
     memory, stored, ddp = (metrics_of(tmp_path / name) for name in runs)
     for block in ("test", "baselines", "val"):
         assert stored[block] == memory[block], block

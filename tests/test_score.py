@@ -17,7 +17,6 @@ from metaad import checkpoint as ckpt
 from metaad.apps.build import build_datamodule, build_learner
 from metaad.apps.eval import evaluate
 from metaad.apps.score import read_samples, score
-from metaad.apps.train import train
 from metaad.data import DataError
 from metaad.evaluation.thresholds import leave_one_out_scores, standardise
 from tests.conftest import compose_in
@@ -26,12 +25,9 @@ COLUMNS = ["id", "score", "normalised_score", "is_anomaly"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A quick real run, f1_optimal on z-scores: its config, metrics and best checkpoint."""
-    overrides = ["threshold=f1_optimal", "threshold.normalise=zscore", "baselines=none", "logger=none"]
-    cfg = compose_in(tmp_path_factory.mktemp("train"), overrides)
-    metrics = train(cfg)
-    return cfg, metrics, Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+def trained(quick_run):
+    """The shared quick run (f1_optimal on z-scores): config, metrics, best checkpoint."""
+    return quick_run
 
 
 @pytest.fixture(scope="module")
