@@ -375,3 +375,18 @@ def test_trainer_invariants_are_not_settings(tmp_path, key):
     with pytest.raises(ConfigError) as error:
         train(cfg)
     refused(error, f"trainer.{key} is fixed by metaad")
+
+
+@pytest.mark.slow
+def test_a_stored_config_read_with_config_dir_builds_only_metaads_targets(tmp_path):
+    stored = tmp_path / "run" / ".hydra"
+    stored.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    (stored / "config.yaml").write_text(
+        "defaults:\n  - train\n  - _self_\ncallbacks:\n  evil:\n"
+        f"    _target_: pathlib.Path.write_text\n    _args_: [{marker}, x]\n"
+    )
+    args = ["--config-dir", str(stored), "--config-name", "config", f"hydra.run.dir={tmp_path / 'again'}"]
+    line = one_block(run_app("metaad-train", [*args, "debug=quick", "logger=none"], tmp_path), "metaad-train")
+    assert "callbacks.evil._target_" in line and "pathlib.Path.write_text" in line and str(stored) in line
+    assert not marker.exists() and HYDRA_ADVICE not in line

@@ -112,9 +112,11 @@ def _interpolations(node: Any, key: str = "") -> Iterator[str]:
         yield key
 
 
-def check_targets(config: Any, origin: str, error: type[Exception] = CheckpointError) -> None:
-    """Refuse ``config`` (plain data) if it names a target metaad never writes, or holds an
-    interpolation; ``origin`` (a file, or ``the config``) starts the message."""
+def check_targets(
+    config: Any, origin: str, error: type[Exception] = CheckpointError, resolved: bool = False
+) -> None:
+    """Refuse ``config`` (plain data) if it names a target metaad never writes, or (unless it was
+    ``resolved`` just now) holds an interpolation; ``origin`` (a file, ``the config``) starts the message."""
     if isinstance(config, DictConfig):
         config = OmegaConf.to_container(config, resolve=False)
     allowed = allowed_targets()
@@ -128,7 +130,7 @@ def check_targets(config: Any, origin: str, error: type[Exception] = CheckpointE
                 f"section) and the optimizers {', '.join(OPTIMIZERS)}, so this config is refused and "
                 "nothing in it was built"
             )
-    for key in _interpolations(config):
+    for key in [] if resolved else _interpolations(config):
         raise error(
             f"{origin}: {key} holds an interpolation (${{...}}); metaad stores configs resolved, so this "
             "was not written by metaad and is refused"

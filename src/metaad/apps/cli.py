@@ -24,7 +24,7 @@ from typing import Any
 import hydra
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, read_write
+from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from metaad.data.errors import DataError
@@ -66,6 +66,7 @@ def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[]
             run_dir = _run_dir()
             before = _entries_before(run_dir) if run_dir is not None else UNKNOWN
             try:
+                _check_config_files(cfg)
                 return fn(cfg)
             except Exception as error:
                 text = message(error)
@@ -80,6 +81,23 @@ def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[]
         return hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name=config_name)(task)
 
     return decorate
+
+
+def _check_config_files(cfg: DictConfig) -> None:
+    """A config composed from files outside metaad's package (``--config-dir``, e.g. a run folder's
+    stored ``.hydra/config.yaml``) builds only the targets metaad's own configs name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from metaad.checkpoint import check_targets
+    from metaad.errors import ConfigError
+
+    if not HydraConfig.initialized():
+        return
+    files = [s.path for s in HydraConfig.get().runtime.config_sources if s.schema == "file"]
+    if files:
+        app_cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+        plain = OmegaConf.to_container(app_cfg, resolve=True)
+        check_targets(plain, f"the config read from {', '.join(files)}", ConfigError, resolved=True)
 
 
 def _run_dir() -> Path | None:
