@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metaad.data.errors import DataError
 from metaad.errors import MetaadError
+from metaad.sweeps import record_refusal
 
 EXPECTED = (MetaadError, DataError, FileNotFoundError, IsADirectoryError, PermissionError)
 
@@ -67,13 +68,46 @@ def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[]
                     raise
                 if fresh and not _holds_results(run_dir):
                     shutil.rmtree(run_dir, ignore_errors=True)
+                record_refusal(text)
                 print(f"metaad-{config_name}: error: {text}", file=sys.stderr)
                 print("(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
                 sys.exit(1)
 
-        return hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name=config_name)(task)
+        hydra_main = hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name=config_name)
+
+        @functools.wraps(fn)
+        def main() -> Any:
+            check_override_syntax(config_name, sys.argv[1:])
+            return hydra_main(task)()
+
+        return main
 
     return decorate
+
+
+def check_override_syntax(config_name: str, argv: list[str]) -> None:
+    """An override Hydra cannot parse (``dataset.k_shot=5,``) is one line naming it, before Hydra starts."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    for text in args.overrides or []:
+        try:
+            OverridesParser.create().parse_overrides([text])
+        except OverrideParseException as error:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            key, _, value = text.partition("=")
+            empty = "," in value and "" in [part.strip() for part in value.split(",")]
+            why = (
+                f"a sweep value is empty (a comma with nothing on one side); list values as {key}=a,b"
+                if empty
+                else f"{str(error).splitlines()[0]} (quote a value with special characters: {key}='...')"
+            )
+            text = f"the override {text!r} cannot be read: {why}"
+            print(f"metaad-{config_name}: error: {text}", file=sys.stderr)
+            sys.exit(1)
 
 
 def _run_dir() -> Path | None:
