@@ -70,7 +70,7 @@ def summarize(sweep: Path) -> list[dict]:
         row = {"job": name, "overrides": " ".join(o for o in job["overrides"] if o not in shared)}
         row |= {"val/auroc": math.nan, "test/auroc": math.nan, "test ci95": math.nan, "steps": ""}
         if "folder" in job:
-            row |= _metrics_row(job["folder"] / "metrics.json", sweep)
+            row |= _metrics_row(job["folder"] / "metrics.json")
         row["status"] = job.get("refused") or row.get("status") or job["status"]
         rows.append(row)
     rows.sort(key=lambda r: -r["val/auroc"] if not math.isnan(r["val/auroc"]) else math.inf)
@@ -94,7 +94,7 @@ def _read_overrides(folder: Path) -> list[str]:
     return [str(o) for o in overrides] if isinstance(overrides, list) else []
 
 
-def _metrics_row(path: Path, sweep: Path) -> dict:
+def _metrics_row(path: Path) -> dict:
     """A job's AUROCs from its ``metrics.json``, or a status that says why there are none."""
     if not path.is_file():
         return {"status": "no metrics.json"}
