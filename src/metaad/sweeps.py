@@ -173,6 +173,14 @@ def continue_study(config: DictConfig) -> None:
     done = sum(trial.state == optuna.trial.TrialState.COMPLETE for trial in study.trials)
     if not done:
         return
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    earlier = sorted(p.parent.name for p in sweep_dir.glob("*/.hydra")) if sweep_dir.is_dir() else []
+    if earlier:
+        raise ConfigError(
+            f"hydra.sweep.dir={sweep_dir} holds the folders of earlier trials ({', '.join(earlier[:5])}); "
+            f"the resumed study {sweeper.study_name!r} numbers its new trials' folders from 0 again: give "
+            "it a new hydra.sweep.dir (the study's trials are kept in its storage)"
+        )
     wanted = int(sweeper.n_trials)
     with read_write(config.hydra), open_dict(config.hydra):
         sweeper.n_trials = max(0, wanted - done)
@@ -180,6 +188,8 @@ def continue_study(config: DictConfig) -> None:
         if "sampler" in sweeper and "seed" in sweeper.sampler:
             base = seed if isinstance(seed, int) else 0
             sweeper.sampler.seed = int(np.random.SeedSequence([base, done]).generate_state(1)[0])
+    if not sweeper.n_trials:  # the sweeper still writes the study's best into the sweep folder
+        sweep_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"Optuna study {sweeper.study_name!r} in {sweeper.storage} resumed: {done} complete trial(s), "
         f"{sweeper.n_trials} more to reach hydra.sweeper.n_trials={wanted}"
