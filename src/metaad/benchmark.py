@@ -3,7 +3,7 @@
     metaad-benchmark                                # preset=cpu (make benchmark)
     metaad-benchmark preset=quick                   # a few minutes (make benchmark-quick)
     metaad-benchmark 'suites=[digits,mvtec]'        # some suites of the preset
-    metaad-benchmark 'overrides=[trainer.max_epochs=2]' preset.suites.digits.models=[protonet]
+    metaad-benchmark 'overrides=["trainer.max_epochs=2"]' preset.suites.digits.models=[protonet]
 
 A preset (``conf/preset/*.yaml``) lists suites: an experiment (``conf/experiment/``, the
 protocol), its folds (e.g. each MVTec category held out in turn), the learners, the K values and
@@ -269,14 +269,16 @@ def _matches(folder: Path, wanted: dict) -> bool:
     return (folder / "metrics.json").is_file() and _read_record(folder) == wanted
 
 
-def _why_rerun(folder: Path, wanted: dict, results: str = "metrics.json") -> str:
+def _why_rerun(folder: Path, wanted: dict, results: str = "metrics.json", stored: dict | None = None) -> str:
     """Why what ``folder`` holds is not reused: unfinished, of an unknown config, or what changed."""
-    stored = _read_record(folder)
+    stored = stored if stored is not None else _read_record(folder)
     if not (folder / results).exists():
         return "unfinished"
     if stored is None:
         return "no record of the config it ran with"
     changed = _differences(stored, wanted)
+    if not changed:
+        return "unfinished"
     listed = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, old, new in changed[:3])
     more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
     return f"config changed ({listed}{more})"
@@ -287,16 +289,21 @@ def _train(job: Job, extra: list[str], config: dict, console: Console) -> None:
     benchmark resumes from its last checkpoint, one of another config is replaced."""
     train_dir = job.run_dir / "train"
     overrides = job.overrides(extra)
-    wanted = _normal({"train": config})
-    if _read_record(train_dir) == wanted and (train_dir / "checkpoints" / "last.ckpt").is_file():
+    wanted, finished = _normal({"train": config}), _normal({"train": config, "finished": True})
+    stored = _read_record(train_dir)
+    if stored == finished and (train_dir / "checkpoints" / "best.ckpt").is_file():
+        return  # trained with this config: only evaluations are missing
+    if stored == wanted and (train_dir / "checkpoints" / "last.ckpt").is_file():
         train(compose_config([*overrides, "ckpt_path=last"], train_dir))
-        return
-    if train_dir.exists():
-        console.print(f"retrained: {job.label}: {_why_rerun(train_dir, wanted, 'checkpoints')}")
-        shutil.rmtree(train_dir)
-    cfg = compose_config(overrides, train_dir)
-    _write_record(train_dir, wanted)
-    train(cfg)
+    else:
+        if train_dir.exists():
+            stored = {"train": stored.get("train")} if isinstance(stored, dict) else None
+            console.print(f"retrained: {job.label}: {_why_rerun(train_dir, wanted, 'checkpoints', stored)}")
+            shutil.rmtree(train_dir)
+        cfg = compose_config(overrides, train_dir)
+        _write_record(train_dir, wanted)
+        train(cfg)
+    _write_record(train_dir, finished)
 
 
 def _collect(collected: dict, suite: str, k: int, model: str, metrics: dict) -> None:
