@@ -44,18 +44,21 @@ OPTUNA = ["hparams_search=optuna", "hydra.sweeper.n_trials=2"]
             "metaad-benchmark",
             ["preset=quick", "suites=[digits]", "preset.suites.digits.models=[]"],
             r"preset=quick, suite digits has no learners \(models: \[\]\)",
+            marks=pytest.mark.slow,
             id="benchmark-suite-of-no-learners",
         ),
         pytest.param(
             "metaad-benchmark",
             ["preset=quick", 'overrides=["dataset.k_shot=0"]'],
             r"suite digits, fold 0, seed 0, protonet K=5: dataset.k_shot must be a positive integer",
+            marks=pytest.mark.slow,
             id="benchmark-bad-training-config",
         ),
         pytest.param(
             "metaad-train",
             ["-m", "dataset.k_shot=5,"],
             r"the override 'dataset.k_shot=5,' cannot be read: a sweep value is empty",
+            marks=pytest.mark.slow,
             id="empty-sweep-value",
         ),
         pytest.param(
@@ -103,6 +106,36 @@ def test_a_bad_sweep_or_suite_is_one_line_before_any_job_trains(tmp_path, app, a
     assert re.search(message, line), line
     trained = [p for p in out.rglob("*.ckpt")] if out.exists() else []
     assert not trained, f"nothing trains before the whole sweep is checked: {trained}"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dataset.k_shot=5,", r"'dataset.k_shot=5,' cannot be read: a sweep value is empty"),
+        ("dataset.k_shot=,5", r"'dataset.k_shot=,5' cannot be read: a sweep value is empty"),
+        ("model=protonet,,siamese", r"'model=protonet,,siamese' cannot be read: a sweep value is empty"),
+        ("dataset.test_tasks=[1", r"'dataset.test_tasks=\[1' cannot be read: .*quote a value"),
+    ],
+)
+def test_an_override_hydra_cannot_read_is_named_before_hydra_starts(capsys, override, message):
+    from metaad.cli import check_override_syntax
+
+    check_override_syntax("train", ["-m", "debug=quick", "dataset.k_shot=1,5"])  # readable: no word
+    with pytest.raises(SystemExit) as stopped:
+        check_override_syntax("train", ["-m", "debug=quick", override])
+    assert stopped.value.code == 1
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and said.startswith("metaad-train: error: the override")
+    assert re.search(message, said), said
+
+
+def test_every_training_of_the_benchmark_is_checked_before_the_first_trains(tmp_path):
+    preset = tiny_preset()
+    preset.suites.digits.models = ["protonet", "siamese"]
+    preset.suites.digits.model_overrides = {"siamese": ["model.margin=-1"]}
+    with pytest.raises(ConfigError, match=r"suite digits, fold 0, seed 0, siamese K=5: model.margin must be"):
+        run(preset, tmp_path / "bench", [], None, "tiny")
+    assert not list((tmp_path / "bench").rglob("*.ckpt")), "protonet, the first job, must not have trained"
 
 
 # --- metaad-summarize: every job listed, each without metrics with why --------------------------
