@@ -224,19 +224,19 @@ def test_a_resumed_optuna_study_runs_new_trials_up_to_n_trials_in_all(tmp_path):
         trials = optuna.load_study(study_name="metaad", storage=storage).trials
         return done, [t.params for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
 
-    _, first = sweep(2, "first")
-    done, resumed = sweep(4, "resumed")
-    assert len(resumed) == 4 and resumed[:2] == first
-    assert all(params not in first for params in resumed[2:]), "the earlier trials drawn again"
-    assert "2 complete trial(s), 2 more to reach hydra.sweeper.n_trials=4" in done.stderr
-    assert sorted(p.name for p in (tmp_path / "resumed").iterdir() if p.is_dir()) == ["0", "1"]
-    done, again = sweep(4, "again")
+    _, first = sweep(1, "first")
+    done, resumed = sweep(2, "resumed")
+    assert len(resumed) == 2 and resumed[:1] == first
+    assert resumed[1] not in first, "the earlier trial drawn again"
+    assert "1 complete trial(s), 1 more to reach hydra.sweeper.n_trials=2" in done.stderr
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir() if p.is_dir()) == ["0"]
+    done, again = sweep(2, "again")
     assert again == resumed, "a finished study runs no trial more"
     assert "0 more" in done.stderr and (tmp_path / "again" / "optimization_results.yaml").is_file()
     # the folder of the earlier trials is refused up front, naming the setting
     refused = run_app(
         "metaad-train",
-        [*study, "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={tmp_path / 'first'}"],
+        [*study, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path / 'first'}"],
         tmp_path,
     )
     assert "hydra.sweep.dir=" in one_error_line(refused, "train")
