@@ -51,12 +51,13 @@ def sweeper_kind(config: DictConfig) -> str:
     return "optuna" if "optuna" in target.lower() else "other"
 
 
-def grid_jobs(arguments: list[str]) -> list[list[str]]:
-    """The job override lists of Hydra's grid sweeper, in its order (job ``i`` is folder ``i``)."""
+def grid_jobs(arguments: list[str], loader: Any = None) -> list[list[str]]:
+    """The job override lists of Hydra's grid sweeper, in its order (job ``i`` is folder ``i``);
+    ``loader``, Hydra's config loader, expands ``glob(...)`` over a group's options."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = OverridesParser.create().parse_overrides(arguments)
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
     return BasicSweeper.split_arguments(overrides, None)[0]
 
 
@@ -111,7 +112,9 @@ class CheckSweep(Callback):
                 jobs = optuna_candidates(sweep_arguments(config))
                 what = "the Optuna search space"
             elif kind == "grid":
-                jobs = grid_jobs(sweep_arguments(config))
+                from hydra.core.global_hydra import GlobalHydra
+
+                jobs = grid_jobs(sweep_arguments(config), GlobalHydra.instance().config_loader())
                 what = "job"
             else:
                 return
