@@ -57,7 +57,8 @@ def summarize(sweep: Path) -> list[dict]:
     for entry in refused_jobs(sweep):
         name = str(entry.get("folder") or entry.get("job"))
         job = jobs.setdefault(name, {"overrides": list(entry.get("overrides") or [])})
-        job["refused"] = f"refused at start-up: {entry.get('error', '')}"
+        started = "folder" in job and (job["folder"] / "checkpoints").exists()
+        job["refused"] = f"{'failed' if started else 'refused at start-up'}: {entry.get('error', '')}"
     if not jobs:
         raise SystemExit(
             f"{sweep}: no job folders (nothing with .hydra/overrides.yaml) - is it a multirun folder?"
@@ -71,7 +72,8 @@ def summarize(sweep: Path) -> list[dict]:
         row |= {"val/auroc": math.nan, "test/auroc": math.nan, "test ci95": math.nan, "steps": ""}
         if "folder" in job:
             row |= _metrics_row(job["folder"] / "metrics.json")
-        row["status"] = job.get("refused") or row.get("status") or job["status"]
+        if row.get("status") != "done":  # a job finished later (resumed in its folder) is done
+            row["status"] = job.get("refused") or row.get("status") or job["status"]
         rows.append(row)
     rows.sort(key=lambda r: -r["val/auroc"] if not math.isnan(r["val/auroc"]) else math.inf)
     return rows
