@@ -448,7 +448,7 @@ def test_a_trainer_setting_lightning_refuses_is_one_message_not_a_bug(compose_cf
     from hydra.errors import InstantiationException
 
     from metaad.apps.build import build_trainer
-    from metaad.apps.cli import message
+    from metaad.apps.messages import message
 
     with pytest.raises(InstantiationException) as error:
         build_trainer(compose_cfg(["trainer.devices=0", "logger=none"]))

@@ -3,7 +3,7 @@
     metaad-benchmark                                # preset=cpu (make benchmark)
     metaad-benchmark preset=quick                   # a few minutes (make benchmark-quick)
     metaad-benchmark 'suites=[digits,mvtec]'        # some suites of the preset
-    metaad-benchmark 'overrides=[trainer.max_epochs=2]' preset.suites.digits.models=[protonet]
+    metaad-benchmark 'overrides=["trainer.max_epochs=2"]' preset.suites.digits.models=[protonet]
 
 A preset (``conf/preset/*.yaml``) lists suites: an experiment (``conf/experiment/``, the
 protocol), its folds (e.g. each MVTec category held out in turn), the learners, the K values and
@@ -14,8 +14,11 @@ and its best checkpoint scored at every K; the baselines are scored on the very 
 episodes. Per-episode results of all folds and seeds are pooled into mean ± 95% CI. Writes
 ``results.csv``, ``results.md`` (the headline table with each learner's verdict against the best
 baseline, then every detector) and ``preset.yaml`` into the run folder, and prints the tables.
-Rerun with the same ``hydra.run.dir`` after a kill: finished evaluations are reused and an
-interrupted training resumes from its last checkpoint.
+Every suite and every training's config is checked before the first one trains. Rerun with the
+same ``hydra.run.dir`` after a kill: an evaluation is reused only when the full resolved config it
+ran with (its training's and its own, stored beside it as ``benchmark_config.json``) is the one it
+would run with now, an interrupted training of the same config resumes from its last checkpoint,
+and each reused, rerun or retrained one is named on the console and counted under "What ran".
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
-from collections import defaultdict
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -32,10 +37,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from metaad.apps.build import compose_config
+from metaad.apps.build import compose_config, plain
+from metaad.apps.checks import check_train_config
 from metaad.apps.cli import app
 from metaad.apps.eval import evaluate
 from metaad.apps.train import train
+from metaad.errors import ConfigError
+from metaad.training.resume import _differences
 
 console = Console()
 
@@ -80,21 +88,114 @@ def per_k(suite: DictConfig, model: str) -> bool:
     return model in chosen if OmegaConf.is_list(chosen) else bool(chosen)
 
 
-def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | None) -> list[dict]:
-    unknown = set(only or []) - set(preset.suites)
+@dataclass
+class Job:
+    """One learner trained once (a suite's fold, seed, model and training K) and scored at ``ks``."""
+
+    suite_name: str
+    suite: DictConfig
+    fold_index: int
+    fold: list[str]
+    model: str
+    seed: int
+    k_train: int
+    run_dir: Path
+
+    @property
+    def label(self) -> str:
+        where = f"suite {self.suite_name}, fold {self.fold_index}, seed {self.seed}"
+        return f"{where}, {self.model} K={self.k_train}"
+
+    @property
+    def ks(self) -> list[int]:
+        return [self.k_train] if per_k(self.suite, self.model) else list(self.suite.k_shots)
+
+    def overrides(self, extra: list[str]) -> list[str]:
+        suite, model = self.suite, self.model
+        overrides = [f"experiment={suite.experiment}", *self.fold, f"model={model}", f"seed={self.seed}"]
+        overrides += [*suite.get("overrides", []), *suite.get("model_overrides", {}).get(model, [])]
+        return [*overrides, f"dataset.k_shot={self.k_train}", "test=false", "baselines=none", *extra, *QUIET]
+
+
+QUIET = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+# What each training and evaluation of the benchmark ran with (its resolved config), beside its results:
+# a rerun into the same folder reuses an evaluation only when this matches the config it would run now.
+RECORD = "benchmark_config.json"
+
+
+def check_preset(preset: DictConfig, preset_name: str, only: list[str] | None) -> None:
+    """Each chosen suite names an experiment, learners, K values and folds: said at start-up, by name."""
+    suites = list(preset.get("suites") or {})
+    unknown = set(only or []) - set(suites)
     if unknown:
-        raise SystemExit(f"suites: {sorted(unknown)} not in this preset, which has {list(preset.suites)}")
-    jobs = [
-        (name, suite, fold_index, fold, model, seed, k_train)
+        raise ConfigError(f"suites: {sorted(unknown)} not in preset={preset_name}, which has {suites}")
+    if not preset.get("suites"):
+        raise ConfigError(f"preset={preset_name} lists no suites (preset.suites is empty)")
+    for name, suite in preset.suites.items():
+        if only and name not in only:
+            continue
+        where = f"preset={preset_name}, suite {name}"
+        if not isinstance(suite, DictConfig):
+            raise ConfigError(
+                f"{where}: a suite is a mapping (experiment, models, train_k_shot, k_shots), got {suite!r}"
+            )
+        if not suite.get("experiment"):
+            raise ConfigError(f"{where}: no experiment; name one of conf/experiment/ (experiment: digits)")
+        for key, example in (("models", "[protonet]"), ("k_shots", "[5]")):
+            value = suite.get(key)
+            if not OmegaConf.is_list(value) or not value:
+                what = "no learners" if key == "models" else "no K values"
+                raise ConfigError(
+                    f"{where} has {what} ({key}: {value!r}); list at least one: "
+                    f"preset.suites.{name}.{key}={example}"
+                )
+        if not isinstance(suite.get("train_k_shot"), int) or isinstance(suite.get("train_k_shot"), bool):
+            raise ConfigError(f"{where}: train_k_shot must be an integer, got {suite.get('train_k_shot')!r}")
+        if not folds_of(suite):
+            raise ConfigError(f"{where} has no folds (folds: []); leave folds out for one fold")
+
+
+def jobs_of(preset: DictConfig, out_dir: Path, only: list[str] | None) -> list[Job]:
+    return [
+        Job(name, suite, fold_index, fold, model, seed, k_train, run_dir)
         for name, suite in preset.suites.items()
         if not only or name in only
         for fold_index, fold in enumerate(folds_of(suite))
         for seed in suite.get("seeds", [0])
         for model in suite.models
         for k_train in (suite.k_shots if per_k(suite, model) else [suite.train_k_shot])
+        for run_dir in [out_dir / "runs" / name / f"fold{fold_index}" / f"seed{seed}" / f"{model}_k{k_train}"]
     ]
+
+
+def check_jobs(jobs: list[Job], extra: list[str]) -> list[dict]:
+    """Every training's config composed and checked before the first one trains; their resolved configs."""
+    from metaad.apps.messages import message
+
+    configs = []
+    for job in jobs:
+        try:
+            cfg = compose_config(job.overrides(extra), job.run_dir / "train", create=False)
+            check_train_config(cfg)
+            configs.append(plain(cfg))
+        except Exception as error:
+            text = message(error)
+            if text is None:
+                raise
+            raise ConfigError(f"{job.label}: {text}") from error
+    return configs
+
+
+def run(
+    preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | None, preset_name: str = "?"
+) -> tuple[list[dict], dict[str, Counter]]:
+    """Every job's results, pooled per (suite, K, detector, metric); and per suite, how many
+    evaluations were reused from an earlier run into this folder and how many ran now."""
+    check_preset(preset, preset_name, only)
+    jobs = jobs_of(preset, out_dir, only)
+    configs = check_jobs(jobs, extra)
     collected: dict[tuple, list[dict]] = defaultdict(list)  # (suite, K, detector, metric) -> per-fold
-    quiet = ["logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    counts: dict[str, Counter] = defaultdict(Counter)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -103,48 +204,106 @@ def run(preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | N
     )
     with progress:
         bar = progress.add_task("benchmark", total=len(jobs))
-        for name, suite, fold_index, fold, model, seed, k_train in jobs:
-            progress.update(bar, description=f"{name} fold {fold_index} seed {seed} {model} K={k_train}")
-            run_dir = out_dir / "runs" / name / f"fold{fold_index}" / f"seed{seed}" / f"{model}_k{k_train}"
-            overrides = [f"experiment={suite.experiment}", *fold, f"model={model}", f"seed={seed}"]
-            overrides += [*suite.get("overrides", []), *suite.get("model_overrides", {}).get(model, [])]
-            overrides += [f"dataset.k_shot={k_train}", "test=false", "baselines=none", *extra, *quiet]
-            ks = [k_train] if per_k(suite, model) else list(suite.k_shots)
-            done = {k: run_dir / f"eval_k{k}" / "metrics.json" for k in ks}
-            if not all(path.is_file() for path in done.values()):
-                _train_or_resume(overrides, run_dir / "train")
-            checkpoint = run_dir / "train" / "checkpoints" / "best.ckpt"
-            first_model = model == suite.models[0]
-            for k in ks:
-                if done[k].is_file():  # a rerun into the same folder reuses what a killed one finished
-                    metrics = json.loads(done[k].read_text())
-                    _collect(collected, name, k, model, metrics)
-                    continue
-                shutil.rmtree(run_dir / f"eval_k{k}", ignore_errors=True)
-                eval_overrides = [f"ckpt_path={checkpoint}", f"+dataset.k_shot={k}", *quiet]
-                eval_overrides += [
-                    f"+dataset.{key}={value}" for key, value in suite.get("eval_dataset", {}).items()
-                ]
-                eval_overrides += [
-                    f"baselines={suite.get('baselines', 'all')}" if first_model else "baselines=none"
-                ]
-                eval_overrides += list(suite.get("eval_overrides", []))
-                metrics = evaluate(compose_config(eval_overrides, run_dir / f"eval_k{k}", "eval"))
+        for job, train_config in zip(jobs, configs):
+            progress.update(bar, description=job.label)
+            name, model, run_dir = job.suite_name, job.model, job.run_dir
+            evals = {k: run_dir / f"eval_k{k}" for k in job.ks}
+            eval_configs = {k: plain(_eval_config(job, k, create=False)) for k in job.ks}
+            wanted = {k: _normal({"train": train_config, "eval": eval_configs[k]}) for k in job.ks}
+            reusable = {k: _matches(evals[k], wanted[k]) for k in job.ks}
+            if not all(reusable.values()):
+                _train(job, extra, train_config, progress.console)
+            for k in job.ks:
+                folder = evals[k]
+                if reusable[k]:  # the same full config: what an earlier run finished is reused
+                    metrics = json.loads((folder / "metrics.json").read_text())
+                    counts[name]["reused"] += 1
+                    progress.console.print(f"reused: {job.label}, evaluated at K={k} (same config)")
+                else:
+                    if folder.exists():
+                        why = _why_rerun(folder, wanted[k])
+                        progress.console.print(f"rerun: {job.label}, evaluated at K={k}: {why}")
+                        shutil.rmtree(folder)
+                    metrics = evaluate(_eval_config(job, k))
+                    _write_record(folder, wanted[k])
+                    counts[name]["run"] += 1
                 _collect(collected, name, k, model, metrics)
             progress.advance(bar)
-    return [
+    rows = [
         {"suite": name, "k_shot": k, "detector": detector, "metric": metric, **merge_summaries(parts)}
         for (name, k, detector, metric), parts in collected.items()
     ]
+    return rows, counts
 
 
-def _train_or_resume(overrides: list[str], train_dir: Path) -> None:
-    """Train in ``train_dir``; a folder left by a killed benchmark resumes from its last checkpoint."""
-    if (train_dir / "checkpoints" / "last.ckpt").is_file():
+def _eval_config(job: Job, k: int, create: bool = True) -> DictConfig:
+    """The config of ``metaad-eval`` scoring ``job``'s best checkpoint at K=``k``."""
+    suite, checkpoint = job.suite, job.run_dir / "train" / "checkpoints" / "best.ckpt"
+    overrides = [f"ckpt_path={checkpoint}", f"+dataset.k_shot={k}", *QUIET]
+    overrides += [f"+dataset.{key}={value}" for key, value in suite.get("eval_dataset", {}).items()]
+    first_model = job.model == suite.models[0]
+    overrides += [f"baselines={suite.get('baselines', 'all')}" if first_model else "baselines=none"]
+    overrides += list(suite.get("eval_overrides", []))
+    return compose_config(overrides, job.run_dir / f"eval_k{k}", "eval", create=create)
+
+
+def _normal(config: dict) -> dict:
+    """``config`` as it reads back from its JSON record (lists, string keys), for comparing."""
+    return json.loads(json.dumps(config))
+
+
+def _read_record(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(folder: Path, config: dict) -> None:
+    partial = folder / f"{RECORD}.partial"
+    partial.write_text(json.dumps(config, indent=1, sort_keys=True))
+    os.replace(partial, folder / RECORD)
+
+
+def _matches(folder: Path, wanted: dict) -> bool:
+    return (folder / "metrics.json").is_file() and _read_record(folder) == wanted
+
+
+def _why_rerun(folder: Path, wanted: dict, results: str = "metrics.json", stored: dict | None = None) -> str:
+    """Why what ``folder`` holds is not reused: unfinished, of an unknown config, or what changed."""
+    stored = stored if stored is not None else _read_record(folder)
+    if not (folder / results).exists():
+        return "unfinished"
+    if stored is None:
+        return "no record of the config it ran with"
+    changed = _differences(stored, wanted)
+    if not changed:
+        return "unfinished"
+    listed = "; ".join(f"{key}: {old!r} then, {new!r} now" for key, old, new in changed[:3])
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    return f"config changed ({listed}{more})"
+
+
+def _train(job: Job, extra: list[str], config: dict, console: Console) -> None:
+    """Train ``job`` in its ``train`` folder; a training of the same config left by a killed
+    benchmark resumes from its last checkpoint, one of another config is replaced."""
+    train_dir = job.run_dir / "train"
+    overrides = job.overrides(extra)
+    wanted, finished = _normal({"train": config}), _normal({"train": config, "finished": True})
+    stored = _read_record(train_dir)
+    if stored == finished and (train_dir / "checkpoints" / "best.ckpt").is_file():
+        return  # trained with this config: only evaluations are missing
+    if stored == wanted and (train_dir / "checkpoints" / "last.ckpt").is_file():
         train(compose_config([*overrides, "ckpt_path=last"], train_dir))
-        return
-    shutil.rmtree(train_dir, ignore_errors=True)  # killed before its first checkpoint
-    train(compose_config(overrides, train_dir))
+    else:
+        if train_dir.exists():
+            stored = {"train": stored.get("train")} if isinstance(stored, dict) else None
+            console.print(f"retrained: {job.label}: {_why_rerun(train_dir, wanted, 'checkpoints', stored)}")
+            shutil.rmtree(train_dir)
+        cfg = compose_config(overrides, train_dir)
+        _write_record(train_dir, wanted)
+        train(cfg)
+    _write_record(train_dir, finished)
 
 
 def _collect(collected: dict, suite: str, k: int, model: str, metrics: dict) -> None:
@@ -235,13 +394,23 @@ def headline(rows: list[dict]) -> list[str]:
     return lines
 
 
-def what_ran(preset: DictConfig, only: list[str] | None, command: str) -> list[str]:
-    """The protocol lengths behind the numbers: each suite's experiment and its ``cpu_length`` note."""
+def what_ran(
+    preset: DictConfig, only: list[str] | None, command: str, counts: dict[str, Counter] | None = None
+) -> list[str]:
+    """The protocol lengths behind the numbers: each suite's experiment and its ``cpu_length`` note,
+    and how many of its evaluations an earlier run into this folder had finished with the same config."""
     lines = ["", f"What ran (`{command}`):", ""]
     for name, suite in preset.suites.items():
         if not only or name in only:
             note = suite.get("cpu_length", "the experiment's own (paper) length")
-            lines.append(f"- `{name}`: experiment `{suite.experiment}`; length: {note}")
+            done = (counts or {}).get(name, Counter())
+            reused = (
+                f"; evaluations: {done['run']} run now, {done['reused']} reused from an earlier run into "
+                "this folder with the same full config"
+                if done["reused"]
+                else ""
+            )
+            lines.append(f"- `{name}`: experiment `{suite.experiment}`; length: {note}{reused}")
     return lines
 
 
@@ -310,10 +479,11 @@ def main(cfg: DictConfig) -> None:
     command = " ".join(["metaad-benchmark", *HydraConfig.get().overrides.task])
     out_dir = Path(cfg.paths.output_dir)
     OmegaConf.save(cfg.preset, out_dir / "preset.yaml")
+    preset_name = HydraConfig.get().runtime.choices.get("preset", "?")
     only = list(cfg.suites) if cfg.get("suites") else None
-    rows = run(cfg.preset, out_dir, list(cfg.overrides), only)
+    rows, counts = run(cfg.preset, out_dir, list(cfg.overrides), only, preset_name)
     rows = table_rows(rows, cfg.preset.get("references", {}))
-    markdown = write_tables(rows, out_dir, what_ran(cfg.preset, only, command))
+    markdown = write_tables(rows, out_dir, what_ran(cfg.preset, only, command, counts))
     print_table(rows)
     print(markdown)
     console.print(f"results: {out_dir / 'results.md'} and {out_dir / 'results.csv'}")

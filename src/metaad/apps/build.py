@@ -67,8 +67,11 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def compose_config(overrides: list[str], run_dir: Path, config_name: str = "train") -> DictConfig:
-    """Compose an app's config in-process (tests, the benchmark), with its run folder at ``run_dir``.
+def compose_config(
+    overrides: list[str], run_dir: Path, config_name: str = "train", create: bool = True
+) -> DictConfig:
+    """Compose an app's config in-process (tests, the benchmark), with its run folder at ``run_dir``
+    (made unless ``create=False``: a config only checked or compared).
 
     Sets Hydra's global run state as ``@hydra.main`` would, so ``${hydra:...}`` interpolations
     (run names, ``paths.output_dir``) resolve exactly as on the command line.
@@ -76,7 +79,8 @@ def compose_config(overrides: list[str], run_dir: Path, config_name: str = "trai
     GlobalHydra.instance().clear()
     with initialize_config_module("metaad.conf", version_base="1.3"):
         cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(run_dir)
     HydraConfig.instance().set_config(cfg)

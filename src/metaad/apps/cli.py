@@ -22,39 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
-from omegaconf.errors import OmegaConfBaseException
 
-from metaad.data.errors import DataError
-from metaad.errors import MetaadError
-
-EXPECTED = (MetaadError, DataError, FileNotFoundError, IsADirectoryError, PermissionError)
-
-
-def _expected(error: BaseException | None) -> bool:
-    """metaad's own errors, and Lightning's word for a trainer setting it cannot use (matched by name,
-    so that this module imports no Lightning)."""
-    return isinstance(error, EXPECTED) or any(
-        kind.__name__ == "MisconfigurationException" for kind in type(error).__mro__
-    )
-
-
-def message(error: BaseException) -> str | None:
-    """The user-facing message of an expected error, or None for a bug."""
-    if isinstance(error, InstantiationException):
-        cause = error.__cause__
-        if not (_expected(cause) or isinstance(cause, ValueError | TypeError)):
-            return None
-        key = next(
-            (line.split(":", 1)[1].strip() for line in str(error).splitlines() if "full_key:" in line), ""
-        )
-        target = str(error).splitlines()[0].removeprefix("Error in call to target ").rstrip(":")
-        return f"{key + ': ' if key else ''}{cause} (building {target})"
-    if _expected(error) or isinstance(error, OmegaConfBaseException | ConfigCompositionException):
-        return str(error)
-    return None
+from metaad.apps.messages import message
+from metaad.apps.sweeps import record_refusal
 
 
 def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
@@ -74,13 +46,46 @@ def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[]
                     raise
                 if run_dir is not None:
                     _remove_what_this_run_created(run_dir, before)
+                record_refusal(text)
                 print(f"metaad-{config_name}: error: {text}", file=sys.stderr)
                 print("(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
                 sys.exit(1)
 
-        return hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name=config_name)(task)
+        hydra_main = hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name=config_name)
+
+        @functools.wraps(fn)
+        def main() -> Any:
+            check_override_syntax(config_name, sys.argv[1:])
+            return hydra_main(task)()
+
+        return main
 
     return decorate
+
+
+def check_override_syntax(config_name: str, argv: list[str]) -> None:
+    """An override Hydra cannot parse (``dataset.k_shot=5,``) is one line naming it, before Hydra starts."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    for text in args.overrides or []:
+        try:
+            OverridesParser.create().parse_overrides([text])
+        except OverrideParseException as error:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            key, _, value = text.partition("=")
+            empty = "," in value and "" in [part.strip() for part in value.split(",")]
+            why = (
+                f"a sweep value is empty (a comma with nothing on one side); list values as {key}=a,b"
+                if empty
+                else f"{str(error).splitlines()[0]} (quote a value with special characters: {key}='...')"
+            )
+            text = f"the override {text!r} cannot be read: {why}"
+            print(f"metaad-{config_name}: error: {text}", file=sys.stderr)
+            sys.exit(1)
 
 
 def _check_config_files(cfg: DictConfig) -> None:

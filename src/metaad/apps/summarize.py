@@ -4,8 +4,9 @@
 
 Reads each job folder's ``.hydra/overrides.yaml`` and ``metrics.json``; prints a table sorted by
 the best validation AUROC (the selection metric: the test column is reported, never chosen on)
-and writes it as ``sweep_summary.csv`` and ``sweep_summary.md`` into the sweep folder. Jobs
-without a ``metrics.json`` (failed, unfinished or ``test=false``) are listed, not dropped.
+and writes it as ``sweep_summary.csv`` and ``sweep_summary.md`` into the sweep folder. Every job
+is listed, each without metrics with why: failed, unfinished or ``test=false``, refused at
+start-up (``refused_jobs.yaml``), never started, or an unreadable ``metrics.json`` (named).
 """
 
 from __future__ import annotations
@@ -18,21 +19,20 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from metaad.apps.cli import app
+from metaad.apps.sweeps import expected_jobs, refused_jobs
 
+# jobs without metrics named one per line below the table, at most this many
+SHOWN = 10
 COLUMNS = ("job", "overrides", "val/auroc", "test/auroc", "test ci95", "steps", "status")
 
 
 def job_dirs(sweep: Path) -> list[Path]:
     """Folders under ``sweep`` that Hydra ran a job in (they hold ``.hydra/overrides.yaml``)."""
-    found = sorted((p.parent.parent for p in sweep.rglob(".hydra/overrides.yaml")), key=_job_order)
-    if not found:
-        raise SystemExit(
-            f"{sweep}: no job folders (nothing with .hydra/overrides.yaml) - is it a multirun folder?"
-        )
-    return found
+    return sorted((p.parent.parent for p in sweep.rglob(".hydra/overrides.yaml")), key=_job_order)
 
 
 def _job_order(path: Path) -> tuple:
@@ -40,33 +40,89 @@ def _job_order(path: Path) -> tuple:
 
 
 def summarize(sweep: Path) -> list[dict]:
-    """One row per job: the overrides that differ between jobs, its AUROCs, sorted best val first."""
-    jobs = job_dirs(sweep)
-    overrides = {job: yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or [] for job in jobs}
-    shared = set.intersection(*(set(o) for o in overrides.values()))
+    """One row per job: the overrides that differ between jobs, its AUROCs, sorted best val first.
+
+    Every job of the sweep is listed: those with a folder, those refused at start-up (recorded in
+    ``refused_jobs.yaml``, their folder gone) and, for a grid sweep, those never started because
+    the sweep stopped before them (the job list comes from the sweep's ``multirun.yaml``).
+    """
+    jobs: dict[str, dict] = {}  # job folder (relative) -> overrides, status
+    expected = expected_jobs(sweep) if _numbered(sweep) else None
+    for num, overrides in enumerate(expected or []):
+        jobs[str(num)] = {"overrides": overrides, "status": "not run: the sweep stopped before it"}
+    for folder in job_dirs(sweep):
+        name = str(folder.relative_to(sweep))
+        overrides = _read_overrides(folder)
+        jobs[name] = {"overrides": overrides, "folder": folder}
+    for entry in refused_jobs(sweep):
+        name = str(entry.get("folder") or entry.get("job"))
+        job = jobs.setdefault(name, {"overrides": list(entry.get("overrides") or [])})
+        started = "folder" in job and (job["folder"] / "checkpoints").exists()
+        job["refused"] = f"{'failed' if started else 'refused at start-up'}: {entry.get('error', '')}"
+    if not jobs:
+        raise SystemExit(
+            f"{sweep}: no job folders (nothing with .hydra/overrides.yaml) - is it a multirun folder?"
+        )
+    lists = [set(job["overrides"]) for job in jobs.values()]
+    shared = set.intersection(*lists)
     rows = []
-    for job in jobs:
-        row = {
-            "job": str(job.relative_to(sweep)),
-            "overrides": " ".join(o for o in overrides[job] if o not in shared),
-        }
-        metrics_file = job / "metrics.json"
-        if metrics_file.is_file():
-            metrics = json.loads(metrics_file.read_text())
-            auroc = metrics["test"]["auroc"]
-            row |= {
-                "val/auroc": metrics["val_auroc_best"],
-                "test/auroc": auroc["mean"],
-                "test ci95": auroc["ci95"],
-                "steps": metrics.get("global_step", ""),
-                "status": "done",
-            }
-        else:
-            row |= {"val/auroc": math.nan, "test/auroc": math.nan, "test ci95": math.nan, "steps": ""}
-            row["status"] = "no metrics.json"
+    for name in sorted(jobs, key=lambda n: _job_order(Path(n))):
+        job = jobs[name]
+        row = {"job": name, "overrides": " ".join(o for o in job["overrides"] if o not in shared)}
+        row |= {"val/auroc": math.nan, "test/auroc": math.nan, "test ci95": math.nan, "steps": ""}
+        if "folder" in job:
+            row |= _metrics_row(job["folder"] / "metrics.json")
+        if row.get("status") != "done":  # a job finished later (resumed in its folder) is done
+            row["status"] = job.get("refused") or row.get("status") or job["status"]
         rows.append(row)
     rows.sort(key=lambda r: -r["val/auroc"] if not math.isnan(r["val/auroc"]) else math.inf)
     return rows
+
+
+def _numbered(sweep: Path) -> bool:
+    """Whether the sweep's job folders are named by job number (Hydra's default ``sweep.subdir``)."""
+    try:
+        subdir = yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["sweep"]["subdir"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
+    return subdir == "${hydra.job.num}"
+
+
+def _read_overrides(folder: Path) -> list[str]:
+    try:
+        overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(o) for o in overrides] if isinstance(overrides, list) else []
+
+
+def _metrics_row(path: Path) -> dict:
+    """A job's AUROCs from its ``metrics.json``, or a status that says why there are none."""
+    if not path.is_file():
+        return {"status": "no metrics.json"}
+    try:
+        metrics = json.loads(path.read_text())
+        auroc = metrics["test"]["auroc"]
+        values = {
+            "val/auroc": _number(metrics["val_auroc_best"]),
+            "test/auroc": _number(auroc["mean"]),
+            "test ci95": _number(auroc["ci95"]),
+        }
+    except (OSError, ValueError) as error:
+        reason = f"not valid JSON ({error})" if isinstance(error, ValueError) else error.strerror
+        return {"status": f"unreadable {path}: {reason}"}
+    except (KeyError, TypeError) as error:
+        return {"status": f"unreadable {path}: no {error} in it"}
+    return values | {"steps": metrics.get("global_step", ""), "status": "done"}
+
+
+def _number(value) -> float:
+    """A metric as a float; null (validation never ran) is NaN, shown as such, never a score."""
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(repr(value))
+    return float(value)
 
 
 def _fmt(value) -> str:
@@ -88,7 +144,9 @@ def show(rows: list[dict], sweep: Path, console: Console) -> None:
     for column in COLUMNS:
         table.add_column(column, justify="right" if column not in ("overrides", "status") else "left")
     for i, row in enumerate(rows):
-        table.add_row(*(_fmt(row[c]) for c in COLUMNS), style="bold green" if i == 0 else None)
+        cells = [escape(_fmt(row[c])) for c in COLUMNS]
+        cells[-1] = cells[-1] if len(cells[-1]) <= 50 else cells[-1][:49] + "…"
+        table.add_row(*cells, style="bold green" if i == 0 and row["status"] == "done" else None)
     console.print(table)
     best = rows[0]
     if best["status"] == "done":
@@ -96,9 +154,11 @@ def show(rows: list[dict], sweep: Path, console: Console) -> None:
             f"best config (by val/auroc): job {best['job']}: {best['overrides'] or '(the only config)'}"
             f"  val {best['val/auroc']:.4f}, test {best['test/auroc']:.4f} ± {best['test ci95']:.4f}"
         )
-    missing = [row["job"] for row in rows if row["status"] != "done"]
-    if missing:
-        console.print(f"[yellow]no metrics.json in job(s) {', '.join(missing)}[/yellow]")
+    missing = [row for row in rows if row["status"] != "done"]
+    for row in missing[:SHOWN]:
+        console.print(f"[yellow]job {escape(row['job'])}: {escape(row['status'])}[/yellow]", highlight=False)
+    if len(missing) > SHOWN:
+        console.print(f"[yellow]... and {len(missing) - SHOWN} more jobs without metrics[/yellow]")
     console.print(f"tables: {sweep / 'sweep_summary.md'}, {sweep / 'sweep_summary.csv'}")
     console.print(f"compare the runs: tensorboard --logdir {sweep}")
 

@@ -1,0 +1,36 @@
+"""The one line an expected error becomes on the command line (metaad's own errors, Hydra's and
+Lightning's word for a bad setting); None marks a bug, which keeps its traceback."""
+
+from __future__ import annotations
+
+from hydra.errors import ConfigCompositionException, InstantiationException
+from omegaconf.errors import OmegaConfBaseException
+
+from metaad.data.errors import DataError
+from metaad.errors import MetaadError
+
+EXPECTED = (MetaadError, DataError, FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+def _expected(error: BaseException | None) -> bool:
+    """metaad's own errors, and Lightning's word for a trainer setting it cannot use (matched by name,
+    so that this module imports no Lightning)."""
+    return isinstance(error, EXPECTED) or any(
+        kind.__name__ == "MisconfigurationException" for kind in type(error).__mro__
+    )
+
+
+def message(error: BaseException) -> str | None:
+    """The user-facing message of an expected error, or None for a bug."""
+    if isinstance(error, InstantiationException):
+        cause = error.__cause__
+        if not (_expected(cause) or isinstance(cause, ValueError | TypeError)):
+            return None
+        key = next(
+            (line.split(":", 1)[1].strip() for line in str(error).splitlines() if "full_key:" in line), ""
+        )
+        target = str(error).splitlines()[0].removeprefix("Error in call to target ").rstrip(":")
+        return f"{key + ': ' if key else ''}{cause} (building {target})"
+    if _expected(error) or isinstance(error, OmegaConfBaseException | ConfigCompositionException):
+        return str(error)
+    return None
