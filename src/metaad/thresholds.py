@@ -34,6 +34,11 @@ the support set cannot give.
 - ``fixed``: a given value on the (normalised) scale.
 
 A rule's settings and fitted value are plain data (``state_dict``), stored in checkpoints.
+
+**A score that is not a number is never a decision.** ``NaN > t`` is false, so a NaN score would
+read as "normal"; every rule checks the scores it decides on (:meth:`Threshold.decide`,
+:meth:`F1Optimal.fit`) and raises :class:`NonFiniteScores` naming the episode and sample, and the
+evaluator and the Python API report it instead of deciding.
 """
 
 from __future__ import annotations
@@ -43,11 +48,28 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from metaad.data.errors import DataError
 from metaad.detectors.base import Detector, anomaly_scores
 from metaad.metrics import decision_metrics
 
 EPS = 1e-6
 NORMALISATIONS = ("zscore", "none")
+
+
+class NonFiniteScores(DataError):
+    """Scores that are NaN or infinite where a decision (or a fit) needs numbers."""
+
+
+def require_finite(values: Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteScores` naming the first (episode, sample) positions of ``values`` (B, N)
+    that are NaN or infinite."""
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        first = [tuple(p) for p in bad.nonzero()[:5].tolist()]
+        raise NonFiniteScores(
+            f"{int(bad.sum())} {what} are NaN or infinite (first (episode, sample): {first}); "
+            "a score that is not a number is never a decision"
+        )
 
 
 def leave_one_out_scores(detector: Detector, support: Tensor) -> Tensor:
@@ -153,8 +175,12 @@ class Threshold:
         """Fit on validation episodes' normalised scores (E, Q) and labels; most rules have nothing to fit."""
 
     def decide(self, normalised: Tensor, support_normalised: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(is_anomaly (B, Q), thresholds (B,))."""
+        """(is_anomaly (B, Q), thresholds (B,)); :class:`NonFiniteScores` where a score is not a number."""
+        require_finite(normalised, "query scores")
+        if self.uses_support_scores:
+            require_finite(support_normalised, "leave-one-out support scores")
         thresholds = self.per_episode(normalised, support_normalised)
+        require_finite(thresholds[:, None], "thresholds")
         return normalised > thresholds.unsqueeze(1), thresholds
 
     def state_dict(self) -> dict[str, Any]:
@@ -183,8 +209,7 @@ class F1Optimal(Threshold):
         search is exact and costs O(E x cuts x log Q).
         """
         z, labels = normalised.detach().double().cpu(), labels.detach().bool().cpu()
-        if not torch.isfinite(z).all():
-            raise ValueError("threshold=f1_optimal: the normalised validation scores contain NaN or inf")
+        require_finite(z, "validation scores (threshold=f1_optimal fits on them)")
         values = z.unique()  # sorted
         cuts = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2, values[-1:] + 1])
         n_query = z.shape[1]

@@ -22,6 +22,7 @@ from metaad.data import store
 from metaad.data.errors import DataError
 from metaad.data.preprocessing import Preprocessing
 from metaad.data.tasks import LabelledData
+from metaad.data.values import refuse_extreme
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +372,7 @@ def _task_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: y has shape {y.shape} but X has {len(x)} rows; y needs one label a row")
     x = x.astype(np.float32)
     _require_finite(x, path)
+    refuse_extreme(x, str(path))
     return x, _anomaly_labels(y, str(path))
 
 
@@ -539,6 +541,7 @@ def _read_rows(reader, sink, features, task_column, anomaly_column, drop_missing
             frame, x, numbers = frame[~missing], x[~missing], numbers[~missing]
         if n_missing and not drop_missing:
             continue  # only counting from here: the error below names them all
+        refuse_extreme(x, str(path), rows=numbers, columns=features)
         anomalous = None
         if anomaly_column is not None:
             where = f"{path}: column {anomaly_column!r}"
