@@ -189,7 +189,7 @@ def omniglot(root: str, image_size: int = 28) -> LabelledData:
     (Lanczos, on the 8-bit image) and returned as ``(1, image_size, image_size)`` float32. The full
     set (1,623 characters, 32,460 images) loads in about 5 s, most of it PNG decoding and resizing.
     """
-    from PIL import Image
+    from metaad.data.images import open_image
 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"dataset.source.image_size must be a positive integer, got {image_size!r}")
@@ -204,11 +204,7 @@ def omniglot(root: str, image_size: int = 28) -> LabelledData:
         pixels = []
         for key in keys[start : start + chunk]:
             origin, data = images[key]
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    pixels.append(preprocessing.resize_plane(image.convert("L")))
-            except (OSError, SyntaxError, ValueError) as error:
-                raise DataError(f"{origin}: cannot decode the image ({error})") from error
+            pixels.append(preprocessing.resize_plane(open_image(io.BytesIO(data), 1, origin)))
         x[start : start + len(pixels)] = preprocessing.transform(np.stack(pixels))
     if duplicates:
         log.info(
