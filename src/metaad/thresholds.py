@@ -43,6 +43,7 @@ evaluator and the Python API report it instead of deciding.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -72,6 +73,7 @@ def require_finite(values: Tensor, what: str) -> None:
         )
 
 
+_LOO_WARN_K = 1000  # support sizes above which K adaptations for leave-one-out scores get a warning
 _LOO_ELEMENTS = 2**24  # values of the leave-one-out support copies built at a time (64 MB of float32)
 
 
@@ -89,6 +91,13 @@ def leave_one_out_scores(detector: Detector, support: Tensor) -> Tensor:
     own = getattr(detector, "leave_one_out", None)
     if own is not None:
         return own(support)
+    if k > _LOO_WARN_K:
+        warnings.warn(
+            f"leave-one-out scores of {type(detector).__name__} at K={k}: {k} adaptations to {k - 1} "
+            "samples each (hours for a scikit-learn baseline at K=10,000); a threshold that needs none "
+            "(threshold=None, or Fixed(value, normalise='none')) skips them",
+            stacklevel=2,
+        )
     sample = support[0, 0].numel()
     chunk = max(1, min(k, _LOO_ELEMENTS // max(1, b * (k - 1) * sample)))
     index = torch.arange(k, device=support.device)
