@@ -8,9 +8,15 @@
 ``fit`` is the few-shot adaptation (``adapt`` on the support set), not training. A loaded
 learner applies the preprocessing its source applied in training (scaling, resizing, inversion,
 feature order by column name), stored in the checkpoint. Where training had no column names
-(digits, images), a data frame scored after a fitted frame has its columns matched to the fitted
-frame's by name (positional names 0, 1, ... of a headerless file are taken in order). Nothing
-here imports Lightning.
+(digits, images, a baseline), a data frame scored after a fitted frame has its columns matched to
+the fitted frame's by label (labels compared as text: ``0`` and ``"0"`` are one column), whatever
+the labels are; an array scored after a fitted frame, or a frame after a fitted array, is read
+by position, with a warning, as scikit-learn does. Nothing here imports Lightning.
+
+Values are checked on the way in (finite, and small enough for float32 sums of squares:
+:mod:`metaad.data.values`) and scores on the way out: a score that is NaN or infinite is a
+:class:`~metaad.evaluation.thresholds.NonFiniteScores` error naming the row and its largest column, never a
+decision (``NaN > threshold`` would read as normal).
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ import yaml
 from torch import Tensor
 
 from metaad.data.tasks import DataError
+from metaad.data.values import column_label, refuse_extreme
 from metaad.detectors.base import Detector
-from metaad.evaluation.thresholds import Threshold, leave_one_out_scores, standardise
+from metaad.evaluation.thresholds import NonFiniteScores, Threshold, leave_one_out_scores, standardise
 
 
 def baseline_configs() -> dict[str, dict[str, Any]]:
@@ -74,22 +81,22 @@ class FewShotDetector:
 
     # --- inputs ------------------------------------------------------------------------------
     def _inputs(self, X: Any, fitting: bool) -> Tensor:
+        _refuse_sparse(X, self.name)
         names = _column_names(X)
+        model_names = self.preprocessing.feature_names if self.preprocessing is not None else None
+        if model_names is None:  # no names from training: the support's labels fix the columns
+            if fitting:
+                self.frame_names_ = names
+            else:
+                X = self._match_columns(X, names)
         if self.preprocessing is not None:
-            if self.preprocessing.feature_names is None and names is not None and not _positional(names):
-                # a model trained without column names: the support's names fix the order of the query's
-                if fitting:
-                    self.frame_names_ = names
-                elif getattr(self, "frame_names_", None) is not None:
-                    X = _reorder(X, self.frame_names_, "the support's")
             x = self.preprocessing.transform(X)
             if len(x) == 0:
                 raise DataError(f"{self.name}: expected at least one sample, got shape {x.shape}")
+            refuse_extreme(x, self.name, columns=model_names)
             return torch.from_numpy(np.ascontiguousarray(x))
         if fitting:
             self.feature_names_in_ = names
-        elif names is not None and self.feature_names_in_ is not None:
-            X = _reorder(X, self.feature_names_in_, "the fitted")
         x = _as_array(X)
         if x.ndim < 2 or len(x) == 0:
             raise DataError(f"{self.name}: expected a non-empty (samples, features...) array, got {x.shape}")
@@ -102,9 +109,29 @@ class FewShotDetector:
             raise DataError(
                 f"{self.name}: {len(bad)} row(s) hold NaN or inf (first rows: {bad[:5].tolist()})"
             )
+        refuse_extreme(x, self.name, columns=names if fitting else self.feature_names_in_)
         if fitting:
             self.sample_shape_ = x.shape[1:]
         return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+
+    def _match_columns(self, X: Any, names: list[str] | None) -> Any:
+        """The query's columns in the support's order: by label when both are frames."""
+        fitted = getattr(self, "frame_names_", None)
+        if names is not None and fitted is not None:
+            return _reorder(X, fitted, "the support's")
+        if names is None and fitted is not None:
+            warnings.warn(
+                f"{self.name}: X has no column labels but fit got a frame with labels {fitted[:5]}...: "
+                "its columns are read in that order",
+                stacklevel=4,
+            )
+        elif names is not None and hasattr(self, "state_"):
+            warnings.warn(
+                f"{self.name}: X is a frame with column labels but fit got an array without them: "
+                "its columns are read by position",
+                stacklevel=4,
+            )
+        return X
 
     # --- the estimator API ---------------------------------------------------------------------
     def fit(self, X: Any, y: Any = None) -> FewShotDetector:
@@ -131,6 +158,9 @@ class FewShotDetector:
                 threshold.normalise == "zscore" or threshold.uses_support_scores
             )
             self.support_scores_ = leave_one_out_scores(self.detector, support) if needs_loo else None
+        self.support_ = support[0]
+        if self.support_scores_ is not None:
+            self._require_finite(self.support_scores_, support[0], "leave-one-out score of the support")
         self.n_support_ = k
         self.threshold_ = None
         if threshold is not None:
@@ -166,12 +196,46 @@ class FewShotDetector:
             raise RuntimeError(f"{self.name}: call fit(X_normal) with normal samples first")
         query = self._inputs(X, fitting=False)[None]
         with torch.no_grad():
-            return self.detector.score(self.state_, query).detach().float()
+            scores = self.detector.score(self.state_, query).detach().float()
+        self._require_finite(scores, query[0], "score")
+        return scores
 
     def _normalise(self, scores: Tensor) -> Tensor:
         if self.threshold.normalise == "zscore":
-            return standardise(scores, self.support_scores_)
-        return scores.float()
+            normalised = standardise(scores, self.support_scores_)
+        else:
+            normalised = scores.float()
+        if not torch.isfinite(normalised).all():  # finite scores, a scale that overflows float32
+            raise NonFiniteScores(
+                f"{self.name}: finite scores became NaN or infinite on the threshold's scale (largest "
+                f"|score| {scores.abs().max().item():.3g}, support spread "
+                f"{self.support_scores_.std().item() if self.support_scores_ is not None else 0:.3g}); "
+                "rescale the data"
+            )
+        return normalised
+
+    def _require_finite(self, scores: Tensor, samples: Tensor, what: str) -> None:
+        """A :class:`NonFiniteScores` naming the rows whose ``scores`` (1, N) are NaN or infinite, each
+        with its largest value and that value's column, and the support's largest value."""
+        bad = np.flatnonzero(~torch.isfinite(scores[0]).numpy())
+        if not len(bad):
+            return
+        names = getattr(self, "feature_names_in_", None)
+
+        def largest(x: Tensor) -> str:
+            flat = x.reshape(-1).double()
+            c = int(flat.abs().argmax())
+            return f"{flat[c].item():.3g} in column {column_label(c, tuple(x.shape), names)}"
+
+        rows = "; ".join(f"row {r} (largest value {largest(samples[r])})" for r in bad[:5])
+        support = self.support_.reshape(len(self.support_), -1).double().abs()
+        top = int(support.max(1).values.argmax())
+        raise NonFiniteScores(
+            f"{self.name}: the {what} of {len(bad)} row(s) is NaN or infinite: {rows}; the support's "
+            f"largest value is {largest(self.support_[top])} of row {top}. The detector computes in "
+            "float32 and values this large overflow it: rescale the data (e.g. standardise each "
+            "column). A score that is not a number is never a decision."
+        )
 
     def _require_threshold(self) -> None:
         if self.threshold is None:
@@ -252,9 +316,16 @@ def _column_names(X: Any) -> list[str] | None:
     return None
 
 
-def _positional(names: list[str]) -> bool:
-    """Column names that are only positions 0, 1, ... (a headerless file, an unnamed frame)."""
-    return names == [str(i) for i in range(len(names))]
+def _refuse_sparse(X: Any, name: str) -> None:
+    """A sparse matrix (scipy) or tensor (torch) is one clear error: np.asarray would make a 0-d object."""
+    scipy_sparse = sys.modules.get("scipy.sparse")
+    if scipy_sparse is not None and scipy_sparse.issparse(X):
+        raise DataError(
+            f"{name}: X is a scipy sparse {type(X).__name__} of shape {X.shape}; metaad takes dense "
+            "samples: pass X.toarray()"
+        )
+    if isinstance(X, Tensor) and X.layout != torch.strided:
+        raise DataError(f"{name}: X is a sparse torch tensor ({X.layout}); pass X.to_dense()")
 
 
 def _reorder(X: Any, names: list[str], whose: str = "the fitted") -> Any:

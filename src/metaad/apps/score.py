@@ -141,17 +141,14 @@ def _numeric(x: np.ndarray, path: Path, role: str) -> np.ndarray:
 
 
 def _read_images(folder: Path, role: str, channels: int) -> tuple[list[str], np.ndarray]:
-    """Raw pixel values (0-255) of every image in ``folder``, sorted by name: (N, H, W) or (N, 3, H, W)."""
-    from PIL import Image
+    """Pixel values (0-255) of every image in ``folder`` as a viewer shows them (upright, 16-bit scaled;
+    :mod:`metaad.data.images`), sorted by name: (N, H, W) or (N, 3, H, W)."""
+    from metaad.data.images import read_image
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     images = []
     for file in files:
-        try:
-            with Image.open(file) as image:
-                pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), np.float32)
-        except (OSError, SyntaxError, ValueError) as error:
-            raise DataError(f"{role}: {file}: cannot decode the image ({error})") from error
+        pixels = read_image(file, channels, where=f"{role}: {file}").astype(np.float32)
         if images and pixels.shape != images[0].shape:
             raise DataError(
                 f"{role}: {file} is {pixels.shape[1]}x{pixels.shape[0]} pixels but {files[0].name} is "

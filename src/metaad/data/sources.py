@@ -22,6 +22,7 @@ from metaad.data import store
 from metaad.data.errors import DataError
 from metaad.data.preprocessing import Preprocessing
 from metaad.data.tasks import LabelledData
+from metaad.data.values import refuse_extreme
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def omniglot(root: str, image_size: int = 28) -> LabelledData:
     (Lanczos, on the 8-bit image) and returned as ``(1, image_size, image_size)`` float32. The full
     set (1,623 characters, 32,460 images) loads in about 5 s, most of it PNG decoding and resizing.
     """
-    from PIL import Image
+    from metaad.data.images import open_image
 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"dataset.source.image_size must be a positive integer, got {image_size!r}")
@@ -203,11 +204,7 @@ def omniglot(root: str, image_size: int = 28) -> LabelledData:
         pixels = []
         for key in keys[start : start + chunk]:
             origin, data = images[key]
-            try:
-                with Image.open(io.BytesIO(data)) as image:
-                    pixels.append(preprocessing.resize_plane(image.convert("L")))
-            except (OSError, SyntaxError, ValueError) as error:
-                raise DataError(f"{origin}: cannot decode the image ({error})") from error
+            pixels.append(preprocessing.resize_plane(open_image(io.BytesIO(data), 1, origin)))
         x[start : start + len(pixels)] = preprocessing.transform(np.stack(pixels))
     if duplicates:
         log.info(
@@ -371,6 +368,7 @@ def _task_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: y has shape {y.shape} but X has {len(x)} rows; y needs one label a row")
     x = x.astype(np.float32)
     _require_finite(x, path)
+    refuse_extreme(x, str(path))
     return x, _anomaly_labels(y, str(path))
 
 
@@ -539,6 +537,7 @@ def _read_rows(reader, sink, features, task_column, anomaly_column, drop_missing
             frame, x, numbers = frame[~missing], x[~missing], numbers[~missing]
         if n_missing and not drop_missing:
             continue  # only counting from here: the error below names them all
+        refuse_extreme(x, str(path), rows=numbers, columns=features)
         anomalous = None
         if anomaly_column is not None:
             where = f"{path}: column {anomaly_column!r}"

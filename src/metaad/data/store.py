@@ -5,24 +5,37 @@ A store is a folder ``<cache>/<file or folder name>-<key>/`` holding
 - ``x.npy``: float32 samples ``(N, *sample_shape)``, row-major, read a row at a time (:class:`RowFile`);
 - ``task.npy``: int32 task codes into the names of ``tasks.json``;
 - ``anomalous.npy``: bool labels (only for tasks that carry their own anomalies);
-- ``manifest.json``: what it was built from (the source, its files' paths, sizes and modification
-  times, the source settings, the format version), written last: a folder without it is unfinished.
+- ``x.crc32.npy``: the CRC-32 of each row of ``x.npy``, written while building and checked each
+  time a row is read, so a damaged or edited ``x.npy`` is an error naming the row, never data,
+  at the cost of a checksum a row read (no whole-file read when a store is reused);
+- ``manifest.json``: what it was built from (the source, its files' paths, sizes, inodes and
+  modification and change times, the source settings, the format version) and the CRC-32 of each
+  small file, written last: a folder without it is unfinished.
 
 ``key`` hashes the manifest's identity, so a changed source file or other settings give another
 store; a store of the same source and settings whose files have since changed is deleted when its
 successor is built. Building streams: the writer appends each chunk to ``x.npy`` with plain
 writes (a writable memory map would keep every written page resident), the finished folder
 appears by one rename, and only the task codes and labels (a few bytes a row) stay in memory.
+A build killed before its rename leaves ``<store>.partial-<host>-<pid>``; the next look into the
+cache removes those of this host whose process is gone.
+
+A source file's change time (``st_ctime_ns``) is part of the identity: ``cp -p``, ``rsync -t`` and
+tar restore a file's size and modification time but cannot set its change time, so an edit that
+keeps them still gives another store.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
+import socket
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +46,7 @@ from metaad.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 _HEADER = 256  # bytes of the .npy header (format 1.0), fixed so the placeholder and the final one match
 
 
@@ -48,12 +61,20 @@ class Arrays:
 
 
 def identity(kind: str, source: Path, files: list[Path], settings: dict[str, Any]) -> dict[str, Any]:
-    """What a store is built from: the source (a table, a folder), its files (path, size, mtime) and
-    the settings that shape it."""
+    """What a store is built from: the source (a table, a folder), its files (path, size, inode,
+    modification and change times) and the settings that shape it."""
     stats = []
     for path in files:
         stat = path.stat()
-        stats.append({"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        stats.append(
+            {
+                "path": str(path.resolve()),
+                "size": stat.st_size,
+                "inode": stat.st_ino,
+                "mtime_ns": stat.st_mtime_ns,
+                "ctime_ns": stat.st_ctime_ns,
+            }
+        )
     source = str(source.resolve())
     return {"version": VERSION, "kind": kind, "source": source, "files": stats, "settings": settings}
 
@@ -63,8 +84,50 @@ def _key(ident: dict[str, Any]) -> str:
 
 
 def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Same source and settings, whatever its files now (b is an outdated version of a)."""
-    return all(a.get(k) == b.get(k) for k in ("version", "kind", "source", "settings"))
+    """Same source and settings, whatever its files now and whatever format version b was written in
+    (b is an outdated version of a)."""
+    return all(a.get(k) == b.get(k) for k in ("kind", "source", "settings"))
+
+
+_SMALL_FILES = ("task.npy", "anomalous.npy", "tasks.json")
+
+
+def _crc(data: bytes | np.ndarray) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def _partial_name(folder: Path) -> Path:
+    return folder.with_name(f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def remove_dead_partials(cache: Path) -> None:
+    """Delete the ``*.partial-<host>-<pid>`` folders of builds on this host whose process is gone.
+
+    A live builder's (another DDP rank, another run) is kept, and so is one of another host (a shared
+    cache: its process cannot be seen from here). ``*.partial-<pid>`` is a partial of format 1.
+    """
+    host = socket.gethostname()
+    try:
+        partials = [p for p in cache.iterdir() if ".partial-" in p.name]
+    except OSError:
+        return
+    for partial in partials:
+        owner = partial.name.rsplit(".partial-", 1)[1]
+        where, _, pid = owner.rpartition("-")
+        if not pid.isdigit() or where not in ("", host) or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        log.info("removing %s: left by a build (process %s) that did not finish", partial, pid)
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 class ArraySink:
@@ -127,7 +190,8 @@ class StoreWriter(ArraySink):
     ) -> None:
         super().__init__(sample_shape, own_anomalies)
         self.folder, self.ident = folder, ident
-        self.partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+        self.partial = _partial_name(folder)
+        self.crcs: list[np.ndarray] = []
         try:
             shutil.rmtree(self.partial, ignore_errors=True)
             self.partial.mkdir(parents=True)
@@ -137,8 +201,11 @@ class StoreWriter(ArraySink):
             raise DataError(f"dataset.source.cache: cannot write in {folder.parent} ({error})") from None
 
     def append(self, x: np.ndarray, codes: np.ndarray, anomalous: np.ndarray | None = None) -> None:
+        x = np.ascontiguousarray(x, np.float32)
+        rows = x.reshape(len(x), -1)
+        self.crcs.append(np.fromiter((_crc(row) for row in rows), np.uint32, len(rows)))
         try:
-            self.file.write(np.ascontiguousarray(x, np.float32).tobytes())
+            self.file.write(x.reshape(-1).view(np.uint8))
         except OSError as error:
             self.abort()
             raise DataError(f"dataset.source.cache: writing {self.partial} failed ({error})") from error
@@ -154,7 +221,17 @@ class StoreWriter(ArraySink):
             if anomalous is not None:
                 np.save(self.partial / "anomalous.npy", anomalous)
             (self.partial / "tasks.json").write_text(json.dumps(list(names)))
-            record = dict(self.ident, rows=self.rows, sample_shape=list(self.sample_shape))
+            crcs = np.concatenate(self.crcs) if self.crcs else np.zeros(0, np.uint32)
+            with open(self.partial / "x.crc32.npy", "wb") as file:
+                file.write(_npy_header(np.uint32, crcs.shape))
+                file.write(crcs.astype("<u4").tobytes())
+            self.crcs.clear()
+            sums = {
+                name: _crc((self.partial / name).read_bytes())
+                for name in _SMALL_FILES
+                if (self.partial / name).exists()
+            }
+            record = dict(self.ident, rows=self.rows, sample_shape=list(self.sample_shape), checksums=sums)
             (self.partial / "manifest.json").write_text(json.dumps(record, indent=1))
             try:
                 os.replace(self.partial, self.folder)
@@ -172,6 +249,7 @@ class StoreWriter(ArraySink):
 
     def abort(self) -> None:
         self.file.close()
+        self.crcs.clear()
         shutil.rmtree(self.partial, ignore_errors=True)
 
 
@@ -192,6 +270,7 @@ def find(cache: str | Path | None, name: str, ident: dict[str, Any]) -> Arrays |
         return None
     if not isinstance(cache, str | Path):
         raise DataError(f"dataset.source.cache must be a folder or null, got {cache!r}")
+    remove_dead_partials(Path(cache).expanduser())
     found = open_store(store_folder(cache, name, ident), ident)
     if found is not None:
         log.info("%s: read from its store in %s", name, cache)
@@ -207,12 +286,19 @@ def open_store(folder: Path, ident: dict[str, Any]) -> Arrays | None:
     if {k: manifest.get(k) for k in ident} != ident:
         return None
     try:
-        x = RowFile(folder / "x.npy")
-        codes = np.load(folder / "task.npy", allow_pickle=False)
-        names = tuple(json.loads((folder / "tasks.json").read_text()))
-        labels = folder / "anomalous.npy"
-        anomalous = np.load(labels, allow_pickle=False) if labels.exists() else None
-    except (OSError, ValueError) as error:
+        sums = manifest["checksums"]
+        small = {}
+        for name in _SMALL_FILES:
+            if name in sums or (folder / name).exists():
+                small[name] = (folder / name).read_bytes()
+                if _crc(small[name]) != sums.get(name):
+                    raise ValueError(f"{name} differs from what was written")
+        x = RowFile(folder / "x.npy", checksums=folder / "x.crc32.npy", store=folder)
+        codes = np.load(io.BytesIO(small["task.npy"]), allow_pickle=False)
+        names = tuple(json.loads(small["tasks.json"]))
+        labels = small.get("anomalous.npy")
+        anomalous = np.load(io.BytesIO(labels), allow_pickle=False) if labels is not None else None
+    except (OSError, ValueError, KeyError, TypeError) as error:
         log.warning("store %s is damaged (%s); building it again", folder, error)
         return None
     rows, shape = manifest.get("rows"), tuple(manifest.get("sample_shape", ()))
@@ -231,10 +317,18 @@ class RowFile:
     even advised for random access), so a long run's resident memory grows towards the file's
     size; reading each row into the episode's own array costs a system call a row and keeps the
     process's memory to what it uses. It pickles as its path (DataLoader workers, DDP ranks).
+
+    ``checksums``: a .npy of the CRC-32 of each row (a store's ``x.crc32.npy``); each row read is
+    checked against it, and one that differs is a :class:`DataError` naming the ``store`` and the row.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self, path: str | Path, checksums: str | Path | None = None, store: str | Path | None = None
+    ) -> None:
         self.path = Path(path)
+        self.checksums = None if checksums is None else Path(checksums)
+        self.store = Path(store) if store is not None else self.path.parent
+        self.fd = None
         with open(self.path, "rb") as file:
             version = np.lib.format.read_magic(file)
             read = (
@@ -250,6 +344,12 @@ class RowFile:
         self.row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         if self.path.stat().st_size != self.offset + self.row_bytes * shape[0]:
             raise ValueError(f"{self.path} does not hold the {shape} array its header names")
+        self.crcs = None
+        if self.checksums is not None:
+            # a read-only map: only the pages of the rows read come in (4 bytes a row, 1% of x.npy)
+            self.crcs = np.load(self.checksums, mmap_mode="r", allow_pickle=False)
+            if self.crcs.shape != tuple(shape[:1]) or self.crcs.dtype != np.dtype("<u4"):
+                raise ValueError(f"{self.checksums} does not hold one checksum for each row of {self.path}")
         self.fd = os.open(self.path, os.O_RDONLY)
 
     @property
@@ -270,17 +370,30 @@ class RowFile:
         flat = out.reshape(len(rows), -1)
         for i, row in enumerate(rows.tolist()):
             os.preadv(self.fd, [flat[i]], self.offset + row * self.row_bytes)
+        if self.crcs is not None:
+            self._check(rows, flat)
         return out
+
+    def _check(self, rows: np.ndarray, flat: np.ndarray) -> None:
+        """Each row read against the checksum written when it was built."""
+        stored = self.crcs[rows].tolist()
+        for i, row in enumerate(rows.tolist()):
+            if _crc(flat[i]) != stored[i]:
+                raise DataError(
+                    f"the store {self.store} is damaged: row {row} of {self.path.name} differs from what "
+                    f"was written when it was built (checksum in {self.checksums.name}); delete "
+                    f"{self.store} and run again to build it afresh"
+                )
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self[:]
         return whole if dtype is None else whole.astype(dtype)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path}
+        return {"path": self.path, "checksums": self.checksums, "store": self.store}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"])
+        self.__init__(**state)
 
     def __del__(self) -> None:
         if getattr(self, "fd", None) is not None:
@@ -315,6 +428,7 @@ def writer(
     if cache is None:
         return ArraySink(sample_shape, own_anomalies, capacity)
     folder = store_folder(cache, stem, ident)
+    remove_dead_partials(folder.parent)
     shutil.rmtree(folder, ignore_errors=True)  # incomplete or damaged: open_store refused it
     remove_stale(folder, ident)
     return StoreWriter(folder, ident, sample_shape, own_anomalies)

@@ -31,6 +31,7 @@ import numpy as np
 
 from metaad.data.errors import DataError
 from metaad.data.preprocessing import Preprocessing
+from metaad.data.values import refuse_extreme
 
 __all__ = ["DataError", "LabelledData", "TaskPool", "split_tasks"]
 
@@ -104,6 +105,7 @@ class LabelledData:
                 raise DataError(
                     f"{self.name}: {len(rows)} row(s) contain NaN or inf (first rows: {rows[:5].tolist()})"
                 )
+        refuse_extreme(self.x, self.name)
 
     @cached_property
     def _grouping(self) -> tuple[list[str], np.ndarray]:

@@ -49,13 +49,24 @@ def anomaly_scores(detector: Detector, support: Tensor, query: Tensor) -> Tensor
     return detector.score(detector.adapt(support), query)
 
 
+_BLOCK = 2**24  # values of the differences a euclidean pairwise_distance forms at once
+
+
 def pairwise_distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
     """Distances between rows of ``a`` (B, Q, D) and ``b`` (B, M, D) -> (B, Q, M).
 
-    ``euclidean`` is squared Euclidean; ``cosine`` is 1 - cosine similarity.
+    ``euclidean`` is squared Euclidean, summed over differences (no ``|a|^2 + |b|^2 - 2ab``
+    cancellation); the (B, Q, M, D) differences are formed a block of rows of ``a`` at a time, so
+    large sets (10,000 support samples) need no more than ``_BLOCK`` values at once.
+    ``cosine`` is 1 - cosine similarity.
     """
     if distance == "euclidean":
-        return (a.unsqueeze(2) - b.unsqueeze(1)).pow(2).sum(-1)
+        per_row = a.shape[0] * b.shape[1] * a.shape[2]
+        rows = max(1, _BLOCK // max(1, per_row))
+        if rows >= a.shape[1]:
+            return (a.unsqueeze(2) - b.unsqueeze(1)).pow(2).sum(-1)
+        blocks = [a[:, i : i + rows] for i in range(0, a.shape[1], rows)]
+        return torch.cat([(x.unsqueeze(2) - b.unsqueeze(1)).pow(2).sum(-1) for x in blocks], 1)
     if distance == "cosine":
         a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
         return 1.0 - a @ b.transpose(1, 2)

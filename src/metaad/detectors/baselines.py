@@ -17,6 +17,8 @@ from torch import Tensor
 
 from metaad.detectors.base import check_distance, pairwise_distance
 
+_CHUNK_ELEMENTS = 2**24  # values of a chunk of pairwise differences (nearest-neighbour leave-one-out)
+
 
 class SupportMeanDistance:
     """Distance of each query to the mean of the support samples, in raw input space."""
@@ -29,6 +31,14 @@ class SupportMeanDistance:
 
     def score(self, state: Tensor, query: Tensor) -> Tensor:
         return pairwise_distance(query.flatten(2), state, self.distance).squeeze(-1)
+
+    def leave_one_out(self, support: Tensor) -> Tensor:
+        """Each sample's distance to the mean of the others, (B, K): that mean is (sum - x_i) / (K-1)."""
+        x = support.flatten(2)
+        means = (x.sum(1, keepdim=True) - x) / (x.shape[1] - 1)  # (B, K, D)
+        return pairwise_distance(
+            x.flatten(0, 1)[:, None], means.flatten(0, 1)[:, None], self.distance
+        ).reshape(x.shape[:2])
 
 
 class NearestNeighbourDistance:
@@ -43,6 +53,19 @@ class NearestNeighbourDistance:
     def score(self, state: Tensor, query: Tensor) -> Tensor:
         return pairwise_distance(query.flatten(2), state, self.distance).min(-1).values
 
+    def leave_one_out(self, support: Tensor) -> Tensor:
+        """Each sample's distance to its nearest other sample, (B, K), a chunk of samples at a time."""
+        x = support.flatten(2)
+        b, k, d = x.shape
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, b * k * d))
+        parts = []
+        for start in range(0, k, chunk):
+            distances = pairwise_distance(x[:, start : start + chunk], x, self.distance)  # (B, c, K)
+            rows = torch.arange(distances.shape[1], device=x.device)
+            distances[:, rows, start + rows] = float("inf")  # not itself
+            parts.append(distances.min(-1).values)
+        return torch.cat(parts, 1)
+
 
 class Mahalanobis:
     """Mahalanobis distance to the support mean under the Ledoit-Wolf shrunk support covariance.
@@ -50,7 +73,9 @@ class Mahalanobis:
     The covariance is ``(1 - s) S + s mu I`` as scikit-learn's ``LedoitWolf`` estimates it (``S``
     the support's maximum-likelihood covariance, ``mu = trace(S) / D``, ``s`` the Ledoit-Wolf
     shrinkage). Few-shot support sets have K << D, so ``S`` has rank < K and the distance goes
-    through the Woodbury identity in K x K: O(K^2 D) per episode, batched, no D x D matrix.
+    through the Woodbury identity in K x K: O(K^2 D) per episode, batched, no D x D matrix; with
+    K > D (10,000 rows of 64 features) the D x D covariance is factored instead, so memory grows
+    linearly in K.
     ``ridge * mu`` is added to the diagonal so the covariance stays invertible when the shrinkage
     is 0 (K >> D). With K = 1, or identical support samples, ``S = 0``: the covariance is taken as
     the identity, i.e. the squared Euclidean distance to the support mean.
@@ -69,7 +94,9 @@ class Mahalanobis:
         squares = xc.pow(2)
         trace = squares.sum((1, 2)) / k  # trace of S
         mu = trace / d
-        frobenius = (xc @ xc.transpose(1, 2)).pow(2).sum((1, 2)) / k**2  # ||S||_F^2, via the K x K Gram
+        small = k <= d  # the K x K Gram (Woodbury) when K <= D, else the D x D covariance itself
+        gram = xc @ xc.transpose(1, 2) if small else xc.transpose(1, 2) @ xc
+        frobenius = gram.pow(2).sum((1, 2)) / k**2  # ||S||_F^2: the same for either Gram
         beta = (squares.sum(2).pow(2).sum(1) / k - frobenius) / (d * k)
         delta = (frobenius - 2 * mu * trace + d * mu**2) / d
         beta = torch.minimum(beta, delta)
@@ -79,16 +106,70 @@ class Mahalanobis:
         a = torch.where(degenerate, 0.0, 1.0 - shrinkage)
         b = torch.where(degenerate, 1.0, (shrinkage + self.ridge) * mu)
         c = a / (k * b)
-        inner = torch.eye(k, dtype=x.dtype, device=x.device) + c[:, None, None] * (xc @ xc.transpose(1, 2))
+        if not small:  # covariance / b = I + c xc^T xc, factored directly (D x D)
+            inner = torch.eye(d, dtype=x.dtype, device=x.device) + c[:, None, None] * gram
+            return mean, None, torch.linalg.cholesky(inner), b, c
+        inner = torch.eye(k, dtype=x.dtype, device=x.device) + c[:, None, None] * gram
         return mean, xc, torch.linalg.cholesky(inner), b, c
 
     def score(self, state: tuple[Tensor, ...], query: Tensor) -> Tensor:
         mean, xc, chol, b, c = state
         r = query.flatten(2).double() - mean  # (B, Q, D)
+        if xc is None:  # K > D: r^T (b (I + c xc^T xc))^-1 r
+            solved = torch.cholesky_solve(r.transpose(1, 2), chol).transpose(1, 2)
+            return ((r * solved).sum(-1) / b[:, None]).to(query.dtype)
         p = r @ xc.transpose(1, 2)  # (B, Q, K)
         solved = torch.cholesky_solve(p.transpose(1, 2), chol).transpose(1, 2)
         d2 = (r.pow(2).sum(-1) - c[:, None] * (p * solved).sum(-1)) / b[:, None]
         return d2.to(query.dtype)
+
+    def leave_one_out(self, support: Tensor) -> Tensor:
+        """Each support sample scored under the other K-1, in closed form: (B, K), O(K D + D^2) memory.
+
+        Without sample i (``u`` its deviation from the full mean, ``n = K - 1``, ``kappa = K / n``)
+        the others' mean moves by ``-u / n`` and their covariance is a rank-one downdate,
+        ``S_i = (C - kappa u u^T) / n`` with ``C = xc^T xc``; every Ledoit-Wolf statistic of ``S_i``
+        (trace, Frobenius norm, the sum of fourth powers of row norms) follows from ``u``'s
+        projections on C's eigenvectors, and the held-out distance from Sherman-Morrison:
+        ``d2 = kappa^2 q / (1 - alpha kappa q)``, ``q = u^T (b I + alpha C)^-1 u``, ``alpha = a / n``.
+        It equals adapting to the K-1 others and scoring sample i, within float64 rounding.
+        """
+        x = support.flatten(2).double()
+        k, d = x.shape[1:]
+        n, kappa = k - 1, k / (k - 1)
+        xc = x - x.mean(1, keepdim=True)
+        _, sv, vh = torch.linalg.svd(xc, full_matrices=False)  # C = V diag(sv^2) V^T
+        lam = sv.pow(2)  # (B, r)
+        p = xc @ vh.transpose(1, 2)  # (B, K, r): projections of each u on C's eigenvectors
+        norms = xc.pow(2).sum(2)  # (B, K): |u|^2 = a_j
+        trace_c, frobenius_c = norms.sum(1, keepdim=True), lam.pow(2).sum(1, keepdim=True)
+        ucu = (p.pow(2) * lam[:, None]).sum(2)  # u^T C u = sum_j G_ij^2
+        uw = xc @ (xc.transpose(1, 2) @ norms.unsqueeze(2))  # u . sum_j a_j xc_j = sum_j a_j G_ij
+        uw = uw.squeeze(2)
+        trace = (trace_c - kappa * norms) / n
+        frobenius = (frobenius_c - 2 * kappa * ucu + kappa**2 * norms.pow(2)) / n**2
+        # sum over j != i of |x_j - mean_i|^4, |x_j - mean_i|^2 = a_j + h G_ij + e
+        h, e = 2 / n, norms / n**2
+        fourth = (
+            norms.pow(2).sum(1, keepdim=True)
+            + h**2 * ucu
+            + k * e.pow(2)
+            + 2 * h * uw
+            + 2 * e * trace_c
+            - (norms * (1 + h) + e).pow(2)
+        )
+        mu = trace / d
+        beta = (fourth / n - frobenius) / (d * n)
+        delta = (frobenius - 2 * mu * trace + d * mu**2) / d
+        beta = torch.minimum(beta, delta)
+        shrinkage = torch.where(beta > 0, beta / delta.clamp(min=torch.finfo(delta.dtype).tiny), 0.0)
+        degenerate = mu <= 0
+        a = torch.where(degenerate, 0.0, 1.0 - shrinkage)
+        b = torch.where(degenerate, 1.0, (shrinkage + self.ridge) * mu)
+        alpha = a / n
+        q = (p.pow(2) / (b.unsqueeze(2) + alpha.unsqueeze(2) * lam[:, None])).sum(2)
+        d2 = kappa**2 * q / (1 - alpha * kappa * q)
+        return d2.to(support.dtype)
 
 
 class _SupportFitted:

@@ -23,7 +23,7 @@ from torch import Tensor
 from metaad.data.episodes import Episode
 from metaad.detectors.base import Detector
 from metaad.evaluation.metrics import EpisodeMetrics
-from metaad.evaluation.thresholds import Scored, Threshold, score_episodes
+from metaad.evaluation.thresholds import NonFiniteScores, Scored, Threshold, score_episodes
 
 FIELDS = ("index", "scores", "labels", "normalised", "support_normalised")
 
@@ -153,7 +153,10 @@ class Evaluator:
                 thresholds[name] = threshold
                 if threshold.fits_on_validation and validation is not None:
                     if validation.get("normalised") is not None:
-                        threshold.fit(validation.get("normalised"), validation.get("labels"))
+                        try:
+                            threshold.fit(validation.get("normalised"), validation.get("labels"))
+                        except NonFiniteScores as error:
+                            notes[name] = f"no decisions: the val split's {error}"
             for split in ("val", "test"):
                 records = self.records.get((split, name))
                 if records is None:
@@ -164,8 +167,12 @@ class Evaluator:
                 if threshold is not None and normalised is None:
                     notes[name] = threshold.too_few(records.k_shot)
                 elif threshold is not None and threshold.value_known:
-                    is_anomaly, values = threshold.decide(normalised, records.get("support_normalised"))
-                    summary.add_decisions(is_anomaly, records.get("labels"))
-                    per_episode[(split, name)] = values
+                    try:
+                        is_anomaly, values = threshold.decide(normalised, records.get("support_normalised"))
+                    except NonFiniteScores as error:
+                        notes[name] = f"no decisions on {split}: {error}"
+                    else:
+                        summary.add_decisions(is_anomaly, records.get("labels"))
+                        per_episode[(split, name)] = values
                 metrics[split][name] = summary.compute()
         return Report(dict(metrics), thresholds, per_episode, notes, dict(self.records))

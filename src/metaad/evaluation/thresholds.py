@@ -34,15 +34,22 @@ the support set cannot give.
 - ``fixed``: a given value on the (normalised) scale.
 
 A rule's settings and fitted value are plain data (``state_dict``), stored in checkpoints.
+
+**A score that is not a number is never a decision.** ``NaN > t`` is false, so a NaN score would
+read as "normal"; every rule checks the scores it decides on (:meth:`Threshold.decide`,
+:meth:`F1Optimal.fit`) and raises :class:`NonFiniteScores` naming the episode and sample, and the
+evaluator and the Python API report it instead of deciding.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
 
+from metaad.data.errors import DataError
 from metaad.detectors.base import Detector, anomaly_scores
 from metaad.evaluation.metrics import decision_metrics
 
@@ -50,16 +57,60 @@ EPS = 1e-6
 NORMALISATIONS = ("zscore", "none")
 
 
+class NonFiniteScores(DataError):
+    """Scores that are NaN or infinite where a decision (or a fit) needs numbers."""
+
+
+def require_finite(values: Tensor, what: str) -> None:
+    """Raise :class:`NonFiniteScores` naming the first (episode, sample) positions of ``values`` (B, N)
+    that are NaN or infinite."""
+    bad = ~torch.isfinite(values)
+    if bad.any():
+        first = [tuple(p) for p in bad.nonzero()[:5].tolist()]
+        raise NonFiniteScores(
+            f"{int(bad.sum())} {what} are NaN or infinite (first (episode, sample): {first}); "
+            "a score that is not a number is never a decision"
+        )
+
+
+_LOO_WARN_K = 1000  # support sizes above which K adaptations for leave-one-out scores get a warning
+_LOO_ELEMENTS = 2**24  # values of the leave-one-out support copies built at a time (64 MB of float32)
+
+
 def leave_one_out_scores(detector: Detector, support: Tensor) -> Tensor:
-    """Score of each support sample by the detector adapted to the others. (B, K, *x) -> (B, K)."""
+    """Score of each support sample by the detector adapted to the others. (B, K, *x) -> (B, K).
+
+    A detector with a ``leave_one_out(support)`` method (closed forms: the baselines) answers
+    itself, in memory linear in K. Otherwise each held-out sample gets the K-1 others copied out,
+    a chunk of held-out samples at a time, so memory stays ``O(chunk K x)`` rather than the whole
+    ``(B K, K-1, *x)`` tensor (25.6 GB at K = 10,000 of 64 features).
+    """
     b, k = support.shape[:2]
     if k < 2:
         raise ValueError(f"leave-one-out scores need at least 2 support samples, got {k}")
+    own = getattr(detector, "leave_one_out", None)
+    if own is not None:
+        return own(support)
+    if k > _LOO_WARN_K:
+        warnings.warn(
+            f"leave-one-out scores of {type(detector).__name__} at K={k}: {k} adaptations to {k - 1} "
+            "samples each (hours for a scikit-learn baseline at K=10,000); a threshold that needs none "
+            "(threshold=None, or Fixed(value, normalise='none')) skips them",
+            stacklevel=2,
+        )
+    sample = support[0, 0].numel()
+    chunk = max(1, min(k, _LOO_ELEMENTS // max(1, b * (k - 1) * sample)))
     index = torch.arange(k, device=support.device)
-    others = torch.stack([index[index != i] for i in range(k)])  # (K, K-1)
-    rest = support[:, others].flatten(0, 1)  # (B*K, K-1, *x)
-    held_out = support.flatten(0, 1).unsqueeze(1)  # (B*K, 1, *x)
-    return anomaly_scores(detector, rest, held_out).reshape(b, k)
+    parts = []
+    for start in range(0, k, chunk):
+        held = index[start : start + chunk]
+        # the others of each held-out i: 0..k-2 with the ones at or above i shifted up by one
+        others = torch.arange(k - 1, device=support.device)[None, :]
+        others = others + (others >= held[:, None]).long()  # (c, K-1)
+        rest = support[:, others].flatten(0, 1)  # (B*c, K-1, *x)
+        held_out = support[:, held].flatten(0, 1).unsqueeze(1)  # (B*c, 1, *x)
+        parts.append(anomaly_scores(detector, rest, held_out).reshape(b, len(held)))
+    return torch.cat(parts, 1)
 
 
 def standardise(scores: Tensor, loo: Tensor) -> Tensor:
@@ -153,8 +204,12 @@ class Threshold:
         """Fit on validation episodes' normalised scores (E, Q) and labels; most rules have nothing to fit."""
 
     def decide(self, normalised: Tensor, support_normalised: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(is_anomaly (B, Q), thresholds (B,))."""
+        """(is_anomaly (B, Q), thresholds (B,)); :class:`NonFiniteScores` where a score is not a number."""
+        require_finite(normalised, "query scores")
+        if self.uses_support_scores:
+            require_finite(support_normalised, "leave-one-out support scores")
         thresholds = self.per_episode(normalised, support_normalised)
+        require_finite(thresholds[:, None], "thresholds")
         return normalised > thresholds.unsqueeze(1), thresholds
 
     def state_dict(self) -> dict[str, Any]:
@@ -183,8 +238,7 @@ class F1Optimal(Threshold):
         search is exact and costs O(E x cuts x log Q).
         """
         z, labels = normalised.detach().double().cpu(), labels.detach().bool().cpu()
-        if not torch.isfinite(z).all():
-            raise ValueError("threshold=f1_optimal: the normalised validation scores contain NaN or inf")
+        require_finite(z, "validation scores (threshold=f1_optimal fits on them)")
         values = z.unique()  # sorted
         cuts = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2, values[-1:] + 1])
         n_query = z.shape[1]
