@@ -166,7 +166,7 @@ def continue_study(config: DictConfig) -> None:
     import optuna
 
     sweeper = config.hydra.sweeper
-    if not sweeper.get("storage"):
+    if not sweeper.get("storage") or not sweeper.get("study_name"):  # nothing to resume by name
         return
     try:
         study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
