@@ -285,6 +285,10 @@ def test_the_benchmark_reuses_an_evaluation_only_when_its_full_config_matches(tm
     assert episodes(rows) == 24 and counts["digits"] == {"run": 1}
     said = " ".join(capsys.readouterr().out.split())
     assert "retrained: suite digits" in said and "dataset.test_episodes: 20 then, 24 now" in said
+    # nothing an earlier run wrote is deleted: the replaced runs are set aside, named on the console
+    job = ckpt.parents[2]
+    assert (job / "eval_k5.replaced-1" / "metrics.json").is_file() and "kept as train.replaced-1" in said
+    assert (job / "train.replaced-1" / "checkpoints" / "best.ckpt").is_file()
 
 
 def test_a_suite_of_no_learners_is_refused_naming_preset_and_suite_before_any_folder(tmp_path):

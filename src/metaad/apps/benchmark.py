@@ -27,7 +27,6 @@ import csv
 import json
 import math
 import os
-import shutil
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,8 +221,10 @@ def run(
                 else:
                     if folder.exists():
                         why = _why_rerun(folder, wanted[k])
-                        progress.console.print(f"rerun: {job.label}, evaluated at K={k}: {why}")
-                        shutil.rmtree(folder)
+                        kept = _set_aside(folder)
+                        progress.console.print(
+                            f"rerun: {job.label}, evaluated at K={k}: {why} (kept as {kept.name})"
+                        )
                     metrics = evaluate(_eval_config(job, k))
                     _write_record(folder, wanted[k])
                     counts[name]["run"] += 1
@@ -298,12 +299,24 @@ def _train(job: Job, extra: list[str], config: dict, console: Console) -> None:
     else:
         if train_dir.exists():
             stored = {"train": stored.get("train")} if isinstance(stored, dict) else None
-            console.print(f"retrained: {job.label}: {_why_rerun(train_dir, wanted, 'checkpoints', stored)}")
-            shutil.rmtree(train_dir)
+            why = _why_rerun(train_dir, wanted, "checkpoints", stored)
+            console.print(
+                f"retrained: {job.label}: {why} (the earlier one kept as {_set_aside(train_dir).name})"
+            )
         cfg = compose_config(overrides, train_dir)
         _write_record(train_dir, wanted)
         train(cfg)
     _write_record(train_dir, finished)
+
+
+def _set_aside(folder: Path) -> Path:
+    """Rename an earlier run's folder out of the way (``<name>.replaced-<n>``): a rerun never deletes
+    what an earlier run wrote."""
+    n = 1
+    while (kept := folder.with_name(f"{folder.name}.replaced-{n}")).exists():
+        n += 1
+    folder.rename(kept)
+    return kept
 
 
 def _collect(collected: dict, suite: str, k: int, model: str, metrics: dict) -> None:
