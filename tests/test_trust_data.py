@@ -323,8 +323,12 @@ def test_partial_stores_of_dead_builders_are_removed_and_live_ones_kept(tmp_path
     for name in partials:
         (cache / name).mkdir()
         (cache / name / "x.npy").write_bytes(b"half")
+    foreign = cache / f"notes.partial-{host}-{dead_pid()}"  # named alike, but not a build's
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("the user's")
     table(str(path), **LABELLED, cache=str(cache))
     assert {name: (cache / name).exists() for name in partials} == partials
+    assert (foreign / "mine.txt").read_text() == "the user's"
 
 
 def only_store(cache: Path) -> Path:
