@@ -93,7 +93,12 @@ class FewShotDetector:
             x = self.preprocessing.transform(X)
             if len(x) == 0:
                 raise DataError(f"{self.name}: expected at least one sample, got shape {x.shape}")
-            refuse_extreme(x, self.name, columns=model_names)
+            steps = self.preprocessing
+            after = f" (x {steps.scale:g}{', then 1 - x' if steps.invert else ''}: the model's preprocessing)"
+            columns = model_names or getattr(self, "frame_names_", None)  # the frame's, matched by label
+            refuse_extreme(
+                x, self.name, columns=columns, after=after if steps.scale != 1 or steps.invert else ""
+            )
             return torch.from_numpy(np.ascontiguousarray(x))
         if fitting:
             self.feature_names_in_ = names

@@ -90,6 +90,7 @@ def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 _SMALL_FILES = ("task.npy", "anomalous.npy", "tasks.json")
+_WRITTEN = {"x.npy", "x.crc32.npy", "manifest.json", *_SMALL_FILES}  # every file a build writes
 
 
 def _crc(data: bytes | np.ndarray) -> int:
@@ -118,13 +119,18 @@ def remove_dead_partials(cache: Path) -> None:
     """
     host = socket.gethostname()
     try:
-        partials = [p for p in cache.iterdir() if ".partial-" in p.name]
+        partials = [p for p in cache.iterdir() if ".partial-" in p.name and p.is_dir()]
     except OSError:
         return
     for partial in partials:
         owner = partial.name.rsplit(".partial-", 1)[1]
         where, _, pid = owner.rpartition("-")
         if not pid.isdigit() or where not in ("", host) or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        try:
+            if not {f.name for f in partial.iterdir()} <= _WRITTEN:
+                continue  # holds something a build does not write: not ours to delete
+        except OSError:
             continue
         log.info("removing %s: left by a build (process %s) that did not finish", partial, pid)
         shutil.rmtree(partial, ignore_errors=True)

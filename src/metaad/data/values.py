@@ -40,10 +40,12 @@ def refuse_extreme(
     where: str,
     rows: np.ndarray | None = None,
     columns: Sequence[str] | None = None,
+    after: str = "",
 ) -> None:
     """A :class:`DataError` naming the first row and column of ``x`` (N, ...) beyond the limit.
 
-    ``rows``: the data row number of each row of ``x`` (a chunk of a table); ``columns``: names.
+    ``rows``: the data row number of each row of ``x`` (a chunk of a table); ``columns``: names;
+    ``after``: how ``x`` came from the user's values (" after the model's preprocessing ...").
     NaN and inf are the callers' own checks (each names them in its words).
     """
     if not len(x):
@@ -65,7 +67,7 @@ def refuse_extreme(
         number = int(rows[row]) if rows is not None else row
         raise DataError(
             f"{where}: row {number}, column {column_label(c, x.shape[1:], columns)} holds "
-            f"{float(flat[row, c]):.3g} ({count} row(s) hold such values); metaad computes in float32, "
-            f"where squares of values beyond +-{limit:.2g} summed over {flat.shape[1]} features "
+            f"{float(flat[row, c]):.3g}{after} ({count} row(s) hold such values); metaad computes in "
+            f"float32, where squares of values beyond +-{limit:.2g} summed over {flat.shape[1]} features "
             "overflow to inf and NaN: rescale the data (e.g. standardise each column)"
         )

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from metaad.detectors.base import check_distance, pairwise_distance
 
-_CHUNK_ELEMENTS = 2**24  # values of a chunk of pairwise differences (nearest-neighbour leave-one-out)
+_CHUNK_ELEMENTS = 2**24  # values of a chunk of pairwise distances (nearest-neighbour leave-one-out)
+_CANDIDATES = 4  # nearest candidates of a rough distance whose exact distances are computed
 
 
 class SupportMeanDistance:
@@ -54,16 +55,40 @@ class NearestNeighbourDistance:
         return pairwise_distance(query.flatten(2), state, self.distance).min(-1).values
 
     def leave_one_out(self, support: Tensor) -> Tensor:
-        """Each sample's distance to its nearest other sample, (B, K), a chunk of samples at a time."""
+        """Each sample's distance to its nearest other sample, (B, K), a chunk of samples at a time.
+
+        Euclidean: the few nearest candidates are found from ``|a|^2 + |b|^2 - 2 a.b`` in float64
+        (one matrix product, not K x K x D differences), then their distances are computed as
+        :meth:`score` computes them, so the result is the exact one unless more than ``_CANDIDATES``
+        samples tie within float64 rounding, where it is one of the tied distances.
+        """
         x = support.flatten(2)
         b, k, d = x.shape
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, b * k * d))
+        if self.distance == "cosine":
+            chunk = max(1, _CHUNK_ELEMENTS // max(1, b * k * d))
+            parts = []
+            for start in range(0, k, chunk):
+                distances = pairwise_distance(x[:, start : start + chunk], x, self.distance)  # (B, c, K)
+                rows = torch.arange(distances.shape[1], device=x.device)
+                distances[:, rows, start + rows] = float("inf")  # not itself
+                parts.append(distances.min(-1).values)
+            return torch.cat(parts, 1)
+        wide = x.double()
+        norms = wide.pow(2).sum(-1)  # (B, K)
+        n = min(_CANDIDATES, k - 1)
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, b * k))
         parts = []
         for start in range(0, k, chunk):
-            distances = pairwise_distance(x[:, start : start + chunk], x, self.distance)  # (B, c, K)
-            rows = torch.arange(distances.shape[1], device=x.device)
-            distances[:, rows, start + rows] = float("inf")  # not itself
-            parts.append(distances.min(-1).values)
+            block = wide[:, start : start + chunk]  # (B, c, D)
+            products = block @ wide.transpose(1, 2)  # (B, c, K)
+            rough = norms[:, start : start + chunk, None] + norms[:, None, :] - 2 * products
+            rows = torch.arange(block.shape[1], device=x.device)
+            rough[:, rows, start + rows] = float("inf")  # not itself
+            nearest = rough.topk(n, dim=-1, largest=False).indices  # (B, c, n)
+            candidates = torch.gather(x, 1, nearest.flatten(1).unsqueeze(-1).expand(-1, -1, d))
+            candidates = candidates.reshape(b, block.shape[1], n, d)
+            exact = (x[:, start : start + chunk, None, :] - candidates).pow(2).sum(-1)  # as score does
+            parts.append(exact.min(-1).values)
         return torch.cat(parts, 1)
 
 
