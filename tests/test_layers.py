@@ -17,6 +17,7 @@ LAYERS = {
     "evaluation": 3,
     "training": 4,
     "api": 5,
+    "export": 5,
     "apps": 6,
 }
 
@@ -64,7 +65,7 @@ def test_no_import_circle():
 
     def visit(module: str) -> None:
         if module in stack:
-            raise AssertionError("import circle: " + " -> ".join([*stack[stack.index(module):], module]))
+            raise AssertionError("import circle: " + " -> ".join([*stack[stack.index(module) :], module]))
         if module in done:
             return
         stack.append(module)
