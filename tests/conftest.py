@@ -33,3 +33,24 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def quick_checkpoint(tmp_path_factory) -> Callable[[str], Path]:
+    """``quick_checkpoint(model)``: the best checkpoint of a short real digits run of that learner
+    (f1_optimal on raw scores), trained once per test session."""
+    from metaad.apps.train import train
+
+    made: dict[str, Path] = {}
+
+    def get(model: str) -> Path:
+        if model not in made:
+            overrides = [f"model={model}", "baselines=none", "logger=none", "dataset.train_episodes=8"]
+            overrides += ["dataset.val_episodes=4", "dataset.test_episodes=4"]
+            cfg = compose_in(tmp_path_factory.mktemp(f"ckpt_{model}") / "run", overrides)
+            train(cfg)
+            GlobalHydra.instance().clear()
+            made[model] = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+        return made[model]
+
+    return get

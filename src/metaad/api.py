@@ -198,6 +198,12 @@ class FewShotDetector:
             delattr(self, attribute)  # nothing of an earlier fit survives a refit
         support = self._inputs(X, fitting=True)[None]
         k = support.shape[1]
+        if support[0, 0].numel() == 0:
+            raise DataError(
+                f"{self.name}: 0 feature(s) (shape={tuple(support.shape[1:])}) while a minimum of 1 is "
+                "required"
+            )
+        self.n_features_in_ = support[0, 0].numel()
         if parts.preprocessing is not None:
             names = parts.preprocessing.feature_names
             self.feature_names_in_ = list(names) if names else None
@@ -327,7 +333,7 @@ class FewShotDetector:
 
     def _require_fit(self) -> None:
         if not hasattr(self, "state_"):
-            raise RuntimeError(f"{self.name}: call fit(X_normal) with normal samples first")
+            raise _not_fitted(f"{self.name}: call fit(X_normal) with normal samples first")
 
     def _require_threshold(self) -> None:
         if self.threshold_rule is None:
@@ -444,6 +450,14 @@ def baseline(
     return detector
 
 
+def _not_fitted(message: str) -> Exception:
+    """scikit-learn's ``NotFittedError``, also a ``RuntimeError`` (what metaad raised before); scikit-learn
+    is imported only on this error path."""
+    from sklearn.exceptions import NotFittedError
+
+    return type("NotFittedError", (NotFittedError, RuntimeError), {})(message)
+
+
 # --- array-likes -------------------------------------------------------------------------------
 def _column_names(X: Any) -> list[str] | None:
     pandas = sys.modules.get("pandas")
@@ -478,6 +492,9 @@ def _reorder(X: Any, names: list[str], whose: str = "the fitted") -> Any:
 
 
 def _as_array(X: Any) -> np.ndarray:
+    if hasattr(X, "toarray") or np.iscomplexobj(X):  # converting would densify or drop the imaginary part
+        kind = "Sparse input is" if hasattr(X, "toarray") else "Complex data"
+        raise DataError(f"{kind} not supported: expected dense, real-valued samples")
     if isinstance(X, Tensor):
         return X.detach().cpu().numpy()
     try:

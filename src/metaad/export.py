@@ -69,7 +69,7 @@ class _Decide(nn.Module):
     def __init__(self, scorer: nn.Module, config: dict[str, Any], checks: bool) -> None:
         super().__init__()
         self.scorer = scorer
-        self.sample_shape: list[int] = list(config["sample_shape"])
+        self.sample_shape = list(config["sample_shape"])
         self.numel = math.prod(self.sample_shape)
         self.scale, self.invert = float(config["scale"]), bool(config["invert"])
         self.zscore = config["threshold"]["normalise"] == "zscore"
