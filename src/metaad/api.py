@@ -201,7 +201,7 @@ class FewShotDetector:
         if support[0, 0].numel() == 0:
             raise DataError(
                 f"{self.name}: 0 feature(s) (shape={tuple(support.shape[1:])}) while a minimum of 1 is "
-                "required"
+                "required."
             )
         self.n_features_in_ = support[0, 0].numel()
         if parts.preprocessing is not None:
