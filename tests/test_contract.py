@@ -330,3 +330,19 @@ def test_the_old_threshold_object_given_to_load_is_left_alone(ckpt):
     rule = F1Optimal(normalise="none")
     metaad.load(ckpt, threshold=rule)
     assert rule.value is None  # the checkpoint's fitted value went into the detector's copy
+
+
+def test_the_readme_example_prints_what_it_says(tmp_path, monkeypatch, capsys):
+    """The README's contract-and-export example runs as written; each `# ...` line under a print is
+    what that print printed."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### The scikit-learn / PyOD contract, and export", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    printed = capsys.readouterr().out.splitlines()
+    claimed = [line[2:] for line in code.splitlines() if line.startswith("# ")]
+    assert printed == claimed and (tmp_path / "mahalanobis.pt").is_file()
