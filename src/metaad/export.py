@@ -24,10 +24,13 @@ previous export (or any file with ``overwrite=True``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import math
 import os
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -201,11 +204,9 @@ def _onnx(scorer: nn.Module, config: dict[str, Any], probe: np.ndarray):
         import onnx  # noqa: F401  (torch's exporter needs it)
     except ImportError:
         raise ExportError("export: format=onnx needs onnx: pip install onnx onnxruntime") from None
-    import io
-
     module = _Decide(scorer, config, checks=False)
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_stdout():
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(
@@ -240,6 +241,21 @@ def _onnx(scorer: nn.Module, config: dict[str, Any], probe: np.ndarray):
         return session.run(None, {"x": x})
 
     return model, lambda temporary: temporary.write_bytes(data), run
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence file descriptor 1: torch's ONNX exporter prints the whole graph from C++ when an operator
+    has no ONNX form (its log switch is always on in torch 2.13), and the message we raise says it."""
+    sys.stdout.flush()
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _refused(detector: Any, why: str) -> ExportError:
