@@ -274,6 +274,30 @@ def test_baselines_pyod_scores_pyod_detectors_on_the_training_episodes(tmp_path)
     np.testing.assert_allclose(scores.numpy(), own, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_metaad_train_scores_pyod_baselines_beside_the_learner(tmp_path):
+    """A whole quick run with baselines=pyod: PyOD's detectors in metrics.json like every baseline."""
+    pytest.importorskip("pyod")
+    from pyod.models.ecod import ECOD
+
+    from metaad.apps.build import build_datamodule
+    from metaad.apps.train import train
+    from metaad.evaluation.metrics import EpisodeMetrics
+
+    cfg = compose_in(tmp_path / "run", ["baselines=pyod", "logger=none"])
+    metrics = train(cfg)
+    assert {"pyod_ecod", "pyod_iforest", "mahalanobis"} <= set(metrics["baselines"])
+    collected = EpisodeMetrics()
+    for batch in build_datamodule(cfg).evaluation_loader("test"):
+        scores = [
+            ECOD().fit(s.double().numpy()).decision_function(q.double().numpy())
+            for s, q in zip(batch.support, batch.query)
+        ]
+        collected.update(torch.tensor(np.stack(scores)), batch.label)
+    expected = collected.compute()["auroc"]["mean"]
+    assert metrics["baselines"]["pyod_ecod"]["auroc"]["mean"] == pytest.approx(expected, abs=1e-6)
+
+
 # --- metaad-export -----------------------------------------------------------------------------------
 def run_export(tmp_path, *overrides):
     cfg = compose_in(tmp_path / "export", list(overrides), config_name="export", quick=False)
