@@ -339,10 +339,12 @@ def test_metaad_export_command_line(ckpt, digits, tmp_path):
         f"ckpt_path={ckpt}",
         f"support={tmp_path / 'normal.npy'}",
     ]
-    done = subprocess.run([*cli, f"output={out}"], capture_output=True, text=True)
+    done = subprocess.run([*cli, f"output={out}"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "adapted to 5 normal samples" in done.stdout and out.is_file()
-    failed = subprocess.run([*cli, f"output={out}", "format=onnx2"], capture_output=True, text=True)
+    failed = subprocess.run(
+        [*cli, f"output={out}", "format=onnx2"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert (
         failed.returncode == 1
         and "format must be one of" in failed.stderr
