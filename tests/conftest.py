@@ -62,3 +62,24 @@ def quick_run(tmp_path_factory) -> tuple[DictConfig, dict, Path]:
     cfg = compose_in(tmp_path_factory.mktemp("quick_run") / "run", overrides)
     metrics = train(cfg)
     return cfg, metrics, Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+
+
+@pytest.fixture(scope="session")
+def quick_checkpoint(tmp_path_factory) -> Callable[[str], Path]:
+    """``quick_checkpoint(model)``: the best checkpoint of a short real digits run of that learner
+    (f1_optimal on raw scores), trained once per test session."""
+    from metaad.apps.train import train
+
+    made: dict[str, Path] = {}
+
+    def get(model: str) -> Path:
+        if model not in made:
+            overrides = [f"model={model}", "baselines=none", "logger=none", "dataset.train_episodes=8"]
+            overrides += ["dataset.val_episodes=4", "dataset.test_episodes=4"]
+            cfg = compose_in(tmp_path_factory.mktemp(f"ckpt_{model}") / "run", overrides)
+            train(cfg)
+            GlobalHydra.instance().clear()
+            made[model] = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+        return made[model]
+
+    return get

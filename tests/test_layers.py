@@ -17,6 +17,7 @@ LAYERS = {
     "evaluation": 3,
     "training": 4,
     "api": 5,
+    "export": 5,
     "apps": 6,
 }
 

@@ -21,8 +21,11 @@ decision (``NaN > threshold`` would read as normal).
 
 from __future__ import annotations
 
+import copy
+import inspect
 import sys
 import warnings
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,8 @@ from metaad.data.tasks import DataError
 from metaad.data.values import column_label, refuse_extreme
 from metaad.detectors.base import Detector
 from metaad.evaluation.thresholds import NonFiniteScores, Threshold, leave_one_out_scores, standardise
+
+PYOD = "pyod:"  # metaad.baseline("pyod:IForest"): a PyOD detector by its class name
 
 
 def baseline_configs() -> dict[str, dict[str, Any]]:
@@ -54,30 +59,109 @@ def baseline_configs() -> dict[str, dict[str, Any]]:
     return read("all")
 
 
-class FewShotDetector:
-    """Any metaad detector behind ``fit`` / ``decision_function`` / ``predict``.
+@dataclass(frozen=True)
+class Parts:
+    """What a detector's parameters build: the model, its preprocessing and threshold rule."""
 
-    Fitted attributes: ``n_support_`` (K), ``feature_names_in_`` (column names of a fitted
-    frame, else None), ``threshold_`` (the decision threshold on the threshold's scale, see
-    :mod:`metaad.evaluation.thresholds`; None without a threshold).
+    detector: Detector
+    preprocessing: Any
+    threshold: Threshold | None
+    name: str
+    threshold_k_shot: int | None = None
+
+
+class FewShotDetector:
+    """Any metaad detector behind scikit-learn's and PyOD's estimator API.
+
+    Its parameters (``get_params`` / ``set_params``, so ``sklearn.base.clone`` works) are what
+    rebuilds it, not the built model: a checkpoint path (:class:`LoadedDetector`) or a baseline's
+    name and settings (:class:`BaselineDetector`), and the threshold. The model is built from them
+    once, when first needed (:func:`load` and :func:`baseline` build it at once, so a bad checkpoint
+    or name fails there); ``set_params`` drops it and the fit.
+
+    Fitted attributes: ``n_support_`` (K), ``feature_names_in_`` (column names of a fitted frame,
+    else None), ``threshold_`` (the decision threshold on the threshold's scale, see
+    :mod:`metaad.evaluation.thresholds`; None without a threshold), ``decision_scores_`` (the
+    support's leave-one-out scores: each support sample scored by the detector adapted to the
+    others, PyOD's "scores of the training data"; K >= 2) and ``labels_`` (their 0/1 decisions).
+    A fitted detector pickles with its model and adapted state (pickle only files you trust).
     """
 
-    def __init__(
-        self,
-        detector: Detector,
-        preprocessing: Any = None,
-        threshold: Threshold | None = None,
-        name: str = "detector",
-        threshold_k_shot: int | None = None,
-    ) -> None:
-        self.detector, self.preprocessing, self.threshold = detector, preprocessing, threshold
-        self.name, self.threshold_k_shot = name, threshold_k_shot
-        if isinstance(detector, torch.nn.Module):
-            detector.eval()
+    def _build(self) -> Parts:
+        raise NotImplementedError
+
+    def _parts(self) -> Parts:
+        parts = self.__dict__.get("_built")
+        if parts is None:
+            parts = self._built = self._build()
+            if isinstance(parts.detector, torch.nn.Module):
+                parts.detector.eval()
+        return parts
+
+    @property
+    def detector(self) -> Detector:
+        return self._parts().detector
+
+    @property
+    def preprocessing(self) -> Any:
+        return self._parts().preprocessing
+
+    @property
+    def threshold_rule(self) -> Threshold | None:
+        """The :class:`Threshold` the ``threshold`` parameter resolves to (None: scores only)."""
+        return self._parts().threshold
+
+    @property
+    def name(self) -> str:
+        return self._parts().name
+
+    @property
+    def threshold_k_shot(self) -> int | None:
+        return self._parts().threshold_k_shot
+
+    # --- parameters (scikit-learn's contract) ----------------------------------------------------
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in parameters if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments, as given (``deep`` is accepted for scikit-learn; none nest)."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params: Any) -> FewShotDetector:
+        """Replace parameters; the model is rebuilt from them when next needed, and must be fitted again."""
+        valid = self._get_param_names()
+        unknown = [key for key in params if key not in valid]
+        if unknown:
+            raise ValueError(
+                f"Invalid parameter(s) {unknown} for estimator {type(self).__name__}; valid parameters "
+                f"are {valid}"
+            )
+        for key, value in params.items():
+            setattr(self, key, value)
+        for attribute in [a for a in vars(self) if a.endswith("_") or a == "_built"]:
+            delattr(self, attribute)
+        return self
 
     def __repr__(self) -> str:
-        rule = self.threshold.rule if self.threshold is not None else None
-        return f"FewShotDetector({self.name}, threshold={rule})"
+        params = ", ".join(f"{key}={value!r}" for key, value in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "state_")
+
+    def __sklearn_tags__(self) -> Any:
+        """An unsupervised detector of dense, finite samples (used by scikit-learn's checks)."""
+        from sklearn.utils import InputTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type=None,
+            target_tags=TargetTags(required=False),
+            input_tags=InputTags(allow_nan=False, sparse=False),
+            requires_fit=True,
+            non_deterministic=False,
+        )
 
     # --- inputs ------------------------------------------------------------------------------
     def _inputs(self, X: Any, fitting: bool) -> Tensor:
@@ -141,29 +225,37 @@ class FewShotDetector:
     # --- the estimator API ---------------------------------------------------------------------
     def fit(self, X: Any, y: Any = None) -> FewShotDetector:
         """Adapt to ``X``, K normal samples of the task to watch (``y`` is ignored)."""
+        parts = self._parts()
+        for attribute in [a for a in vars(self) if a.endswith("_")]:
+            delattr(self, attribute)  # nothing of an earlier fit survives a refit
         support = self._inputs(X, fitting=True)[None]
         k = support.shape[1]
-        if self.preprocessing is not None:
-            self.feature_names_in_ = (
-                list(self.preprocessing.feature_names) if self.preprocessing.feature_names else None
+        if support[0, 0].numel() == 0:
+            raise DataError(
+                f"{self.name}: 0 feature(s) (shape={tuple(support.shape[1:])}) while a minimum of 1 is "
+                "required."
             )
-        threshold = self.threshold
+        self.n_features_in_ = support[0, 0].numel()
+        if parts.preprocessing is not None:
+            names = parts.preprocessing.feature_names
+            self.feature_names_in_ = list(names) if names else None
+        threshold = parts.threshold
         if threshold is not None and k < threshold.min_k_shot:
             raise DataError(f"{self.name}: fit got {k} normal sample(s); {threshold.too_few(k)}")
-        if threshold is not None and self.threshold_k_shot not in (None, k):
+        if threshold is not None and parts.threshold_k_shot not in (None, k):
             warnings.warn(
                 f"{self.name}: its {threshold.rule} threshold was fitted on validation episodes with "
-                f"K={self.threshold_k_shot} support samples, and fit got K={k}; the decisions may be off "
+                f"K={parts.threshold_k_shot} support samples, and fit got K={k}; the decisions may be off "
                 "(the scores are not)",
                 stacklevel=2,
             )
         with torch.no_grad():
-            self.state_ = self.detector.adapt(support)
+            self.state_ = parts.detector.adapt(support)
             needs_loo = threshold is not None and (
                 threshold.normalise == "zscore" or threshold.uses_support_scores
             )
-            self.support_scores_ = leave_one_out_scores(self.detector, support) if needs_loo else None
-        self.support_ = support[0]
+            self.support_scores_ = leave_one_out_scores(parts.detector, support) if needs_loo else None
+        self.support_ = support
         if self.support_scores_ is not None:
             self._require_finite(self.support_scores_, support[0], "leave-one-out score of the support")
         self.n_support_ = k
@@ -195,10 +287,75 @@ class FewShotDetector:
         self._require_threshold()
         return (self.normalised_scores(X) > self.threshold_).astype(np.int64)
 
+    def fit_predict(self, X: Any, y: Any = None) -> np.ndarray:
+        """``fit(X).labels_``, as PyOD: the support's own 0/1 decisions, from its leave-one-out scores."""
+        return self.fit(X, y).labels_
+
+    @property
+    def decision_scores_(self) -> np.ndarray:
+        """The support's leave-one-out scores (K,), computed on first use: each support sample scored
+        by the detector adapted to the other K - 1 (scoring a sample the state was adapted to would
+        flatter it: a nearest-neighbour distance would be 0)."""
+        return self._support_scores()[0].double().numpy()
+
+    @property
+    def labels_(self) -> np.ndarray:
+        """0/1 decisions on the support's leave-one-out scores (PyOD's labels of the training data)."""
+        self._require_threshold()
+        normalised = self._normalise(self._support_scores())[0].double().numpy()
+        return (normalised > self.threshold_).astype(np.int64)
+
+    def predict_proba(self, X: Any, method: str = "linear") -> np.ndarray:
+        """``(N, 2)``: [P(normal), P(anomaly)] of each sample, as PyOD's ``BaseDetector.predict_proba``
+        computes them, from ``decision_scores_`` (the support's leave-one-out scores):
+
+        - ``linear``: min-max scaling of the score by the leave-one-out scores, clipped to [0, 1]
+          (scikit-learn's ``MinMaxScaler``: a zero range scales by 1);
+        - ``unify`` (Kriegel et al. 2011): ``erf((s - mean) / (std * sqrt(2)))`` clipped to [0, 1],
+          mean and population std of the leave-one-out scores. Where they have no spread (std 0)
+          this is the formula's limit, 1 above the mean and 0 otherwise (PyOD divides by zero).
+
+        Needs K >= 2 (no leave-one-out score with one sample); PyOD's ``return_confidence`` is not offered.
+        """
+        if method not in ("linear", "unify"):
+            raise ValueError(f"predict_proba: method must be 'linear' or 'unify', got {method!r}")
+        reference = self.decision_scores_
+        scores = self.decision_function(X)
+        if method == "linear":
+            low, span = reference.min(), reference.max() - reference.min()
+            scale = 1.0 / (span if span != 0 else 1.0)
+            anomaly = (scores * scale - low * scale).clip(0, 1)
+        else:
+            mean, std = reference.mean(), reference.std()
+            if std > 0:
+                z = torch.from_numpy((scores - mean) / (std * np.sqrt(2)))
+                anomaly = torch.erf(z).numpy().clip(0, 1)
+            else:
+                anomaly = (scores > mean).astype(np.float64)
+        return np.stack([1 - anomaly, anomaly], axis=1)
+
+    def export(self, path: str | Path, format: str = "torchscript", overwrite: bool = False) -> Path:
+        """Write the fitted detector as a file that needs only torch (``torchscript``) or onnxruntime
+        (``onnx``) to score: raw samples in, ``(scores, decisions)`` out. See :mod:`metaad.export`."""
+        from metaad.export import export
+
+        return export(self, path, format=format, overwrite=overwrite)
+
     # --- helpers -------------------------------------------------------------------------------
+    def _support_scores(self) -> Tensor:
+        self._require_fit()
+        if self.support_scores_ is None:
+            if self.n_support_ < 2:
+                raise DataError(
+                    f"{self.name}: decision_scores_, labels_ and predict_proba use the support's "
+                    "leave-one-out scores, which need at least 2 support samples; fit got 1"
+                )
+            with torch.no_grad():
+                self.support_scores_ = leave_one_out_scores(self.detector, self.support_)
+        return self.support_scores_
+
     def _scores(self, X: Any) -> Tensor:
-        if not hasattr(self, "state_"):
-            raise RuntimeError(f"{self.name}: call fit(X_normal) with normal samples first")
+        self._require_fit()
         query = self._inputs(X, fitting=False)[None]
         with torch.no_grad():
             scores = self.detector.score(self.state_, query).detach().float()
@@ -206,7 +363,7 @@ class FewShotDetector:
         return scores
 
     def _normalise(self, scores: Tensor) -> Tensor:
-        if self.threshold.normalise == "zscore":
+        if self.threshold_rule.normalise == "zscore":
             normalised = standardise(scores, self.support_scores_)
         else:
             normalised = scores.float()
@@ -233,80 +390,140 @@ class FewShotDetector:
             return f"{flat[c].item():.3g} in column {column_label(c, tuple(x.shape), names)}"
 
         rows = "; ".join(f"row {r} (largest value {largest(samples[r])})" for r in bad[:5])
-        support = self.support_.reshape(len(self.support_), -1).double().abs()
-        top = int(support.max(1).values.argmax())
+        support = self.support_[0]
+        top = int(support.reshape(len(support), -1).double().abs().max(1).values.argmax())
         raise NonFiniteScores(
             f"{self.name}: the {what} of {len(bad)} row(s) is NaN or infinite: {rows}; the support's "
-            f"largest value is {largest(self.support_[top])} of row {top}. The detector computes in "
+            f"largest value is {largest(support[top])} of row {top}. The detector computes in "
             "float32 and values this large overflow it: rescale the data (e.g. standardise each "
             "column). A score that is not a number is never a decision."
         )
 
+    def _require_fit(self) -> None:
+        if not hasattr(self, "state_"):
+            raise _not_fitted(f"{self.name}: call fit(X_normal) with normal samples first")
+
     def _require_threshold(self) -> None:
-        if self.threshold is None:
+        if self.threshold_rule is None:
             raise RuntimeError(
                 f"{self.name} has no threshold to decide with; give one, e.g. "
                 "metaad.baseline(name, threshold='support_quantile')"
             )
-        if not hasattr(self, "state_"):
-            raise RuntimeError(f"{self.name}: call fit(X_normal) with normal samples first")
+        self._require_fit()
 
 
-def load(path: str | Path, threshold: Threshold | None = None) -> FewShotDetector:
-    """A learner trained by ``metaad-train`` from its checkpoint (loaded with ``weights_only=True``)."""
-    from hydra.utils import instantiate
+class LoadedDetector(FewShotDetector):
+    """A learner trained by ``metaad-train``, from its checkpoint (see :func:`load`).
 
-    from metaad import checkpoint as ckpt
-    from metaad.data.preprocessing import Preprocessing
+    ``threshold``: None for the checkpoint's own rule (with its value fitted on validation episodes),
+    or a :class:`Threshold` (copied; the one given is never changed).
+    """
 
-    if threshold is not None and not isinstance(threshold, Threshold):
-        raise TypeError(
-            "metaad.load: threshold must be a metaad.evaluation.thresholds.Threshold (e.g. "
-            f"SupportQuantile()) or None for the checkpoint's own, got {threshold!r}"
-        )
-    checkpoint = ckpt.load(path)
-    cfg = checkpoint.config
-    sample_shape = checkpoint.sample_shape
-    learner = ckpt.build_learner(cfg, sample_shape)
-    checkpoint.load_weights(learner)
-    if checkpoint.preprocessing is not None:
-        preprocessing = Preprocessing.from_dict(checkpoint.preprocessing)
-    else:
-        preprocessing = Preprocessing(sample_shape=sample_shape)
-    stored = checkpoint.threshold_state
-    if threshold is None and cfg.get("threshold"):
-        threshold = instantiate(cfg.threshold)
-    if threshold is not None and stored is not None:
-        threshold.load_state_dict(stored)  # taken only if fitted under this very rule and settings
-    name = f"{cfg.get('names', {}).get('model', 'learner')} ({Path(path).name})"
-    k_shot = cfg.dataset.get("k_shot") if threshold is not None and threshold.fits_on_validation else None
-    return FewShotDetector(learner, preprocessing, threshold, name=name, threshold_k_shot=k_shot)
+    def __init__(self, ckpt_path: str | Path, threshold: Threshold | None = None) -> None:
+        self.ckpt_path, self.threshold = ckpt_path, threshold
+
+    def _build(self) -> Parts:
+        from hydra.utils import instantiate
+
+        from metaad import checkpoint as ckpt
+        from metaad.data.preprocessing import Preprocessing
+
+        threshold = self.threshold
+        if threshold is not None and not isinstance(threshold, Threshold):
+            raise TypeError(
+                "metaad.load: threshold must be a metaad.evaluation.thresholds.Threshold (e.g. "
+                f"SupportQuantile()) or None for the checkpoint's own, got {threshold!r}"
+            )
+        threshold = copy.deepcopy(threshold)
+        path = self.ckpt_path
+        checkpoint = ckpt.load(path)
+        cfg = checkpoint.config
+        sample_shape = checkpoint.sample_shape
+        learner = ckpt.build_learner(cfg, sample_shape)
+        checkpoint.load_weights(learner)
+        if checkpoint.preprocessing is not None:
+            preprocessing = Preprocessing.from_dict(checkpoint.preprocessing)
+        else:
+            preprocessing = Preprocessing(sample_shape=sample_shape)
+        stored = checkpoint.threshold_state
+        if threshold is None and cfg.get("threshold"):
+            threshold = instantiate(cfg.threshold)
+        if threshold is not None and stored is not None:
+            threshold.load_state_dict(stored)  # taken only if fitted under this very rule and settings
+        name = f"{cfg.get('names', {}).get('model', 'learner')} ({Path(path).name})"
+        k_shot = cfg.dataset.get("k_shot") if threshold is not None and threshold.fits_on_validation else None
+        return Parts(learner, preprocessing, threshold, name, k_shot)
+
+
+class BaselineDetector(FewShotDetector):
+    """A no-learning baseline by name (see :func:`baseline`); ``settings`` replace its configured ones."""
+
+    def __init__(
+        self,
+        baseline: str = "mean_euclidean",
+        threshold: Threshold | str | None = "support_quantile",
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        self.baseline, self.threshold, self.settings = baseline, threshold, settings
+
+    def _build(self) -> Parts:
+        from hydra.utils import instantiate
+
+        from metaad.evaluation.thresholds import SupportQuantile
+
+        settings = dict(self.settings or {})
+        if self.baseline.startswith(PYOD):
+            from metaad.detectors.baselines import PyOD
+
+            detector = PyOD(self.baseline.removeprefix(PYOD), **settings)
+        else:
+            configs = baseline_configs()
+            if self.baseline not in configs:
+                raise ValueError(
+                    f"metaad.baseline: unknown baseline {self.baseline!r}; choose one of {sorted(configs)} "
+                    "or pyod:<Name> for a PyOD detector (e.g. pyod:IForest)"
+                )
+            detector = instantiate({**configs[self.baseline], **settings})
+        threshold = self.threshold
+        if threshold == "support_quantile":
+            threshold = SupportQuantile(q=1.0, normalise="none")
+        elif isinstance(threshold, str) or not isinstance(threshold, Threshold | None):
+            raise ValueError(
+                "metaad.baseline: threshold must be 'support_quantile', None or a Threshold, got "
+                f"{threshold!r}"
+            )
+        return Parts(detector, None, copy.deepcopy(threshold), f"baseline {self.baseline}")
+
+
+def load(path: str | Path, threshold: Threshold | None = None) -> LoadedDetector:
+    """A learner trained by ``metaad-train`` from its checkpoint (loaded with ``weights_only=True``),
+    built at once so that a bad file or threshold is refused here."""
+    detector = LoadedDetector(path, threshold)
+    detector._parts()
+    return detector
 
 
 def baseline(
     name: str, threshold: Threshold | str | None = "support_quantile", **settings: Any
-) -> FewShotDetector:
+) -> BaselineDetector:
     """A no-learning baseline by name (:func:`baseline_configs`, as ``metaad-train`` scores it), behind
-    the same API; ``settings`` replace its configured ones.
+    the same API; ``settings`` replace its configured ones. ``pyod:<Name>`` is any PyOD detector
+    (``pip install pyod``), fitted on the support set, ``settings`` its constructor's arguments.
 
     ``threshold="support_quantile"`` (default) flags a sample scoring above every leave-one-out
     score of the support (needs K >= 2); ``None`` for scores only; or any :class:`Threshold`.
     """
-    from hydra.utils import instantiate
+    detector = BaselineDetector(name, threshold, settings or None)
+    detector._parts()
+    return detector
 
-    from metaad.evaluation.thresholds import SupportQuantile
 
-    configs = baseline_configs()
-    if name not in configs:
-        raise ValueError(f"metaad.baseline: unknown baseline {name!r}; choose one of {sorted(configs)}")
-    detector = instantiate({**configs[name], **settings})
-    if threshold == "support_quantile":
-        threshold = SupportQuantile(q=1.0, normalise="none")
-    elif isinstance(threshold, str):
-        raise ValueError(
-            f"metaad.baseline: threshold must be 'support_quantile', None or a Threshold, got {threshold!r}"
-        )
-    return FewShotDetector(detector, None, threshold, name=f"baseline {name}")
+def _not_fitted(message: str) -> Exception:
+    """scikit-learn's ``NotFittedError``, also a ``RuntimeError`` (what metaad raised before); scikit-learn
+    is imported only on this error path."""
+    from sklearn.exceptions import NotFittedError
+
+    return type("NotFittedError", (NotFittedError, RuntimeError), {})(message)
 
 
 # --- array-likes -------------------------------------------------------------------------------
@@ -350,6 +567,9 @@ def _reorder(X: Any, names: list[str], whose: str = "the fitted") -> Any:
 
 
 def _as_array(X: Any) -> np.ndarray:
+    if hasattr(X, "toarray") or np.iscomplexobj(X):  # converting would densify or drop the imaginary part
+        kind = "Sparse input is" if hasattr(X, "toarray") else "Complex data"
+        raise DataError(f"{kind} not supported: expected dense, real-valued samples")
     if isinstance(X, Tensor):
         return X.detach().cpu().numpy()
     try:

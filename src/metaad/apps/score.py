@@ -236,7 +236,7 @@ def score(cfg: DictConfig) -> Any:
     check_threshold(cfg.get("threshold"))
     threshold = instantiate(cfg.threshold) if cfg.get("threshold") is not None else None
     detector = load(cfg.ckpt_path, threshold=threshold)
-    if detector.threshold is None:
+    if detector.threshold_rule is None:
         raise ConfigError(
             f"ckpt_path: {cfg.ckpt_path} was trained without a threshold; choose one with "
             "threshold=support_quantile or threshold=fixed"
@@ -264,8 +264,8 @@ def score(cfg: DictConfig) -> Any:
     write_atomically(output, lambda path: table.to_csv(path, index=False))
     print(
         f"{len(table)} query samples scored against {len(support_ids)} normal support samples: "
-        f"{int(is_anomaly.sum())} anomalies at threshold {detector.threshold.rule} = "
-        f"{detector.threshold_:.4g} (normalise={detector.threshold.normalise}) -> {output}"
+        f"{int(is_anomaly.sum())} anomalies at threshold {detector.threshold_rule.rule} = "
+        f"{detector.threshold_:.4g} (normalise={detector.threshold_rule.normalise}) -> {output}"
     )
     return table
 

@@ -17,6 +17,9 @@ from torch import Tensor, nn
 class Detector(Protocol):
     """``state = adapt(support)`` with support ``(B, K, *x)`` normal samples; then
     ``score(state, query)`` maps a query ``(B, Q, *x)`` to ``(B, Q)`` scores, higher = more anomalous.
+
+    Export (:mod:`metaad.export`) traces ``score`` on a fitted state; a detector whose ``score`` cannot
+    be traced may offer ``scoring_module(state) -> nn.Module``, one task's ``(Q, *x) -> (Q,)`` scoring.
     """
 
     def adapt(self, support: Tensor) -> Any: ...

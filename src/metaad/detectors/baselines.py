@@ -287,3 +287,74 @@ class LocalOutlierFactor(_SupportFitted):
         from sklearn.neighbors import LocalOutlierFactor as LOF
 
         return LOF(n_neighbors=min(self.n_neighbors, k_shot - 1), novelty=True)
+
+
+class PyOD(_SupportFitted):
+    """Any PyOD detector by its class name (``IForest``, ``LOF``, ``KNN``, ``ECOD``, ...), fitted on
+    each episode's support set; the score is PyOD's ``decision_function`` (higher = more anomalous).
+
+    PyOD is an optional extra (``pip install pyod``). ``settings`` are the detector's constructor
+    arguments; a detector that takes ``random_state`` gets 0 unless one is given, so the same episodes
+    give the same scores. A support set too small for the detector (e.g. KNN's ``n_neighbors``) is
+    refused with PyOD's reason.
+    """
+
+    def __init__(self, name: str, **settings: object) -> None:
+        self.name, self.settings = name, settings
+        self.detector_class = pyod_class(name)
+        self.settings.update(_default_random_state(self.detector_class, settings))
+        self.detector_class(**self.settings)  # bad settings fail here, not in the first episode
+
+    def estimator(self, k_shot: int):
+        return self.detector_class(**self.settings)
+
+    def adapt(self, support: Tensor) -> list | None:
+        try:
+            return super().adapt(support)
+        except Exception as error:  # PyOD's own failures on a tiny support set, named
+            raise ValueError(
+                f"baseline pyod:{self.name} cannot fit a support set of {support.shape[1]} samples: {error}"
+            ) from error
+
+    def score(self, state: list | None, query: Tensor) -> Tensor:
+        q = query.flatten(2).detach().cpu().double().numpy()
+        with threadpool_limits(1):
+            scores = np.stack([m.decision_function(x) for m, x in zip(state, q)])
+        return torch.from_numpy(scores.astype(np.float64)).to(device=query.device, dtype=torch.float32)
+
+
+def pyod_class(name: str) -> type:
+    """PyOD's detector class ``name``, from ``pyod.models.<module>`` (``IForest`` from ``iforest``,
+    ``AutoEncoder`` from ``auto_encoder``); only subclasses of PyOD's ``BaseDetector`` are taken."""
+    import importlib
+    import re
+
+    try:
+        from pyod.models.base import BaseDetector
+    except ImportError:
+        raise ImportError(
+            f"baseline pyod:{name} needs PyOD, an optional extra: pip install pyod "
+            "(or pip install 'metaad[pyod]')"
+        ) from None
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+        raise ValueError(f"baseline pyod:{name}: expected a PyOD class name such as IForest, LOF or ECOD")
+    modules = dict.fromkeys([name.lower(), re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()])
+    for module in modules:
+        try:
+            found = getattr(importlib.import_module(f"pyod.models.{module}"), name, None)
+        except ModuleNotFoundError:
+            continue
+        if isinstance(found, type) and issubclass(found, BaseDetector):
+            return found
+    raise ValueError(
+        f"baseline pyod:{name}: PyOD has no detector class {name} (looked in "
+        f"{', '.join(f'pyod.models.{m}' for m in modules)}); names are PyOD's class names, e.g. "
+        "IForest, LOF, KNN, ECOD, COPOD, HBOS"
+    )
+
+
+def _default_random_state(detector_class: type, settings: dict) -> dict:
+    import inspect
+
+    takes = "random_state" in inspect.signature(detector_class.__init__).parameters
+    return {"random_state": 0} if takes and "random_state" not in settings else {}

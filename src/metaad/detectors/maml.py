@@ -18,6 +18,7 @@ At evaluation the meta-parameters are detached, so adapting (with gradients, hen
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -52,6 +53,22 @@ class ScoreNet(nn.Module):
     def forward(self, x: Tensor, n_support: int | None = None) -> Tensor:
         features = self.body(x, n_support) if self.uses_support else self.body(x)
         return self.head(features).squeeze(-1)
+
+
+class AdaptedNet(nn.Module):
+    """A :class:`ScoreNet` holding one task's adapted weights (and its support, for a backbone that
+    normalises with it): ``(Q, *x) -> (Q,)`` logits, the support rows going first as in ``score``."""
+
+    def __init__(self, net: ScoreNet, support: Tensor | None) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("support", support)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.support is None:
+            return self.net(x)
+        k = self.support.shape[0]
+        return self.net(torch.cat([self.support, x]), n_support=k)[k:]
 
 
 def balanced_bce(logits: Tensor, label: Tensor) -> Tensor:
@@ -125,6 +142,19 @@ class MAML(Learner):
         if support is None:
             return self._map(logits, (weights, query), (0, 0))
         return self._map(logits, (weights, query, support), (0, 0, 0))
+
+    def scoring_module(self, state: Params) -> nn.Module:
+        """One task's adapted network as a plain module, ``(Q, *x) -> (Q,)`` logits as ``score`` gives
+        them: for export, as torch.func's ``functional_call`` cannot be traced. ``state`` of one task."""
+        weights = {n: p for n, p in state.items() if n != SUPPORT}
+        if next(iter(weights.values())).shape[0] != 1:
+            raise ValueError("scoring_module takes the state of one task (B = 1)")
+        net = copy.deepcopy(self.net).eval()
+        with torch.no_grad():
+            for name, value in weights.items():
+                net.get_parameter(name).copy_(value[0])
+        support = state.get(SUPPORT)
+        return AdaptedNet(net.requires_grad_(False), None if support is None else support[0])
 
     def loss(self, batch: Episode) -> Tensor:
         return balanced_bce(self.anomaly_scores(batch.support, batch.query), batch.label).mean()
