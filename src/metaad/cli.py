@@ -8,21 +8,24 @@ fails at start-up (before it wrote a checkpoint, metrics or scores) leaves no ru
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.errors import ConfigCompositionException, InstantiationException
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metaad.data.errors import DataError
-from metaad.errors import MetaadError
+from metaad.errors import Interrupted, MetaadError
 
 EXPECTED = (MetaadError, DataError, FileNotFoundError, IsADirectoryError, PermissionError)
 
@@ -61,6 +64,10 @@ def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[]
             fresh = run_dir is not None and _only_logs(run_dir)
             try:
                 return fn(cfg)
+            except Interrupted as stop:
+                if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # said once, by the first rank
+                    print(f"metaad-{config_name}: {stop}", file=sys.stderr)
+                sys.exit(stop.exit_status)
             except Exception as error:
                 text = message(error)
                 if text is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -95,3 +102,39 @@ def _only_logs(folder: Path) -> bool:
     if not folder.is_dir():
         return False
     return all(p.is_file() and p.suffix == ".log" for p in folder.iterdir())
+
+
+class RunFolderCheck(Callback):
+    """Makes the run (or sweep) folder before Hydra does, so that one it cannot make or write in
+    is metaad's one-line message (exit 1) instead of a traceback from Hydra's folder or log file
+    creation. Folders made here for a refused run are removed again (only those, and only empty)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(config: DictConfig, key: str) -> None:
+        folder = Path(str(OmegaConf.select(config, key))).absolute()
+        made = [p for p in (folder, *folder.parents) if not p.exists()]
+        try:
+            blocking = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+            if blocking is not None:
+                raise NotADirectoryError(0, f"{blocking} is a file, not a folder")
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):  # what Hydra's log file needs next
+                pass
+        except OSError as error:
+            for path in made:  # deepest first
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+            app = OmegaConf.select(config, "hydra.job.config_name") or "app"
+            why = error.strerror or str(error)
+            print(
+                f"metaad-{app}: error: {key}={folder}: cannot make or write in the run folder ({why}); "
+                f"give a {key} where you can write",
+                file=sys.stderr,
+            )
+            sys.exit(1)

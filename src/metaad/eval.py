@@ -14,8 +14,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from metaad.build import load_checkpoint
-from metaad.checks import check_dataset, check_threshold
+from metaad.checks import check_dataset, check_processes, check_threshold
 from metaad.cli import app
+from metaad.errors import Interrupted
+from metaad.resume import SignalStop, command_line
 from metaad.runs import claim
 
 
@@ -28,25 +30,39 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             run_cfg[group] = cfg[group]
     check_dataset(run_cfg.dataset)
     check_threshold(run_cfg.get("threshold"))
+    check_processes(cfg)
     run_dir = Path(cfg.paths.output_dir)
     with claim(cfg, run_dir, resume=False):
-        return _evaluate(cfg, checkpoint, run_cfg, run_dir)
+        try:
+            with SignalStop() as stop:
+                return _evaluate(cfg, checkpoint, run_cfg, run_dir, stop)
+        except Interrupted as interrupted:
+            import signal
+
+            name = signal.Signals(interrupted.signum).name
+            fresh = run_dir.with_name(f"{run_dir.name}_again")
+            raise Interrupted(
+                interrupted.signum,
+                f"interrupted by {name}: no metrics were written; an evaluation starts over, in a fresh "
+                f"folder: {command_line('metaad-eval', fresh)}",
+            ) from None
 
 
-def _evaluate(cfg: DictConfig, checkpoint: dict, run_cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def _evaluate(
+    cfg: DictConfig, checkpoint: dict, run_cfg: DictConfig, run_dir: Path, stop: SignalStop
+) -> dict[str, Any]:
     from metaad.build import build_datamodule, build_trainer, build_training, load_weights
     from metaad.distributed import check_launch, job_scope
     from metaad.report import print_summary, results, write_metrics
-    from metaad.training import quiet_lightning
+    from metaad.training import StopOnSignal, quiet_lightning
 
     quiet_lightning()
-
+    trainer = build_trainer(cfg, [StopOnSignal(stop)])
+    check_launch(trainer)  # before any data is read or any process started
     datamodule = build_datamodule(run_cfg)
     model = build_training(run_cfg, datamodule.sample_shape)
     load_weights(model.learner, checkpoint, cfg.ckpt_path)
     model.on_load_checkpoint(checkpoint)
-    trainer = build_trainer(cfg)
-    check_launch(trainer)
     with job_scope():
         trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {

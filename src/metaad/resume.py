@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import shlex
+import signal
+import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from metaad.build import load_checkpoint
-from metaad.errors import CheckpointError, RunFolderError
+from metaad.errors import CheckpointError, Interrupted, RunFolderError
 
 # Config sections that decide what is trained; a resume must not change them.
 RUN_DEFINING = ("dataset", "backbone", "model", "seed")
@@ -117,3 +123,62 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, A
             found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return found
     return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+# --- stopping on SIGTERM / SIGINT ------------------------------------------------------------------
+
+
+class SignalStop:
+    """SIGTERM and SIGINT (Ctrl+C) while a run is in this block: while training or testing, they
+    ask the loops to stop at the next step's end (``on_signal``, connected by
+    :class:`metaad.training.StopOnSignal`, where ``last.ckpt`` is written first); anywhere else,
+    or at a second signal, they stop the run at once. Either way :class:`Interrupted` comes out.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.on_signal: Callable[[], None] | None = None
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalStop:
+        if threading.current_thread() is threading.main_thread():
+            self._saved = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        self._saved = {}
+        if self.signum is not None and isinstance(error, SystemExit | KeyboardInterrupt):
+            # Lightning's own way out after a SIGTERM (SIGTERMException, a SystemExit of status 0)
+            raise Interrupted(self.signum) from None
+        return False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        first = self.signum is None
+        if first:
+            self.signum = signum
+        if first and self.on_signal is not None:
+            self.on_signal()
+            return
+        raise Interrupted(self.signum)
+
+
+def command_line(app: str, run_dir: Path, *extra: str) -> str:
+    """The shell command that reruns this Hydra run of ``app`` in ``run_dir`` with ``extra``
+    overrides: the run's own overrides as given, every word quoted for the shell where needed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    replaced = ("hydra.run.dir", *(e.split("=", 1)[0] for e in extra))
+    given = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in given if o.lstrip("+~").split("=", 1)[0] not in replaced]
+    return shlex.join([app, *kept, f"hydra.run.dir={hydra_value(str(run_dir))}", *extra])
+
+
+def hydra_value(text: str) -> str:
+    """``text`` as a Hydra override value: as is when Hydra reads it back unchanged, else quoted."""
+    if re.fullmatch(r"[\w/.@%+\- ]+", text) and text == text.strip():
+        return text
+    return "'" + text.replace("'", "\\'") + "'"

@@ -23,8 +23,9 @@ from torch import Tensor
 from metaad import pictures
 from metaad.data.episodes import Episode
 from metaad.detectors.base import Learner
+from metaad.errors import TrainingError
 from metaad.evaluation import Evaluator, Report
-from metaad.resume import save_generation
+from metaad.resume import SignalStop, save_generation
 
 log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -38,6 +39,7 @@ def quiet_lightning() -> None:
         "pytorch_lightning.utilities.rank_zero",
         "lightning_fabric.utilities.seed",
         "pytorch_lightning.trainer.connectors.checkpoint_connector",
+        "pytorch_lightning.trainer.connectors.signal_connector",
     ):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
@@ -64,8 +66,27 @@ class MetaTraining(pl.LightningModule):
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor | None:
         loss = self.learner.loss(batch)
         if loss is not None:
+            self._stop_if_diverged(loss)
             self.log("train/loss", loss, prog_bar=True, batch_size=batch.support.shape[0])
         return loss
+
+    def _stop_if_diverged(self, loss: Tensor) -> None:
+        """A non-finite loss stops training before its gradients reach the weights (decided on
+        every rank at once, so no rank waits on the others)."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return
+        lrs = sorted({group["lr"] for opt in self.trainer.optimizers for group in opt.param_groups})
+        lr = ", ".join(f"{value:g}" for value in lrs)
+        inner = getattr(self.learner, "inner_lr", None)
+        inner = f", or model.inner_lr, now {inner:g}" if isinstance(inner, float | int) else ""
+        raise TrainingError(
+            f"training diverged: the loss is not finite ({loss.detach().float().mean().item()}) at step "
+            f"{self.global_step} (epoch {self.current_epoch}); stopped before training on it. Lower the "
+            f"learning rate (model.optimizer.lr, now {lr}{inner}) and start the run again"
+        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.learner.parameters())
@@ -185,7 +206,8 @@ class MetaTraining(pl.LightningModule):
 
 class LastCheckpoint(Checkpoint):
     """Writes ``<dirpath>/last.ckpt``, the whole training state, every ``every_n_train_steps``
-    optimizer steps and at the end of every training epoch (after its validation).
+    optimizer steps, at the end of every training epoch (after its validation) and at the step
+    where a SIGTERM or SIGINT stops the run.
 
     The file is replaced atomically and the one it replaces kept as ``last.previous.ckpt``, so a
     kill or disk fault while saving leaves a generation to resume from (:mod:`metaad.resume`). No
@@ -200,14 +222,15 @@ class LastCheckpoint(Checkpoint):
             )
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps = every_n_train_steps
+        self.saved_step: int | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         n = self.every_n_train_steps
-        if (
-            n
-            and trainer.global_step % n == 0
-            and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        ):
+        due = bool(n) and trainer.global_step % n == 0
+        stopping = trainer.received_sigterm  # SIGTERM or SIGINT (StopOnSignal): stops after this step
+        if trainer.world_size > 1:  # saving takes every rank: decide together
+            stopping = trainer.strategy.reduce_boolean_decision(stopping, all=False)
+        if (due or stopping) and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -220,6 +243,22 @@ class LastCheckpoint(Checkpoint):
             save_generation(trainer.save_checkpoint, self.path)
         else:
             trainer.save_checkpoint(self.path.with_suffix(".ckpt.partial"))  # takes part; rank 0 writes
+        self.saved_step = trainer.global_step
+
+
+class StopOnSignal(pl.Callback):
+    """Connects a :class:`metaad.resume.SignalStop` to the trainer: SIGINT, like SIGTERM, raises
+    Lightning's stop flag, on which the loops stop at the next step's end on every rank (the flag
+    is broadcast from rank 0), after :class:`LastCheckpoint` saved that step."""
+
+    def __init__(self, stop: SignalStop) -> None:
+        self.stop = stop
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.stop.on_signal = lambda: setattr(trainer._signal_connector, "received_sigterm", True)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.stop.on_signal = None
 
 
 class StoreConfig(pl.Callback):
