@@ -161,15 +161,16 @@ def check_processes(cfg: DictConfig) -> None:
     if devices is None or isinstance(nodes, bool) or not isinstance(nodes, int):
         return  # "auto", -1: known once Lightning sees the machine (metaad.distributed.check_launch)
     world = devices * nodes
+    batch = (cfg.get("dataset") or {}).get("meta_batch_size")
     if world > 1 and "ddp" not in target.lower():
-        given = f"trainer.devices={trainer.get('devices')}" + (
-            f" trainer.num_nodes={nodes}" if nodes > 1 else ""
-        )
+        given = f"trainer.devices={trainer.get('devices')}"
+        given += f" trainer.num_nodes={nodes}" if nodes > 1 else ""
+        uneven = isinstance(batch, int) and batch % world
         raise ConfigError(
             f"{given} runs {world} processes, which takes trainer=ddp (metaad's DDP launch, safe in "
             f"sweeps); trainer.strategy is {target or strategy!r}. Give: trainer=ddp {given}"
+            + (f" and a dataset.meta_batch_size divisible by {world} (it is {batch})" if uneven else "")
         )
-    batch = (cfg.get("dataset") or {}).get("meta_batch_size")
     if world > 1 and isinstance(batch, int) and batch % world:
         raise ConfigError(
             f"dataset.meta_batch_size ({batch}) must be divisible by the number of processes "

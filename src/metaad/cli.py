@@ -9,11 +9,13 @@ fails at start-up (before it wrote a checkpoint, metrics or scores) leaves no ru
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,18 @@ def _expected(error: BaseException | None) -> bool:
     )
 
 
-def message(error: BaseException) -> str | None:
+# a full disk, a file size limit (ulimit -f), a quota, a read-only file system: the machine's, not a bug
+WRITE_FAULTS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
+
+
+def message(error: BaseException, run_dir: Path | None = None) -> str | None:
     """The user-facing message of an expected error, or None for a bug."""
+    if isinstance(error, OSError) and error.errno in WRITE_FAULTS:
+        what = error.filename or (f"a file in the run folder {run_dir}" if run_dir else "a file")
+        return (
+            f"cannot write {what}: {error.strerror} (a full disk, a file size limit such as ulimit -f, "
+            "a quota or a read-only file system); free space or give another hydra.run.dir, then rerun"
+        )
     if isinstance(error, InstantiationException):
         cause = error.__cause__
         if not (_expected(cause) or isinstance(cause, ValueError | TypeError)):
@@ -62,6 +74,7 @@ def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[]
         def task(cfg: DictConfig) -> Any:
             run_dir = _run_dir()
             fresh = run_dir is not None and _only_logs(run_dir)
+            _report_thread_write_faults(config_name, run_dir)
             try:
                 return fn(cfg)
             except Interrupted as stop:
@@ -69,18 +82,38 @@ def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[]
                     print(f"metaad-{config_name}: {stop}", file=sys.stderr)
                 sys.exit(stop.exit_status)
             except Exception as error:
-                text = message(error)
+                text = message(error, run_dir)
                 if text is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
                 if fresh and not _holds_results(run_dir):
                     shutil.rmtree(run_dir, ignore_errors=True)
-                print(f"metaad-{config_name}: error: {text}", file=sys.stderr)
+                if text not in _SAID:  # a writer thread may have said it already
+                    print(f"metaad-{config_name}: error: {text}", file=sys.stderr)
                 print("(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
                 sys.exit(1)
 
         return hydra.main(version_base="1.3", config_path="pkg://metaad.conf", config_name=config_name)(task)
 
     return decorate
+
+
+_SAID: set[str] = set()
+
+
+def _report_thread_write_faults(config_name: str, run_dir: Path | None) -> None:
+    """A background writer (TensorBoard's event file thread) that hits a full disk says so in one
+    line, as the app's own errors do, instead of a thread's traceback."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        text = message(args.exc_value, run_dir) if args.exc_value is not None else None
+        if text is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            return default(args)
+        if text not in _SAID:
+            print(f"metaad-{config_name}: error: {text}", file=sys.stderr)
+            _SAID.add(text)
+
+    threading.excepthook = hook
 
 
 def _run_dir() -> Path | None:

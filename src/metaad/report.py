@@ -151,6 +151,8 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, console: Console | Non
             else "is within the CIs of"
         )
         console.print(f"{metrics['model']} {verdict} baseline {name} ({gap:+.3f} AUROC)")
-    console.print(f"run folder: {run_dir}")
-    if (run_dir / "tensorboard").is_dir():
-        console.print(f"tensorboard --logdir {shlex.quote(str(run_dir / 'tensorboard'))}")
+    # paths and commands on one line each (never wrapped at the console's width), quoted for the shell
+    console.print(f"run folder: {run_dir}", soft_wrap=True, markup=False, highlight=False)
+    if (run_dir / "tensorboard").is_dir():  # not with logger=none
+        command = f"tensorboard --logdir {shlex.quote(str(run_dir / 'tensorboard'))}"
+        console.print(command, soft_wrap=True, markup=False, highlight=False)
