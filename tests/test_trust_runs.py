@@ -135,8 +135,9 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_naming_the_step_and_
         (["trainer.devices=3"], "trainer.devices=3 runs 3 processes"),
         (["trainer.devices=[0,1]"], "trainer.devices=[0, 1] runs 2 processes"),
         (["trainer.devices=2", "+trainer.num_nodes=2"], "trainer.devices=2 trainer.num_nodes=2 runs 4"),
+        (["trainer.devices=3", "dataset.meta_batch_size=8"], "divisible by 3 (it is 8)"),
     ],
-    ids=["devices=3", "device-list", "nodes"],
+    ids=["devices=3", "device-list", "nodes", "uneven-meta-batch"],
 )
 def test_several_processes_without_trainer_ddp_are_refused_before_launching_any(
     tmp_path, monkeypatch, overrides, given
@@ -148,12 +149,6 @@ def test_several_processes_without_trainer_ddp_are_refused_before_launching_any(
         train(cfg)
     assert given in str(error.value) and "Give: trainer=ddp" in str(error.value)
     assert not started and not any((tmp_path / "run").iterdir())
-
-
-def test_a_multi_device_refusal_also_names_an_uneven_meta_batch(tmp_path):
-    cfg = compose_in(tmp_path / "run", [*QUIET, "trainer.devices=3", "dataset.meta_batch_size=8"])
-    with pytest.raises(ConfigError, match=r"divisible by 3 \(it is 8\)"):
-        train(cfg)
 
 
 def test_a_folder_holding_an_evaluation_is_not_told_to_resume_it(tmp_path):

@@ -55,7 +55,7 @@ def summarize(sweep: Path) -> list[dict]:
             metrics = json.loads(metrics_file.read_text())
             auroc = metrics["test"]["auroc"]
             row |= {
-                "val/auroc": metrics["val_auroc_best"],
+                "val/auroc": math.nan if metrics["val_auroc_best"] is None else metrics["val_auroc_best"],
                 "test/auroc": auroc["mean"],
                 "test ci95": auroc["ci95"],
                 "steps": metrics.get("global_step", ""),
