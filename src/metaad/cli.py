@@ -78,8 +78,9 @@ def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[]
             try:
                 return fn(cfg)
             except Interrupted as stop:
-                if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # said once, by the first rank
-                    print(f"metaad-{config_name}: {stop}", file=sys.stderr)
+                if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+                    sys.exit(0)  # a DDP rank stopped with the first rank, which says it, once
+                print(f"metaad-{config_name}: {stop}", file=sys.stderr)
                 sys.exit(stop.exit_status)
             except Exception as error:
                 text = message(error, run_dir)

@@ -15,7 +15,6 @@ import shlex
 import signal
 import threading
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -129,22 +128,22 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, A
 
 
 class SignalStop:
-    """SIGTERM and SIGINT (Ctrl+C) while a run is in this block: while training or testing, they
-    ask the loops to stop at the next step's end (``on_signal``, connected by
-    :class:`metaad.training.StopOnSignal`, where ``last.ckpt`` is written first); anywhere else,
-    or at a second signal, they stop the run at once. Either way :class:`Interrupted` comes out.
+    """SIGTERM and SIGINT (Ctrl+C) while a run is in this block. While training or testing
+    (``deferred``, set by :class:`metaad.training.StopOnSignal`) the first one is noted and the
+    loop stops at the next step's end, with ``last.ckpt`` written there; anywhere else, or at a
+    second signal, the run stops at once. Either way :class:`Interrupted` comes out.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.on_signal: Callable[[], None] | None = None
+        self.deferred = False
         self._saved: dict[int, Any] = {}
 
     def __enter__(self) -> SignalStop:
         if threading.current_thread() is threading.main_thread():
-            self._saved = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+            self._saved = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
         return self
 
     def __exit__(self, kind, error, traceback) -> bool:
@@ -156,13 +155,11 @@ class SignalStop:
             raise Interrupted(self.signum) from None
         return False
 
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        first = self.signum is None
-        if first:
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
             self.signum = signum
-        if first and self.on_signal is not None:
-            self.on_signal()
-            return
+            if self.deferred:
+                return
         raise Interrupted(self.signum)
 
 

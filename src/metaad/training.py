@@ -8,6 +8,8 @@ contact with Lightning's internals (loggers, dataloaders of a loop, ranks) is he
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,7 +25,7 @@ from torch import Tensor
 from metaad import pictures
 from metaad.data.episodes import Episode
 from metaad.detectors.base import Learner
-from metaad.errors import TrainingError
+from metaad.errors import Interrupted, TrainingError
 from metaad.evaluation import Evaluator, Report
 from metaad.resume import SignalStop, save_generation
 
@@ -226,12 +228,12 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         n = self.every_n_train_steps
-        due = bool(n) and trainer.global_step % n == 0
-        stopping = trainer.received_sigterm  # SIGTERM or SIGINT (StopOnSignal): stops after this step
-        if trainer.world_size > 1:  # saving takes every rank: decide together
-            stopping = trainer.strategy.reduce_boolean_decision(stopping, all=False)
-        if (due or stopping) and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        if n and trainer.global_step % n == 0 and not self.on_last_batch(trainer):
             self._save(trainer)
+
+    @staticmethod
+    def on_last_batch(trainer: pl.Trainer) -> bool:
+        return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer)
@@ -247,18 +249,46 @@ class LastCheckpoint(Checkpoint):
 
 
 class StopOnSignal(pl.Callback):
-    """Connects a :class:`metaad.resume.SignalStop` to the trainer: SIGINT, like SIGTERM, raises
-    Lightning's stop flag, on which the loops stop at the next step's end on every rank (the flag
-    is broadcast from rank 0), after :class:`LastCheckpoint` saved that step."""
+    """Stops a run on SIGTERM or SIGINT (noted by a :class:`metaad.resume.SignalStop`) at the end
+    of a training step, after :class:`LastCheckpoint` saved that step, on every rank at once: the
+    ranks decide together at each step's end, so none is left waiting in a collective. Lightning's
+    own SIGTERM handler (which stops ranks at different points) is replaced while a loop runs.
+    """
 
     def __init__(self, stop: SignalStop) -> None:
         self.stop = stop
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.stop.on_signal = lambda: setattr(trainer._signal_connector, "received_sigterm", True)
+        self.stop.deferred = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.stop.on_signal = None
+        self.stop.deferred = False
+
+    def _take_over(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.stop.handle)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        stopping = self.stop.signum is not None
+        if trainer.world_size > 1:
+            stopping = trainer.strategy.reduce_boolean_decision(stopping, all=False)
+        if not stopping:
+            return
+        for callback in trainer.callbacks:
+            fresh = isinstance(callback, LastCheckpoint) and callback.saved_step != trainer.global_step
+            if fresh and not LastCheckpoint.on_last_batch(trainer):
+                callback._save(trainer)
+        raise Interrupted(self.stop.signum or signal.SIGTERM)  # a rank told by another: the same stop
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        if self.stop.signum is not None and trainer.world_size == 1:  # several ranks finish the test
+            raise Interrupted(self.stop.signum)
 
 
 class StoreConfig(pl.Callback):
