@@ -142,11 +142,16 @@ def _never_validated(cfg: DictConfig, model: Any, trainer: Any) -> dict[str, str
     """Why ``val_auroc_best`` is null when no validation ran (warned), else nothing."""
     if model.val_auroc_best != float("-inf"):
         return {}
-    every = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch")
+    every, epochs = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch"), trainer.current_epoch
+    cause = (
+        f"validation never ran: trainer.check_val_every_n_epoch={every} is more than the {epochs} "
+        "epoch(s) trained"
+        if isinstance(every, int) and every > epochs
+        else "no validation epoch gave a finite val/auroc"
+    )
     why = (
-        f"validation never ran: trainer.check_val_every_n_epoch={every} is more than the "
-        f"{trainer.current_epoch} epoch(s) trained, so no best checkpoint was chosen and the test "
-        f"scored the last weights (step {trainer.global_step})"
+        f"{cause}, so no best checkpoint was chosen and the test scored the last weights "
+        f"(step {trainer.global_step})"
     )
     log.warning("%s; val_auroc_best is null in metrics.json", why)
     return {"val_auroc_best": why}
