@@ -116,6 +116,22 @@ def test_the_tensorboard_hint_is_there_only_for_a_tensorboard_folder_and_quoted(
         assert shlex.split(hints[0]) == ["tensorboard", "--logdir", str(run_dir / "tensorboard")]
 
 
+def test_a_sweep_summary_lists_a_job_that_never_validated_and_quotes_its_tensorboard_hint(tmp_path, capsys):
+    from metaad.summarize import summarize_sweep
+
+    sweep = tmp_path / "my sweep"
+    for num, val in ((0, 0.8), (1, None)):
+        job = sweep / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- seed={num}\n")
+        test = {"auroc": {"mean": 0.7, "ci95": 0.1, "n_episodes": 40}}
+        write_metrics(job / "metrics.json", {"val_auroc_best": val, "global_step": 4, "test": test})
+    rows = summarize_sweep(sweep)
+    assert [row["job"] for row in rows] == ["0", "1"], "the job with no validation AUROC last, not dropped"
+    hint = next(line for line in capsys.readouterr().out.splitlines() if "tensorboard --logdir" in line)
+    assert shlex.split(hint.split(": ", 1)[1]) == ["tensorboard", "--logdir", str(sweep)]
+
+
 # --- runs that cannot go on ---------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 from pathlib import Path
 
 import yaml
@@ -100,7 +101,8 @@ def show(rows: list[dict], sweep: Path, console: Console) -> None:
     if missing:
         console.print(f"[yellow]no metrics.json in job(s) {', '.join(missing)}[/yellow]")
     console.print(f"tables: {sweep / 'sweep_summary.md'}, {sweep / 'sweep_summary.csv'}")
-    console.print(f"compare the runs: tensorboard --logdir {sweep}")
+    command = f"tensorboard --logdir {shlex.quote(str(sweep))}"
+    console.print(f"compare the runs: {command}", soft_wrap=True, markup=False, highlight=False)
 
 
 def latest_sweep(root: Path = Path("outputs/multirun")) -> Path:
