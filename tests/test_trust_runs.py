@@ -319,3 +319,47 @@ def test_a_signal_stops_training_saying_how_to_resume_and_the_resumed_run_ends_a
     assert metrics["val_auroc_best"] == pytest.approx(straight["val_auroc_best"], abs=1e-6)
     assert metrics["test"]["auroc"]["mean"] == pytest.approx(straight["test"]["auroc"]["mean"], abs=1e-6)
     assert not any(advice in stderr for advice in UNSAFE)
+
+
+def processes_running_in(folder: Path) -> list[int]:
+    """Pids of live processes whose command line names ``folder`` (a rank left behind)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(folder) in (proc / "cmdline").read_bytes().decode(
+                errors="replace"
+            ):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_a_ddp_run_stops_every_rank_at_one_step_with_one_line(tmp_path):
+    run_dir = tmp_path / "ddp run"
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")}
+    env |= {"OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [str(BIN / "metaad-train"), *LONG, "trainer=ddp", "trainer.devices=2", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    last = run_dir / "checkpoints" / "last.ckpt"
+    started(process, last)  # both ranks train: a step takes both
+    process.send_signal(signal.SIGTERM)  # to the first rank only, as `kill <pid>` does
+    _, stderr = process.communicate(timeout=120)
+    time.sleep(1)
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("metaad-train:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"metaad-train: interrupted by SIGTERM; {last} holds step "
+    )
+    step = int(lines[0].split(" holds step ")[1].split(".")[0])
+    assert torch.load(last, weights_only=True)["global_step"] == step
+    assert not processes_running_in(run_dir), "the second rank must stop with the first"
+    assert not (run_dir / LOCK).exists()
