@@ -205,10 +205,19 @@ def test_two_process_ddp_trains_and_evaluates_like_one_process(tmp_path):
     assert "rank 1/2 trained" in (two / "train_rank1.log").read_text()
     assert "rank 0/2 trained" in (two / "train.log").read_text()
     m1, m2 = metrics_of(one), metrics_of(two)
-    # the same optimizer steps on the same episodes: the two runs agree (up to float summation order)
+    # The same optimizer steps on the same episodes; only the order in which the gradients are
+    # summed differs (each rank averages its share, the all-reduce averages the ranks), so the
+    # numbers agree within the tolerance the README states, not to the last bit: AUROC and AUPR
+    # within 1e-4, the fitted threshold within 1e-4 of its value; the baselines (no training) exactly.
     assert m2["global_step"] == m1["global_step"] == 16
     assert m2["val_auroc_best"] == pytest.approx(m1["val_auroc_best"], abs=1e-4)
-    assert m2["test"]["auroc"]["mean"] == pytest.approx(m1["test"]["auroc"]["mean"], abs=1e-4)
+    for metric in ("auroc", "aupr"):
+        assert m2["test"][metric]["mean"] == pytest.approx(m1["test"][metric]["mean"], abs=1e-4), metric
+        assert m2["val"]["model"][metric]["mean"] == pytest.approx(
+            m1["val"]["model"][metric]["mean"], abs=1e-4
+        )
+    assert m2["threshold"]["value"] == pytest.approx(m1["threshold"]["value"], rel=1e-4)
+    assert m2["baselines"] == m1["baselines"]
     # the same checkpoint evaluated by 2 processes reports exactly the one-process test numbers
     evaluated = tmp_path / "eval2"
     ckpt = one / "checkpoints" / "best.ckpt"

@@ -196,21 +196,49 @@ def check_trainer(trainer: Any) -> None:
 
 
 def check_processes(cfg: DictConfig) -> None:
-    """A meta-batch split across DDP processes must divide evenly: said before launching any."""
+    """Several processes need trainer=ddp, and a meta-batch split across them must divide evenly:
+    said before launching any (Lightning would start them all first, each saying it once)."""
     trainer = cfg.get("trainer") or {}
     strategy = trainer.get("strategy")
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
-    if "ddp" not in target.lower() or not isinstance(devices, int) or not isinstance(nodes, int):
-        return
+    devices, nodes = process_count(trainer.get("devices", 1)), trainer.get("num_nodes", 1)
+    if devices is None or isinstance(nodes, bool) or not isinstance(nodes, int):
+        return  # "auto", -1: known once Lightning sees the machine (metaad.distributed.check_launch)
     world = devices * nodes
-    batch = cfg.dataset.get("meta_batch_size")
-    if isinstance(batch, int) and batch % world:
+    batch = (cfg.get("dataset") or {}).get("meta_batch_size")
+    if world > 1 and "ddp" not in target.lower():
+        given = f"trainer.devices={trainer.get('devices')}"
+        given += f" trainer.num_nodes={nodes}" if nodes > 1 else ""
+        uneven = isinstance(batch, int) and batch % world
+        raise ConfigError(
+            f"{given} runs {world} processes, which takes trainer=ddp (metaad's DDP launch, safe in "
+            f"sweeps); trainer.strategy is {target or strategy!r}. Give: trainer=ddp {given}"
+            + (f" and a dataset.meta_batch_size divisible by {world} (it is {batch})" if uneven else "")
+        )
+    if world > 1 and isinstance(batch, int) and batch % world:
         raise ConfigError(
             f"dataset.meta_batch_size ({batch}) must be divisible by the number of processes "
             f"(trainer.devices x trainer.num_nodes = {world}): it is the meta-batch of one optimizer "
             "step, split across them"
         )
+
+
+def process_count(devices: Any) -> int | None:
+    """How many processes per node ``trainer.devices`` asks for; None where only Lightning can tell."""
+    if isinstance(devices, bool):
+        return None
+    if isinstance(devices, int):
+        return devices if devices >= 1 else None
+    if isinstance(devices, ListConfig | list | tuple):
+        return len(devices)
+    if isinstance(devices, str):
+        text = devices.strip().strip(",")
+        if text.isdigit():
+            return int(text) or None
+        parts = [part for part in text.split(",") if part.strip()]
+        if len(parts) > 1 and all(part.strip().isdigit() for part in parts):
+            return len(parts)  # GPU ids, "0,1"
+    return None
 
 
 def _integer(setting: str, value: Any, least: int, alternative: str = "") -> int:

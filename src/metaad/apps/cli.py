@@ -12,11 +12,14 @@ it added to a folder that existed. Where it cannot tell, it removes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
 import sys
+import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 
 from metaad.apps.messages import message
 from metaad.apps.sweeps import record_refusal
+from metaad.errors import Interrupted
 
 
 def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
@@ -37,17 +41,24 @@ def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[]
         def task(cfg: DictConfig) -> Any:
             run_dir = _run_dir()
             before = _entries_before(run_dir) if run_dir is not None else UNKNOWN
+            _report_thread_write_faults(config_name, run_dir)
             try:
                 _check_config_files(cfg)
                 return fn(cfg)
+            except Interrupted as stop:
+                if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+                    sys.exit(0)  # a DDP rank stopped with the first rank, which says it, once
+                print(f"metaad-{config_name}: {stop}", file=sys.stderr)
+                sys.exit(stop.exit_status)
             except Exception as error:
-                text = message(error)
+                text = message(error, run_dir)
                 if text is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
                 if run_dir is not None:
                     _remove_what_this_run_created(run_dir, before)
                 record_refusal(text)
-                print(f"metaad-{config_name}: error: {text}", file=sys.stderr)
+                if text not in _SAID:  # a writer thread may have said it already
+                    print(f"metaad-{config_name}: error: {text}", file=sys.stderr)
                 print("(set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr)
                 sys.exit(1)
 
@@ -88,6 +99,25 @@ def check_override_syntax(config_name: str, argv: list[str]) -> None:
             sys.exit(1)
 
 
+_SAID: set[str] = set()
+
+
+def _report_thread_write_faults(config_name: str, run_dir: Path | None) -> None:
+    """A background writer (TensorBoard's event file thread) that hits a full disk says so in one
+    line, as the app's own errors do, instead of a thread's traceback."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        text = message(args.exc_value, run_dir) if args.exc_value is not None else None
+        if text is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            return default(args)
+        if text not in _SAID:
+            print(f"metaad-{config_name}: error: {text}", file=sys.stderr)
+            _SAID.add(text)
+
+    threading.excepthook = hook
+
+
 def _check_config_files(cfg: DictConfig) -> None:
     """A config composed from files outside metaad's package (``--config-dir``, e.g. a run folder's
     stored ``.hydra/config.yaml``) builds only the targets metaad's own configs name."""
@@ -125,16 +155,45 @@ UNKNOWN = "unknown"
 
 
 class RecordRunFolders(Callback):
-    """Records, before Hydra creates them, whether the run folder (or the sweep folder and its job
-    folders) existed and what they held, so a failed start can remove exactly what it created."""
+    """Before Hydra makes the run folder (or the sweep folder): records whether it existed and what
+    it held, so a failed start can remove exactly what it created, then makes it and checks it can
+    write there, so a folder it cannot make or write in is one line (exit 1) instead of a traceback
+    from Hydra's folder or log file creation (folders made for a refused run are removed again)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _record([_pin(config.hydra.run, "dir")])
+        folder = _pin(config.hydra.run, "dir")
+        _record([folder])
+        _check_writable(config, folder, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = _pin(config.hydra.sweep, "dir")
         children = [p for p in sweep.iterdir() if p.is_dir()] if sweep.is_dir() else []
         _record([sweep, *children])
+        _check_writable(config, sweep, "hydra.sweep.dir")
+
+
+def _check_writable(config: DictConfig, folder: Path, key: str) -> None:
+    folder = folder.absolute()
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        blocking = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise NotADirectoryError(0, f"{blocking} is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # what Hydra's log file needs next
+            pass
+    except OSError as error:
+        for path in made:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        app = OmegaConf.select(config, "hydra.job.config_name") or "app"
+        why = error.strerror or str(error)
+        print(
+            f"metaad-{app}: error: {key}={folder}: cannot make or write in the run folder ({why}); "
+            f"give a {key} where you can write",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 def _pin(node: DictConfig, key: str) -> Path:

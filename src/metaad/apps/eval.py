@@ -9,16 +9,24 @@ scores another set of baselines beside it and ``threshold=...`` decides by anoth
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from metaad import checkpoint as ckpt
-from metaad.apps.checks import check_dataset, check_settings_of, check_threshold, check_trainer
+from metaad.apps.checks import (
+    check_dataset,
+    check_processes,
+    check_settings_of,
+    check_threshold,
+    check_trainer,
+)
 from metaad.apps.cli import app
 from metaad.apps.runs import claim
-from metaad.errors import ConfigError
+from metaad.errors import ConfigError, Interrupted
+from metaad.training.resume import SignalStop, command_line
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +49,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # the names as given now, before any data is read; the tasks they expand to after (wildcards)
     check_held_out(checkpoint, [str(t) for t in run_cfg.dataset.get("test_tasks") or []])
     check_threshold(run_cfg.get("threshold"))
+    check_processes(cfg)
     run_dir = Path(cfg.paths.output_dir)
     with claim(cfg, run_dir, resume=False):
-        return _evaluate(cfg, checkpoint, run_cfg, run_dir)
+        try:
+            with SignalStop() as stop:
+                return _evaluate(cfg, checkpoint, run_cfg, run_dir, stop)
+        except Interrupted as interrupted:
+            name = signal.Signals(interrupted.signum).name
+            fresh = run_dir.with_name(f"{run_dir.name}_again")
+            raise Interrupted(
+                interrupted.signum,
+                f"interrupted by {name}: no metrics were written; an evaluation starts over, in a fresh "
+                f"folder: {command_line('metaad-eval', fresh)}",
+            ) from None
 
 
 def _refuse_stored_only(cfg: DictConfig) -> None:
@@ -81,23 +100,23 @@ def check_held_out(checkpoint: ckpt.Checkpoint, test_tasks: list[str]) -> None:
 
 
 def _evaluate(
-    cfg: DictConfig, checkpoint: ckpt.Checkpoint, run_cfg: DictConfig, run_dir: Path
+    cfg: DictConfig, checkpoint: ckpt.Checkpoint, run_cfg: DictConfig, run_dir: Path, stop: SignalStop
 ) -> dict[str, Any]:
     from metaad.apps.build import build_datamodule, build_trainer, build_training
     from metaad.evaluation.report import print_summary, results, write_metrics
+    from metaad.training.callbacks import StopOnSignal
     from metaad.training.distributed import check_launch, job_scope
     from metaad.training.module import quiet_lightning
 
     quiet_lightning()
-
+    trainer = build_trainer(cfg, [StopOnSignal(stop)])
+    check_launch(trainer)  # before any data is read or any process started
     datamodule = build_datamodule(run_cfg)
     model = build_training(run_cfg, datamodule.sample_shape)
     tasks = datamodule.task_names()
     check_held_out(checkpoint, tasks["test"])
     checkpoint.load_weights(model.learner)
     model.on_load_checkpoint(checkpoint.contents)
-    trainer = build_trainer(cfg)
-    check_launch(trainer)
     with job_scope():
         trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = {

@@ -3,6 +3,9 @@ Lightning's word for a bad setting); None marks a bug, which keeps its traceback
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 from hydra.errors import ConfigCompositionException, InstantiationException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -20,8 +23,18 @@ def _expected(error: BaseException | None) -> bool:
     )
 
 
-def message(error: BaseException) -> str | None:
+# a full disk, a file size limit (ulimit -f), a quota, a read-only file system: the machine's, not a bug
+WRITE_FAULTS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS)
+
+
+def message(error: BaseException, run_dir: Path | None = None) -> str | None:
     """The user-facing message of an expected error, or None for a bug."""
+    if isinstance(error, OSError) and error.errno in WRITE_FAULTS:
+        what = error.filename or (f"a file in the run folder {run_dir}" if run_dir else "a file")
+        return (
+            f"cannot write {what}: {error.strerror} (a full disk, a file size limit such as ulimit -f, "
+            "a quota or a read-only file system); free space or give another hydra.run.dir, then rerun"
+        )
     if isinstance(error, InstantiationException):
         cause = error.__cause__
         if not (_expected(cause) or isinstance(cause, ValueError | TypeError)):

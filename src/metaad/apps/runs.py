@@ -78,14 +78,24 @@ def claim(cfg: DictConfig, run_dir: Path, resume: bool) -> Iterator[None]:
             )
         if not resume and held:
             raise RunFolderError(
-                f"run folder {run_dir} already holds a run ({', '.join(held)}); continue it with "
-                "ckpt_path=last, or give this run another hydra.run.dir"
+                f"run folder {run_dir} already holds a run ({', '.join(held)}); {_advice(cfg)}"
             )
         if not (run_dir / ".hydra").exists():  # a fresh run, or a checkpoint continued in a fresh folder
             write_hydra_files(cfg, run_dir)
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+def _advice(cfg: DictConfig) -> str:
+    """What to do about a folder that holds a run, for the app at hand: only training continues."""
+    if cfg.get("task_name", "train") == "train":
+        return "continue it with ckpt_path=last, or give this run another hydra.run.dir"
+    app = f"metaad-{cfg.task_name}"
+    return (
+        f"{app} starts over each time and has nothing to continue (ckpt_path=last resumes metaad-train "
+        f"only): give this {app} run another hydra.run.dir"
+    )
 
 
 def _inside(path: Path, folder: Path) -> bool:

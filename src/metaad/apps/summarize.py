@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 from pathlib import Path
 
 import yaml
@@ -160,7 +161,8 @@ def show(rows: list[dict], sweep: Path, console: Console) -> None:
     if len(missing) > SHOWN:
         console.print(f"[yellow]... and {len(missing) - SHOWN} more jobs without metrics[/yellow]")
     console.print(f"tables: {sweep / 'sweep_summary.md'}, {sweep / 'sweep_summary.csv'}")
-    console.print(f"compare the runs: tensorboard --logdir {sweep}")
+    command = f"tensorboard --logdir {shlex.quote(str(sweep))}"
+    console.print(f"compare the runs: {command}", soft_wrap=True, markup=False, highlight=False)
 
 
 def latest_sweep(root: Path = Path("outputs/multirun")) -> Path:

@@ -12,13 +12,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaad.apps.checks import check_train_config
 from metaad.apps.cli import app
 from metaad.apps.runs import claim
 from metaad.checkpoint import stored_config
-from metaad.training.resume import load_resume_state, resolve_ckpt_path
+from metaad.errors import Interrupted
+from metaad.training.resume import SignalStop, command_line, load_resume_state, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; returns the metrics written to ``metrics.json``.
 
     With ``test=false`` nothing is written and only ``val_auroc_best`` and ``global_step`` return.
+    A SIGTERM or SIGINT stops it at the next step's end with ``last.ckpt`` saved there, as
+    :class:`~metaad.errors.Interrupted` saying how to resume.
     """
     check_train_config(cfg)  # before reading data or importing Lightning
     stored = stored_config(cfg)  # what the checkpoints keep: refused now if it could not be loaded
@@ -34,29 +37,65 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     resumed = load_resume_state(ckpt_path, cfg) if ckpt_path else None
     with claim(cfg, run_dir, resume=resumed is not None):
-        return _train(cfg, stored, run_dir, ckpt_path, resumed)
+        try:
+            with SignalStop() as stop:
+                return _train(cfg, stored, run_dir, ckpt_path, resumed, stop)
+        except Interrupted as interrupted:
+            raise Interrupted(interrupted.signum, _resume_advice(cfg, run_dir, interrupted.signum)) from None
+
+
+def _resume_advice(cfg: DictConfig, run_dir: Path, signum: int) -> str:
+    """One line: where the run stopped and the command that continues it."""
+    import signal
+
+    name = signal.Signals(signum).name
+    last = run_dir / "checkpoints" / "last.ckpt"
+    step = _saved_step(last)
+    if step is None:
+        return (
+            f"interrupted by {name} before its first checkpoint: nothing to resume in {run_dir}; "
+            "start the run again with another hydra.run.dir"
+        )
+    return f"interrupted by {name}; {last} holds step {step}. Resume with: " + command_line(
+        "metaad-train", run_dir, "ckpt_path=last"
+    )
+
+
+def _saved_step(path: Path) -> int | None:
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:  # none, or not a checkpoint: nothing to resume from
+        return None
 
 
 def _train(
-    cfg: DictConfig, stored: dict[str, Any], run_dir: Path, ckpt_path: Path | None, resumed: dict | None
+    cfg: DictConfig,
+    stored: dict[str, Any],
+    run_dir: Path,
+    ckpt_path: Path | None,
+    resumed: dict | None,
+    stop: SignalStop,
 ) -> dict[str, Any]:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from metaad.apps.build import build_datamodule, build_trainer, build_training, plain
-    from metaad.evaluation.report import print_summary, results, write_metrics
-    from metaad.training.callbacks import StoreConfig
+    from metaad.evaluation.report import finite, print_summary, results, write_metrics
+    from metaad.training.callbacks import StopOnSignal, StoreConfig
     from metaad.training.distributed import check_launch, job_scope
     from metaad.training.module import quiet_lightning
 
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    trainer = build_trainer(
+        _continue_curves(cfg, resumed["global_step"]) if resumed else cfg,
+        [StoreConfig(stored), StopOnSignal(stop)],
+    )
+    check_launch(trainer)  # before any data is read or any process started
     datamodule = build_datamodule(cfg)
     model = build_training(cfg, datamodule.sample_shape)
-    trainer = build_trainer(
-        _continue_curves(cfg, resumed["global_step"]) if resumed else cfg, [StoreConfig(stored)]
-    )
-    check_launch(trainer)
     hparams = {key: plain(cfg[key]) for key in ("names", "dataset", "backbone", "model")} | {"seed": cfg.seed}
     with job_scope():
         if resumed is None:  # a resumed run's folder has them already
@@ -71,8 +110,9 @@ def _train(
             json.dumps({key: hparams[key] for key in ("backbone", "model")}),
         )
         trained = {"val_auroc_best": model.val_auroc_best, "global_step": trainer.global_step}
+        reasons = _never_validated(cfg, model, trainer)
         if not cfg.test:
-            return trained
+            return finite(trained, reasons)
         tracks_best = [
             cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor
         ]
@@ -102,9 +142,28 @@ def _train(
         **results(model.report),
     }
     if trainer.is_global_zero:
-        write_metrics(run_dir / "metrics.json", metrics)
+        write_metrics(run_dir / "metrics.json", metrics, reasons)
         print_summary(metrics, run_dir)
-    return metrics
+    return finite(metrics, reasons)
+
+
+def _never_validated(cfg: DictConfig, model: Any, trainer: Any) -> dict[str, str]:
+    """Why ``val_auroc_best`` is null when no validation ran (warned), else nothing."""
+    if model.val_auroc_best != float("-inf"):
+        return {}
+    every, epochs = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch"), trainer.current_epoch
+    cause = (
+        f"validation never ran: trainer.check_val_every_n_epoch={every} is more than the {epochs} "
+        "epoch(s) trained"
+        if isinstance(every, int) and every > epochs
+        else "no validation epoch gave a finite val/auroc"
+    )
+    why = (
+        f"{cause}, so no best checkpoint was chosen and the test scored the last weights "
+        f"(step {trainer.global_step})"
+    )
+    log.warning("%s; val_auroc_best is null in metrics.json", why)
+    return {"val_auroc_best": why}
 
 
 def _continue_curves(cfg: DictConfig, step: int) -> DictConfig:
@@ -119,8 +178,10 @@ def _continue_curves(cfg: DictConfig, step: int) -> DictConfig:
 
 @app("train")
 def main(cfg: DictConfig) -> float:
-    """Returns the best validation AUROC: the value a Hydra sweeper (Optuna) maximises."""
-    return train(cfg)["val_auroc_best"]
+    """Returns the best validation AUROC: the value a Hydra sweeper (Optuna) maximises (-inf for a
+    run that never validated)."""
+    best = train(cfg)["val_auroc_best"]
+    return float("-inf") if best is None else best
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +35,60 @@ def results(report: Any) -> dict[str, Any]:
     return out
 
 
-def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    path.write_text(json.dumps(metrics, indent=2))
+NULL_REASONS = "null_reasons"
+
+
+def finite(metrics: dict[str, Any], reasons: dict[str, str] | None = None) -> dict[str, Any]:
+    """``metrics`` with every non-finite number (NaN, infinity) replaced by null, and under
+    ``null_reasons`` why, keyed by its dotted path: JSON has no NaN or infinity, and a reader must
+    not mistake a missing value for a measured one. ``reasons`` gives the why for known paths."""
+    reasons = dict(reasons or {})
+    found: dict[str, str] = {}
+
+    def clean(value: Any, key: str) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, float) and not math.isfinite(value):
+            found[key] = reasons.pop(key, f"not a finite number ({value})")
+            return None
+        return value
+
+    out = clean(metrics, "")
+    if found:
+        out[NULL_REASONS] = {**out.get(NULL_REASONS, {}), **found}
+    return out
+
+
+def write_metrics(path: Path, metrics: dict[str, Any], reasons: dict[str, str] | None = None) -> None:
+    """``metrics.json`` as valid JSON, written whole or not at all (a temporary file renamed over it),
+    so a full disk or a kill leaves the previous file or none, never half of one."""
+    text = json.dumps(finite(metrics, reasons), indent=2, allow_nan=False)
+    write_atomically(path, text)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through ``<path>.partial`` and a rename; a failure names the folder."""
+    from metaad.errors import RunFolderError
+
+    partial = path.with_name(f"{path.name}.partial")
+    try:
+        with open(partial, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        why = (
+            "no space left on the device (or the file size limit, ulimit -f, reached)"
+            if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            else error.strerror or str(error)
+        )
+        raise RunFolderError(
+            f"{path.parent}: cannot write {path.name}: {why}; nothing was written"
+        ) from error
 
 
 DECISION_COLUMNS = {"f1": "F1", "balanced_accuracy": "bal. acc."}
@@ -95,5 +151,8 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, console: Console | Non
             else "is within the CIs of"
         )
         console.print(f"{metrics['model']} {verdict} baseline {name} ({gap:+.3f} AUROC)")
-    console.print(f"run folder: {run_dir}")
-    console.print(f"tensorboard --logdir {run_dir / 'tensorboard'}")
+    # paths and commands on one line each (never wrapped at the console's width), quoted for the shell
+    console.print(f"run folder: {run_dir}", soft_wrap=True, markup=False, highlight=False)
+    if (run_dir / "tensorboard").is_dir():  # not with logger=none
+        command = f"tensorboard --logdir {shlex.quote(str(run_dir / 'tensorboard'))}"
+        console.print(command, soft_wrap=True, markup=False, highlight=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +11,14 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Checkpoint
 
 from metaad import checkpoint as ckpt
+from metaad.errors import Interrupted
+from metaad.training.resume import SignalStop
 
 
 class LastCheckpoint(Checkpoint):
     """Writes ``<dirpath>/last.ckpt``, the whole training state, every ``every_n_train_steps``
-    optimizer steps and at the end of every training epoch (after its validation).
+    optimizer steps, at the end of every training epoch (after its validation) and at the step
+    where a SIGTERM or SIGINT stops the run.
 
     The file is replaced atomically and the one it replaces kept as ``last.previous.ckpt``, so a
     kill or disk fault while saving leaves a generation to resume from (:mod:`metaad.training.resume`). No
@@ -28,15 +33,16 @@ class LastCheckpoint(Checkpoint):
             )
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_train_steps = every_n_train_steps
+        self.saved_step: int | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         n = self.every_n_train_steps
-        if (
-            n
-            and trainer.global_step % n == 0
-            and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        ):
+        if n and trainer.global_step % n == 0 and not self.on_last_batch(trainer):
             self._save(trainer)
+
+    @staticmethod
+    def on_last_batch(trainer: pl.Trainer) -> bool:
+        return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer)
@@ -48,6 +54,50 @@ class LastCheckpoint(Checkpoint):
             ckpt.save_generation(trainer.save_checkpoint, self.path)
         else:
             trainer.save_checkpoint(self.path.with_suffix(".ckpt.partial"))  # takes part; rank 0 writes
+        self.saved_step = trainer.global_step
+
+
+class StopOnSignal(pl.Callback):
+    """Stops a run on SIGTERM or SIGINT (noted by a :class:`metaad.training.resume.SignalStop`) at the end
+    of a training step, after :class:`LastCheckpoint` saved that step, on every rank at once: the
+    ranks decide together at each step's end, so none is left waiting in a collective. Lightning's
+    own SIGTERM handler (which stops ranks at different points) is replaced while a loop runs.
+    """
+
+    def __init__(self, stop: SignalStop) -> None:
+        self.stop = stop
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.stop.deferred = True
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.stop.deferred = False
+
+    def _take_over(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.stop.handle)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over()
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_over()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        stopping = self.stop.signum is not None
+        if trainer.world_size > 1:
+            stopping = trainer.strategy.reduce_boolean_decision(stopping, all=False)
+        if not stopping:
+            return
+        for callback in trainer.callbacks:
+            fresh = isinstance(callback, LastCheckpoint) and callback.saved_step != trainer.global_step
+            if fresh and not LastCheckpoint.on_last_batch(trainer):
+                callback._save(trainer)
+        raise Interrupted(self.stop.signum or signal.SIGTERM)  # a rank told by another: the same stop
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+        if self.stop.signum is not None and trainer.world_size == 1:  # several ranks finish the test
+            raise Interrupted(self.stop.signum)
 
 
 class StoreConfig(pl.Callback):

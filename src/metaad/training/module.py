@@ -21,6 +21,7 @@ from torch import Tensor
 from metaad import checkpoint as ckpt
 from metaad.data.episodes import Episode
 from metaad.detectors.base import Learner
+from metaad.errors import TrainingError
 from metaad.evaluation import pictures
 from metaad.evaluation.evaluator import Evaluator, Report
 
@@ -36,10 +37,13 @@ def quiet_lightning() -> None:
         "pytorch_lightning.utilities.rank_zero",
         "lightning_fabric.utilities.seed",
         "pytorch_lightning.trainer.connectors.checkpoint_connector",
+        "pytorch_lightning.trainer.connectors.signal_connector",
     ):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     warnings.filterwarnings("ignore", message=r".*does not have many workers")
+    # a resumed run's own checkpoints folder (claim refuses a fresh run into a folder holding one)
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 class MetaTraining(pl.LightningModule):
@@ -62,8 +66,27 @@ class MetaTraining(pl.LightningModule):
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor | None:
         loss = self.learner.loss(batch)
         if loss is not None:
+            self._stop_if_diverged(loss)
             self.log("train/loss", loss, prog_bar=True, batch_size=batch.support.shape[0])
         return loss
+
+    def _stop_if_diverged(self, loss: Tensor) -> None:
+        """A non-finite loss stops training before its gradients reach the weights (decided on
+        every rank at once, so no rank waits on the others)."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return
+        lrs = sorted({group["lr"] for opt in self.trainer.optimizers for group in opt.param_groups})
+        lr = ", ".join(f"{value:g}" for value in lrs)
+        inner = getattr(self.learner, "inner_lr", None)
+        inner = f", or model.inner_lr, now {inner:g}" if isinstance(inner, float | int) else ""
+        raise TrainingError(
+            f"training diverged: the loss is not finite ({loss.detach().float().mean().item()}) at step "
+            f"{self.global_step} (epoch {self.current_epoch}); stopped before training on it. Lower the "
+            f"learning rate (model.optimizer.lr, now {lr}{inner}) and start the run again"
+        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.learner.parameters())

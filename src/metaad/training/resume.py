@@ -8,14 +8,19 @@ the crashed process wrote after the checkpoint, so the curves continue without a
 
 from __future__ import annotations
 
+import re
+import shlex
+import signal
+import threading
 import warnings
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from metaad import checkpoint as ckpt
-from metaad.errors import CheckpointError
+from metaad.errors import CheckpointError, Interrupted
 
 # Config sections that decide what is trained; a resume must not change them.
 RUN_DEFINING = ("dataset", "backbone", "model", "seed")
@@ -85,3 +90,60 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, A
             found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
         return found
     return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+# --- stopping on SIGTERM / SIGINT ------------------------------------------------------------------
+
+
+class SignalStop:
+    """SIGTERM and SIGINT (Ctrl+C) while a run is in this block. While training or testing
+    (``deferred``, set by :class:`metaad.training.callbacks.StopOnSignal`) the first one is noted and the
+    loop stops at the next step's end, with ``last.ckpt`` written there; anywhere else, or at a
+    second signal, the run stops at once. Either way :class:`Interrupted` comes out.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.deferred = False
+        self._saved: dict[int, Any] = {}
+
+    def __enter__(self) -> SignalStop:
+        if threading.current_thread() is threading.main_thread():
+            self._saved = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+        self._saved = {}
+        if self.signum is not None and isinstance(error, SystemExit | KeyboardInterrupt):
+            # Lightning's own way out after a SIGTERM (SIGTERMException, a SystemExit of status 0)
+            raise Interrupted(self.signum) from None
+        return False
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+            if self.deferred:
+                return
+        raise Interrupted(self.signum)
+
+
+def command_line(app: str, run_dir: Path, *extra: str) -> str:
+    """The shell command that reruns this Hydra run of ``app`` in ``run_dir`` with ``extra``
+    overrides: the run's own overrides as given, every word quoted for the shell where needed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    replaced = ("hydra.run.dir", *(e.split("=", 1)[0] for e in extra))
+    given = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in given if o.lstrip("+~").split("=", 1)[0] not in replaced]
+    return shlex.join([app, *kept, f"hydra.run.dir={hydra_value(str(run_dir))}", *extra])
+
+
+def hydra_value(text: str) -> str:
+    """``text`` as a Hydra override value: as is when Hydra reads it back unchanged, else quoted."""
+    if re.fullmatch(r"[\w/.@%+\- ]+", text) and text == text.strip():
+        return text
+    return "'" + text.replace("'", "\\'") + "'"
