@@ -11,6 +11,10 @@ process, single-threaded, peak resident memory from ``os.wait4`` (the process's 
 - ``store: build``: the first run with a cache folder: the table streamed into the store, then trained;
 - ``store: reuse``: the same command again: the store opened as it is.
 
+Then the cost of the store's content checks (``data.store``: the small files' CRC-32 at opening,
+a row's CRC-32 each time it is read), timed on that store with and without them, beside the
+reuse run's wall time: opening, plus the per-row cost times the rows the run reads.
+
 Every run meta-trains ProtoNet on the MLP (``trainer.max_steps``, default 50), validates and tests
 (50 / 100 episodes) beside the baselines. Sizes whose in-memory run would not fit in the free memory
 are skipped for ``memory`` and the output says so.
@@ -97,6 +101,51 @@ def train(table: Path, cache: Path | None, run_dir: Path, steps: int, log_file: 
     return {"wall_s": wall, "peak_gb": peak, "test_auroc": auroc, "baseline_auroc": best}
 
 
+def check_cost(cache: Path, rows_read: int, reuse_wall: float) -> dict:
+    """The content checks' cost on the store in ``cache``: open and row reads, checked vs unchecked."""
+    from metaad.data import store
+
+    (folder,) = [p for p in cache.iterdir() if (p / "manifest.json").exists()]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    ident = {k: manifest[k] for k in ("version", "kind", "source", "files", "settings")}
+
+    def best(f, n: int = 5) -> float:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def unchecked_open() -> None:  # the same files read, no checksums computed
+        store.RowFile(folder / "x.npy")
+        np.load(folder / "task.npy")
+        json.loads((folder / "tasks.json").read_text())
+        if (folder / "anomalous.npy").exists():
+            np.load(folder / "anomalous.npy")
+
+    opened = best(lambda: store.open_store(folder, ident)) - best(unchecked_open)
+    rng = np.random.default_rng(0)
+    n = manifest["rows"]
+    batches = [rng.integers(0, n, 25) for _ in range(2000)]  # episodes of 25 scattered rows
+    checked = store.RowFile(folder / "x.npy", checksums=folder / "x.crc32.npy", store=folder)
+    plain = store.RowFile(folder / "x.npy")
+
+    def read(rows) -> None:
+        for batch in batches:
+            rows[batch]
+
+    per_row = (best(lambda: read(checked), 3) - best(lambda: read(plain), 3)) / (25 * len(batches))
+    total = opened + per_row * rows_read
+    return {
+        "open_s": opened,
+        "per_row_us": per_row * 1e6,
+        "rows_read": rows_read,
+        "checks_s": total,
+        "share_of_reuse": total / reuse_wall,
+    }
+
+
 def free_gb() -> float:
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) for line in f}
@@ -155,6 +204,23 @@ def main() -> None:
                     row |= train(table, folder, run_dir, args.steps, out / f"{run_dir.name}.log")
                 print("  " + json.dumps(row), flush=True)
                 results.append(row)
+            reuse = next(r for r in results if r["rows"] == rows and r["mode"] == "store: reuse")
+            # episodes read: training, validation (and Lightning's sanity check of 2 batches), test
+            episodes = 8 * args.steps + 50 + 2 * 50 + 100
+            here = str(Path(__file__).parent)
+            child = f"import sys, json; sys.path.insert(0, {here!r}); import bench_store; "
+            child += f"print(json.dumps(bench_store.check_cost(bench_store.Path({str(cache)!r}), "
+            child += f"{episodes * (5 + 20)}, {reuse['wall_s']})))"  # k_shot 5 + n_query 20
+            # in a child, as the table is written: the parent stays small for the next size's runs
+            done = subprocess.run([sys.executable, "-c", child], check=True, capture_output=True, text=True)
+            cost = json.loads(done.stdout.strip().splitlines()[-1])
+            print(
+                f"  content checks: {cost['open_s']:.3f} s to open, {cost['per_row_us']:.2f} us a row read, "
+                f"{cost['checks_s']:.3f} s for the {cost['rows_read']:,} rows of the reuse run: "
+                f"{100 * cost['share_of_reuse']:.1f}% of its {reuse['wall_s']:.1f} s",
+                flush=True,
+            )
+            reuse["checks"] = cost
             shutil.rmtree(cache, ignore_errors=True)
             table.unlink()
     finally:
@@ -178,6 +244,14 @@ def main() -> None:
             + " | ".join(cells)
             + " |"
         )
+    for r in results:
+        if "checks" in r:
+            c = r["checks"]
+            lines.append(
+                f"\nContent checks of the {r['rows']:,}-row store: {c['open_s']:.3f} s to open, "
+                f"{c['per_row_us']:.2f} us a row read; {c['checks_s']:.3f} s for the {c['rows_read']:,} rows "
+                f"the reuse run reads, {100 * c['share_of_reuse']:.1f}% of its wall time."
+            )
     text = "\n".join(lines)
     (out / "store.md").write_text(text + "\n")
     (out / "store.json").write_text(json.dumps(results, indent=1))
