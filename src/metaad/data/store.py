@@ -272,6 +272,12 @@ class RowFile:
             os.preadv(self.fd, [flat[i]], self.offset + row * self.row_bytes)
         return out
 
+    def block(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` in one read (a window of a series)."""
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        os.preadv(self.fd, [out.reshape(-1)], self.offset + start * self.row_bytes)
+        return out
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self[:]
         return whole if dtype is None else whole.astype(dtype)
