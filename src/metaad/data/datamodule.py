@@ -92,9 +92,13 @@ class EpisodeDataModule(pl.LightningDataModule):
         if protocol not in ("entity_time", "entity"):
             raise DataError(f"dataset.protocol must be 'entity_time' or 'entity', got {protocol!r}")
         if n_folds is not None and (val_tasks is not None or test_tasks is not None):
-            raise DataError("dataset.n_folds deals the val and test entities; set dataset.val_tasks and test_tasks to null")
+            raise DataError(
+                "dataset.n_folds deals the val and test entities; set dataset.val_tasks and test_tasks to null"
+            )
         if n_folds is None and (val_tasks is None or test_tasks is None):
-            raise DataError("dataset.val_tasks and dataset.test_tasks must list tasks (or set dataset.n_folds)")
+            raise DataError(
+                "dataset.val_tasks and dataset.test_tasks must list tasks (or set dataset.n_folds)"
+            )
         self.folds = None if n_folds is None else (n_folds, fold, fold_seed)
         synthetic = None
         if "synthetic" in train_anomalies:

@@ -172,7 +172,9 @@ class EpisodeDataset(Dataset):
                 pool.name, len(repeated), self.split, ", ".join(repeated[:10]),
             )  # fmt: skip
         if not kept:
-            raise DataError(f"{pool.name}: no {self.split} entity has both normal and anomalous query windows")
+            raise DataError(
+                f"{pool.name}: no {self.split} entity has both normal and anomalous query windows"
+            )
         if dropped:
             self.pool = dataclasses.replace(pool, tasks=kept)
 
@@ -221,7 +223,9 @@ class EpisodeDataset(Dataset):
         )
 
 
-def scale_by_support(support: np.ndarray, query: np.ndarray, clip: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+def scale_by_support(
+    support: np.ndarray, query: np.ndarray, clip: float = 100.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Support and query standardised per metric (the last axis) with the support's mean and spread
     only, as a deployment sees a new entity: nothing of the query period sets the scale. A spread
     below ``1e-3 * (1 + |mean|)`` (a constant metric) is raised to it; values are clipped to

@@ -272,7 +272,7 @@ def _labels(values: np.ndarray, path: Path | str, rows: int | None = None, entit
     if len(bad):
         raise DataError(
             f"{path}{entity}: labels must be 0 (normal) or 1 (anomalous); row {bad[0]} holds "
-            f"{values[bad[0]]!r} ({len(bad)} bad row(s))"
+            f"{values[bad[0]]:g} ({len(bad)} bad row(s))"
         )
     if rows is not None and len(values) != rows:
         raise DataError(f"{path}{entity}: {len(values)} labels but the test series has {rows} steps")
@@ -346,9 +346,7 @@ def series_folders(
     if (folder / train_folder).is_dir():
         groups = [("", folder)]
     else:
-        groups = sorted(
-            (p.name, p) for p in folder.iterdir() if p.is_dir() and (p / train_folder).is_dir()
-        )
+        groups = sorted((p.name, p) for p in folder.iterdir() if p.is_dir() and (p / train_folder).is_dir())
         if group is not None:
             groups = [g for g in groups if g[0] == group]
         if not groups:
@@ -362,12 +360,16 @@ def series_folders(
         for stem, train_file in sorted(found[train_folder].items()):
             missing = [name for name in (test_folder, label_folder) if stem not in found[name]]
             if missing:
-                raise DataError(f"{train_file}: entity {stem!r} has no file in {[str(base / m) for m in missing]}")
+                raise DataError(
+                    f"{train_file}: entity {stem!r} has no file in {[str(base / m) for m in missing]}"
+                )
             name = f"{prefix}/{stem}" if prefix else stem
             entities.append((name, train_file, found[test_folder][stem], found[label_folder][stem]))
         extra = sorted(set(found[test_folder]) - set(found[train_folder]))
         if extra:
-            raise DataError(f"{base / test_folder}: entities {extra[:5]} have no history file in {base / train_folder}")
+            raise DataError(
+                f"{base / test_folder}: entities {extra[:5]} have no history file in {base / train_folder}"
+            )
     if not entities:
         raise DataError(f"{folder}: no series files ({', '.join(SUFFIXES)}, optionally .gz)")
 
@@ -452,19 +454,33 @@ def telemanom(
                 length = int(row["num_values"])
                 spans = [(int(a), int(b)) for a, b in spans]
             except (ValueError, TypeError) as error:
-                raise DataError(f"{table}: line {line} (channel {chan}): cannot read its ranges ({error})") from None
+                raise DataError(
+                    f"{table}: line {line} (channel {chan}): cannot read its ranges ({error})"
+                ) from None
             if lengths.setdefault(chan, length) != length:
-                raise DataError(f"{table}: channel {chan} is listed with num_values {lengths[chan]} and {length}")
+                raise DataError(
+                    f"{table}: channel {chan} is listed with num_values {lengths[chan]} and {length}"
+                )
             for a, b in spans:
                 if not 0 <= a <= b < length + (0 if end_inclusive else 1):
-                    raise DataError(f"{table}: line {line} (channel {chan}): range [{a}, {b}] outside its {length} steps")
+                    raise DataError(
+                        f"{table}: line {line} (channel {chan}): range [{a}, {b}] outside its {length} steps"
+                    )
             ranges.setdefault(chan, []).extend(spans)
     if not ranges:
-        raise DataError(f"{table}: no channel rows" + (f" for spacecraft {spacecraft!r}" if spacecraft else ""))
+        raise DataError(
+            f"{table}: no channel rows" + (f" for spacecraft {spacecraft!r}" if spacecraft else "")
+        )
     train_files, test_files = _files(folder / "train", "train"), _files(folder / "test", "test")
     unlisted = sorted(set(train_files) - set(ranges))
     if unlisted:
-        log.info("%s: %d channel file(s) without a row in %s left out: %s", folder, len(unlisted), labels_file, unlisted[:10])
+        log.info(
+            "%s: %d channel file(s) without a row in %s left out: %s",
+            folder,
+            len(unlisted),
+            labels_file,
+            unlisted[:10],
+        )
     collector, parts, offset, columns, chosen = _Collector(cut), [], 0, None, None
     for chan in sorted(ranges):
         missing = [p for p, files in (("train", train_files), ("test", test_files)) if chan not in files]
@@ -477,9 +493,13 @@ def telemanom(
             chosen = select_features(features, columns, str(train_files[chan]))
         for path, part in ((train_files[chan], history), (test_files[chan], test)):
             if part.shape[1] != len(columns):
-                raise DataError(f"{path} (entity {chan}): {part.shape[1]} columns, other channels {len(columns)}")
+                raise DataError(
+                    f"{path} (entity {chan}): {part.shape[1]} columns, other channels {len(columns)}"
+                )
         if len(test) != lengths[chan]:
-            raise DataError(f"{test_files[chan]} (entity {chan}): {len(test)} steps, but {table} says num_values {lengths[chan]}")
+            raise DataError(
+                f"{test_files[chan]} (entity {chan}): {len(test)} steps, but {table} says num_values {lengths[chan]}"
+            )
         history, test = history[:, chosen], test[:, chosen]
         _finite(history, train_files[chan], chan)
         _finite(test, test_files[chan], chan)
@@ -535,7 +555,9 @@ def series_table(
     special = [c for c in (entity_column, time_column, label_column, split_column) if c is not None]
     unknown = [c for c in special if c not in columns]
     if unknown:
-        raise DataError(f"{path}: {unknown} named in dataset.source are not columns of the table {columns[:20]}")
+        raise DataError(
+            f"{path}: {unknown} named in dataset.source are not columns of the table {columns[:20]}"
+        )
     candidates = [c for c in columns if c not in special]
     names = [candidates[i] for i in select_features(features, candidates, str(path))]
     wanted = names + special
@@ -592,7 +614,9 @@ def series_table(
             chunks: Iterator = iter([frame])
         else:
             chunks = _numbered(reader.chunks(wanted))
-        _stream_entities(chunks, sink, collector, names, settings, t_test[0], path, sorted_input=cache is None)
+        _stream_entities(
+            chunks, sink, collector, names, settings, t_test[0], path, sorted_input=cache is None
+        )
         arrays = sink.finish(collector.names)
     except BaseException:
         sink.abort()
@@ -629,7 +653,9 @@ def _times(column, path, name) -> np.ndarray:
         try:
             t = pd.to_datetime(column).to_numpy("datetime64[ns]").astype(np.int64).astype(np.float64)
         except (ValueError, TypeError) as error:
-            raise DataError(f"{path}: time column {name!r} holds values that are neither numbers nor dates ({error})") from None
+            raise DataError(
+                f"{path}: time column {name!r} holds values that are neither numbers nor dates ({error})"
+            ) from None
     bad = np.flatnonzero(~np.isfinite(t))
     if len(bad):
         raise DataError(f"{path}: time column {name!r} is empty or not finite in {len(bad)} row(s)")
@@ -664,7 +690,9 @@ def _stream_entities(chunks, sink, collector, names, settings, test_start, path,
         x = frame[names]
         text = [c for c in names if not pd.api.types.is_numeric_dtype(x[c])]
         if text:
-            raise DataError(f"{path}: feature column(s) {text[:10]} are not numeric; choose dataset.source.features")
+            raise DataError(
+                f"{path}: feature column(s) {text[:10]} are not numeric; choose dataset.source.features"
+            )
         values = x.to_numpy(np.float64)
         bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
         if len(bad):
@@ -687,7 +715,7 @@ def _stream_entities(chunks, sink, collector, names, settings, test_start, path,
             if len(bad):
                 raise DataError(
                     f"{path} (entity {current}): column {label_column!r} must be 0 or 1; data row "
-                    f"{rows[bad[0]]} holds {frame[label_column].iloc[bad[0]]!r}"
+                    f"{rows[bad[0]]} holds {frame[label_column].iloc[bad[0]]}"
                 )
             labels = raw == 1
         test = _split_values(frame[split_column], path, split_column) if split_column else t >= test_start
@@ -739,7 +767,9 @@ class SyntheticAnomalies:
         kinds = tuple(self.kinds)
         bad = [k for k in kinds if k not in KINDS]
         if bad or not kinds:
-            raise DataError(f"dataset.synthetic_kinds must be a non-empty list of {list(KINDS)}, got {list(kinds)}")
+            raise DataError(
+                f"dataset.synthetic_kinds must be a non-empty list of {list(KINDS)}, got {list(kinds)}"
+            )
         object.__setattr__(self, "kinds", kinds)
 
     @property
@@ -751,11 +781,14 @@ class SyntheticAnomalies:
         out = np.array(windows, np.float32, copy=True)
         for i in range(len(out)):
             rng = np.random.default_rng([self.seed, int(base[i]), int(variant[i])])
-            self._inject(out[i], self.kinds[int(variant[i]) % len(self.kinds)], rng)
+            before = out[i].copy()
+            chosen, size = self._inject(out[i], self.kinds[int(variant[i]) % len(self.kinds)], rng)
+            if np.array_equal(out[i], before):  # e.g. a stuck metric that was flat already: shift it
+                out[i][:, chosen] += size
         return out
 
     @staticmethod
-    def _inject(w: np.ndarray, kind: str, rng: np.random.Generator) -> None:
+    def _inject(w: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         steps, metrics = w.shape
         spread = w.std(axis=0)
         spread = np.maximum(spread, 0.1 * np.abs(w.mean(axis=0)))
@@ -774,15 +807,13 @@ class SyntheticAnomalies:
         elif kind == "noise":
             w[start:stop, chosen] += rng.normal(size=(stop - start, len(chosen))) * np.abs(size) / 2
         elif kind == "stuck":
+            start = min(start, steps - 2) if steps > 1 else 0
             w[start:, chosen] = w[start, chosen]
-            w[start:, chosen] += 0.0 if np.ptp(w[:, chosen]) else size  # a flat window: stuck off-level
         elif kind == "dropped":
-            level = w[:, chosen].mean(axis=0)
-            w[start:, chosen] = 0.0 if np.any(level) else size
+            w[start:, chosen] = 0.0
         elif kind == "swap":
             length = max(1, steps // 4)
             a, b = rng.choice(steps - length + 1, 2, replace=False) if steps - length + 1 >= 2 else (0, 0)
             first, second = w[a : a + length, chosen].copy(), w[b : b + length, chosen].copy()
             w[a : a + length, chosen], w[b : b + length, chosen] = second, first
-            if a == b or np.array_equal(first, second):
-                w[:, chosen] = w[::-1, chosen] + size  # nothing to swap in a flat window: reverse and shift
+        return chosen, size

@@ -93,7 +93,9 @@ class LabelledData:
             raise DataError(f"{self.name}: series rows need both a period and a span")
         if self.period is not None:
             if len(self.period) != n or self.span.shape != (n, 2):
-                raise DataError(f"{self.name}: {n} windows but periods {self.period.shape}, spans {self.span.shape}")
+                raise DataError(
+                    f"{self.name}: {n} windows but periods {self.period.shape}, spans {self.span.shape}"
+                )
             if self.anomalous is None:
                 raise DataError(f"{self.name}: series windows need anomaly labels (all False where unknown)")
         if self.preprocessing is None:
@@ -199,12 +201,16 @@ class TaskPool:
         start, stop = self.anomaly_block.get(task, (0, 0))
         return stop - start if self.own_anomalies else len(self.anomaly_pool) - (stop - start)
 
-    def draw_anomalies(self, rng: np.random.Generator, task: str, n: int, replace: bool = False) -> np.ndarray:
+    def draw_anomalies(
+        self, rng: np.random.Generator, task: str, n: int, replace: bool = False
+    ) -> np.ndarray:
         """``n`` distinct anomaly rows of ``task``, drawn as ``rng.choice(anomaly_rows[task], n)`` would
         (``replace``: with replacement where the task has fewer; injected ones mixed in if asked)."""
         if self.synthetic is not None:
             have = self._n_real(task)
-            injected = n if have == 0 or self.synthetic_share >= 1 else int(rng.binomial(n, self.synthetic_share))
+            injected = (
+                n if have == 0 or self.synthetic_share >= 1 else int(rng.binomial(n, self.synthetic_share))
+            )
             injected = max(injected, n - have)
             base = rng.choice(self.normal_rows[task], injected)
             variant = rng.integers(self.synthetic.variants, size=injected)
@@ -406,7 +412,9 @@ def split_tasks(
     return pools
 
 
-def _series_pools(data, asked, owner, time_cut, train_anomalies, synthetic, synthetic_share) -> dict[str, TaskPool]:
+def _series_pools(
+    data, asked, owner, time_cut, train_anomalies, synthetic, synthetic_share
+) -> dict[str, TaskPool]:
     """The entity x time protocol on series windows (each row one window of one entity).
 
     - meta-training: the training entities' windows before the cut (history and labelled test
@@ -421,9 +429,13 @@ def _series_pools(data, asked, owner, time_cut, train_anomalies, synthetic, synt
     their entities, after the cut too): the leak the protocol exists to stop, kept to measure it.
     """
     if train_anomalies not in TRAIN_ANOMALIES:
-        raise DataError(f"dataset.train_anomalies must be one of {list(TRAIN_ANOMALIES)}, got {train_anomalies!r}")
+        raise DataError(
+            f"dataset.train_anomalies must be one of {list(TRAIN_ANOMALIES)}, got {train_anomalies!r}"
+        )
     if "synthetic" in train_anomalies and synthetic is None:
-        raise DataError(f"dataset.train_anomalies={train_anomalies} needs the injected kinds (dataset.synthetic_kinds)")
+        raise DataError(
+            f"dataset.train_anomalies={train_anomalies} needs the injected kinds (dataset.synthetic_kinds)"
+        )
     if not 0.0 <= float(synthetic_share) <= 1.0:
         raise DataError(f"dataset.synthetic_share must be in [0, 1], got {synthetic_share!r}")
     period, anomalous, codes, names = data.period, data.anomalous, data.task_codes, data.task_names
@@ -533,7 +545,9 @@ def entity_folds(names: Sequence[str], n_folds: int, fold: int, seed: int = 0) -
         if isinstance(value, bool) or not isinstance(value, int):
             raise DataError(f"dataset.{setting} must be an integer, got {value!r}")
     if not 3 <= n_folds <= len(names):
-        raise DataError(f"dataset.n_folds must be in [3, {len(names)}] (train, val and test folds), got {n_folds}")
+        raise DataError(
+            f"dataset.n_folds must be in [3, {len(names)}] (train, val and test folds), got {n_folds}"
+        )
     if not 0 <= fold < n_folds:
         raise DataError(f"dataset.fold must be in [0, {n_folds - 1}], got {fold}")
     order = np.random.default_rng([seed, 104729]).permutation(len(names))
