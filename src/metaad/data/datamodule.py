@@ -93,7 +93,8 @@ class EpisodeDataModule(pl.LightningDataModule):
             raise DataError(f"dataset.protocol must be 'entity_time' or 'entity', got {protocol!r}")
         if n_folds is not None and (val_tasks is not None or test_tasks is not None):
             raise DataError(
-                "dataset.n_folds deals the val and test entities; set dataset.val_tasks and test_tasks to null"
+                "dataset.n_folds deals the val and test entities; "
+                "set dataset.val_tasks and test_tasks to null"
             )
         if n_folds is None and (val_tasks is None or test_tasks is None):
             raise DataError(

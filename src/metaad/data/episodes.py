@@ -150,7 +150,8 @@ class EpisodeDataset(Dataset):
                 raise DataError(
                     f"{pool.name}: {self.split} entity {t!r} has {have_s} normal "
                     f"{'history ' if history else ''}windows but an episode needs {need} (dataset.k_shot="
-                    f"{self.k_shot}{'' if history else ' + normal queries'}); lower k_shot or the window / stride"
+                    f"{self.k_shot}{'' if history else ' + normal queries'}); "
+                    "lower k_shot or the window / stride"
                 )
             have_n, have_a = len(pool.normal_rows[t]), pool.n_anomalies(t)
             if have_n == 0 or have_a == 0:

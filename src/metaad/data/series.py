@@ -312,7 +312,8 @@ def select_features(features, names: Sequence[str], where: str) -> list[int]:
             chosen.append(index[str(entry)])
         else:
             raise DataError(
-                f"{where}: dataset.source.features names {entry!r}, not a column (columns: {list(names)[:20]})"
+                f"{where}: dataset.source.features names {entry!r}, not a column "
+                f"(columns: {list(names)[:20]})"
             )
     if not chosen or len(set(chosen)) != len(chosen):
         raise DataError(f"dataset.source.features must name distinct columns, got {list(features)}")
@@ -498,7 +499,8 @@ def telemanom(
                 )
         if len(test) != lengths[chan]:
             raise DataError(
-                f"{test_files[chan]} (entity {chan}): {len(test)} steps, but {table} says num_values {lengths[chan]}"
+                f"{test_files[chan]} (entity {chan}): {len(test)} steps, "
+                f"but {table} says num_values {lengths[chan]}"
             )
         history, test = history[:, chosen], test[:, chosen]
         _finite(history, train_files[chan], chan)
@@ -706,7 +708,8 @@ def _stream_entities(chunks, sink, collector, names, settings, test_start, path,
             r = int(np.flatnonzero(steps <= 0)[0]) + 1
             raise DataError(
                 f"{path} (entity {current}): data row {rows[r]} has time {t[r]!r}, not after the previous "
-                f"row's {t[r - 1]!r}; each entity's times must increase (a repeated time, or rows out of order)"
+                f"row's {t[r - 1]!r}; each entity's times must increase "
+                "(a repeated time, or rows out of order)"
             )
         labels = np.zeros(len(frame), bool)
         if label_column is not None:
@@ -735,7 +738,8 @@ def _stream_entities(chunks, sink, collector, names, settings, test_start, path,
                 flush()
                 if entity in done:
                     raise DataError(
-                        f"{path}: data row {frame['__row'].iloc[a]} starts entity {entity!r} again after other "
+                        f"{path}: data row {frame['__row'].iloc[a]} starts entity {entity!r} "
+                        "again after other "
                         "entities; reading through the store (dataset.source.cache) needs the table grouped "
                         "by entity with time ascending: sort it, or read it in memory (cache: null)"
                     )

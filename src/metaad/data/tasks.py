@@ -231,7 +231,7 @@ class TaskPool:
         return _AnomalyRows(self)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """The samples of ``rows`` (rotated copies and injected anomalies included), ``(len(rows), *sample_shape)``."""
+        """The samples of ``rows`` (rotated copies, injected anomalies), ``(len(rows), *sample_shape)``."""
         if self.synthetic is not None:
             variant, base = np.divmod(rows, len(self.x))
             out = self.x[base]
@@ -525,7 +525,8 @@ def check_time_leaks(data: LabelledData, pools: dict[str, TaskPool]) -> None:
         if len(late):
             raise DataError(
                 f"{data.name}: {len(late)} {split} window(s) reach the held-out entities' query period "
-                f"(clock >= {earliest:g}), e.g. of entity {data.task_names[codes[late[0]]]!r}: a leak through time"
+                f"(clock >= {earliest:g}), e.g. of entity {data.task_names[codes[late[0]]]!r}: "
+                "a leak through time"
             )
         seen[split] = set(codes[rows].tolist())
     if test.support_rows is not None:
