@@ -332,3 +332,28 @@ def test_real_smd_episodes_through_the_experiment_config(compose_cfg):
     assert len(datamodule.pools["test"].tasks) >= 3
     batch = next(iter(datamodule.evaluation_loader("test")))
     assert batch.support.shape[1:] == (5, 32, 38) and batch.query.shape[1:] == (20, 32, 38)
+
+
+def test_a_fleet_as_a_long_table_gives_the_folder_layouts_windows(tmp_path):
+    """The same fleet in two layouts: a split column and a step clock cut where the folders' relative
+    clock cuts (test parts of one length), so windows, labels and periods agree."""
+    labels = fleet(tmp_path / "folders", n=3)
+    frames = []
+    for e in range(3):
+        history, test = tagged_series(e, 120), tagged_series(e, 200, offset=120)
+        frame = pd.DataFrame(np.concatenate([history, test]), columns=["a", "b", "c"])
+        frame.insert(0, "host", f"m{e}")
+        frame.insert(1, "step", np.arange(320))
+        frame["y"] = np.concatenate([np.zeros(120, int), labels[f"m{e}"]])
+        frame["part"] = ["train"] * 120 + ["test"] * 200
+        frames.append(frame)
+    pd.concat(frames).to_csv(tmp_path / "fleet.csv", index=False)
+    folders = series_folders(str(tmp_path / "folders"), window=8, stride=3)
+    table = series_table(
+        str(tmp_path / "fleet.csv"), "host", "step", label_column="y", split_column="part", window=8, stride=3
+    )
+    assert table.task_names == folders.task_names
+    rows = np.arange(len(folders.x))
+    np.testing.assert_array_equal(table.x[rows], folders.x[rows])
+    np.testing.assert_array_equal(table.anomalous, folders.anomalous)
+    np.testing.assert_array_equal(table.period, folders.period)
