@@ -178,7 +178,8 @@ def main() -> None:
             )
             results[-1]["episode_ms"] = 1000 * float(draw.stdout.strip().splitlines()[-1])
             print(
-                f"  one training episode (K=5, 20 queries, windows of 32) drawn in {results[-1]['episode_ms']:.2f} ms",
+                f"  one training episode (K=5, 20 queries, windows of 32) drawn in "
+                f"{results[-1]['episode_ms']:.2f} ms",
                 flush=True,
             )
             shutil.rmtree(cache, ignore_errors=True)
@@ -198,7 +199,8 @@ def main() -> None:
         draw = f"{r['episode_ms']:.2f}" if "episode_ms" in r else ""
         lines.append(
             f"| {r['entities']:,} | {r['steps']:,} | {r['metrics']} | {r['x_gb']:.2f} | {r['mode']} | "
-            f"{r['wall_s']:.0f} | {r['peak_gb']:.2f} | {draw} | {r['test_auroc']:.3f} | {r['baseline_auroc']:.3f} |"
+            f"{r['wall_s']:.0f} | {r['peak_gb']:.2f} | {draw} | {r['test_auroc']:.3f} | "
+            f"{r['baseline_auroc']:.3f} |"
         )
     text = "\n".join(lines)
     (out / "series_store.md").write_text(text + "\n")
