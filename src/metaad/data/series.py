@@ -549,7 +549,7 @@ def series_table(
 
     from metaad.data.sources import _TableReader
 
-    cut = _check_cut(window, stride, time_cut)
+    _check_cut(window, stride, time_cut)
     if isinstance(history_end, bool) or not isinstance(history_end, int | float) or not 0 < history_end < 1:
         raise DataError(f"dataset.source.history_end must be a fraction in (0, 1), got {history_end!r}")
     reader = _TableReader(Path(path), str(entity_column))
@@ -616,9 +616,7 @@ def series_table(
             chunks: Iterator = iter([frame])
         else:
             chunks = _numbered(reader.chunks(wanted))
-        _stream_entities(
-            chunks, sink, collector, names, settings, t_test[0], path, sorted_input=cache is None
-        )
+        _stream_entities(chunks, sink, collector, names, settings, t_test[0], path)
         arrays = sink.finish(collector.names)
     except BaseException:
         sink.abort()
@@ -672,7 +670,7 @@ def _split_values(column, path, name) -> np.ndarray:
     return values == "test"
 
 
-def _stream_entities(chunks, sink, collector, names, settings, test_start, path, sorted_input) -> None:
+def _stream_entities(chunks, sink, collector, names, settings, test_start, path) -> None:
     """Append each entity's rows to ``sink`` and its windows to ``collector``, one entity at a time."""
     entity_column, time_column = settings["entity_column"], settings["time_column"]
     label_column, split_column = settings["label_column"], settings["split_column"]
@@ -747,7 +745,6 @@ def _stream_entities(chunks, sink, collector, names, settings, test_start, path,
                 current, pending = entity, []
             pending.append(frame.iloc[a:b])
     flush()
-    del sorted_input
 
 
 # --- synthetic anomalies -------------------------------------------------------------------------
