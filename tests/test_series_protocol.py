@@ -171,3 +171,34 @@ def test_the_datamodule_deals_folds_and_warns_on_the_leaking_variant(data, caplo
     assert "a leak through time" in caplog.text
     with pytest.raises(DataError, match="set dataset.val_tasks and test_tasks to null"):
         EpisodeDataModule(lambda: data, ["m1"], None, n_folds=3)
+
+
+@pytest.mark.slow
+def test_metaad_train_runs_a_series_fleet_end_to_end_and_eval_reproduces_it(tmp_path, compose_cfg):
+    """Config -> series source -> windows -> ProtoNet on the MLP -> metrics.json; the checkpoint
+    re-scores the same test episodes (windows re-cut from the stored series)."""
+    import json
+    from pathlib import Path
+
+    from metaad.eval import evaluate
+    from metaad.train import train
+    from tests.conftest import compose_in
+
+    fleet(tmp_path / "fleet", n=6)
+    overrides = [
+        "dataset=series_folders",
+        f"dataset.source.root={tmp_path / 'fleet'}",
+        "dataset.source.window=8",
+        "dataset.source.stride=4",
+        "dataset.n_folds=3",
+        "dataset.k_shot=3",
+        "dataset.n_query=8",
+        "logger=none",
+    ]
+    cfg = compose_in(tmp_path / "train", overrides)
+    metrics = train(cfg)
+    on_disk = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert 0.0 <= on_disk["test"]["auroc"]["mean"] <= 1.0 and on_disk["dataset"] == "series_folders"
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+    evaluated = evaluate(compose_cfg([f"ckpt_path={ckpt}"], config_name="eval", quick=False))
+    assert evaluated["test"]["auroc"]["mean"] == pytest.approx(metrics["test"]["auroc"]["mean"], abs=1e-6)
