@@ -202,3 +202,18 @@ def test_metaad_train_runs_a_series_fleet_end_to_end_and_eval_reproduces_it(tmp_
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
     evaluated = evaluate(compose_cfg([f"ckpt_path={ckpt}"], config_name="eval", quick=False))
     assert evaluated["test"]["auroc"]["mean"] == pytest.approx(metrics["test"]["auroc"]["mean"], abs=1e-6)
+
+
+def test_the_benchmark_reports_a_variant_against_the_suite_it_varies():
+    from omegaconf import OmegaConf
+
+    from metaad.benchmark import compared
+
+    def row(suite, detector, auroc):
+        return {"suite": suite, "k_shot": 5, "detector": detector, "auroc": auroc, "auroc_ci95": 0.03}
+
+    rows = [row("js", "protonet", 0.60), row("js_entity", "protonet", 0.75), row("js", "baseline:knn", 0.7)]
+    preset = OmegaConf.create({"suites": {"js": {}, "js_entity": {"compare_to": "js"}}})
+    lines = compared(rows, preset)
+    assert lines[-1] == "| js_entity | js | 5 | protonet | 0.750 ± 0.030 | 0.600 ± 0.030 | +0.150 ± 0.042 |"
+    assert len(lines) == 6  # header and one learner: baselines are not compared
