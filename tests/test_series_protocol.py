@@ -13,7 +13,7 @@ import pytest
 from metaad.data import DataError, EpisodeDataset, split_tasks
 from metaad.data.episodes import scale_by_support
 from metaad.data.series import KINDS, SyntheticAnomalies, series_folders
-from metaad.data.tasks import AFTER, HISTORY, check_time_leaks, pool_rows
+from metaad.data.tasks import AFTER, BEFORE, HISTORY, check_time_leaks, pool_rows
 from tests.test_series_sources import fleet
 
 HISTORY_STEPS, TEST_STEPS = 120, 200
@@ -217,3 +217,19 @@ def test_the_benchmark_reports_a_variant_against_the_suite_it_varies():
     lines = compared(rows, preset)
     assert lines[-1] == "| js_entity | js | 5 | protonet | 0.750 ± 0.030 | 0.600 ± 0.030 | +0.150 ± 0.042 |"
     assert len(lines) == 6  # header and one learner: baselines are not compared
+
+
+def test_a_validation_entity_without_an_incident_before_the_cut_gets_injected_ones(tmp_path, caplog):
+    fleet(tmp_path, n=6)
+    labels = np.zeros(TEST_STEPS, np.int64)
+    labels[150:160] = 1  # m4's only incident lies after the cut: validation may not see it
+    (tmp_path / "test_label" / "m4.txt").write_text("\n".join(map(str, labels)) + "\n")
+    data = series_folders(str(tmp_path), window=8, stride=2)
+    pool = split(data, synthetic=SyntheticAnomalies(seed=0))["val"]
+    dataset = EpisodeDataset(pool, "val", 3, 8, 0.5, 4, seed=0)
+    assert "have no real incident in their period; theirs are injected: m4" in caplog.text
+    assert dataset.pool.tasks == ["m4"] and len(dataset[0].query) == 8
+    rows = pool.draw_anomalies(np.random.default_rng(0), "m4", 6, replace=True)
+    assert (rows >= len(pool.x)).all() and (pool.task_ids(rows) == -1).all()  # all injected
+    base = rows % len(pool.x)
+    assert (data.period[base] == BEFORE).all() and (data.task_codes[base] == 4).all()  # before the cut

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from metaad.data import DataError, EpisodeDataset, split_tasks
-from metaad.data.series import Windows, series_folders, series_table, telemanom
+from metaad.data.series import SyntheticAnomalies, Windows, series_folders, series_table, telemanom
 from metaad.data.tasks import AFTER, BEFORE, HISTORY, entity_folds
 
 DATA = Path(os.environ.get("METAAD_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -306,9 +306,20 @@ def test_entity_folds_test_every_entity_once():
     ],
 )
 def test_real_series_load_with_their_documented_shapes(loader, root, entities, metrics):
+    from metaad.data.tasks import check_time_leaks
+
     data = loader(str(SERIES / root))
     assert len(data.task_names) == entities and data.x.shape[2] == metrics
     assert data.anomalous[data.period == AFTER].any() and not data.anomalous[data.period == HISTORY].any()
+    for fold in range(5):  # every fold supplies episodes at the largest K of the protocol
+        val, test = entity_folds(data.task_names, 5, fold)
+        pools = split_tasks(data, None, val, test, synthetic=SyntheticAnomalies())
+        for split in ("val", "test"):
+            EpisodeDataset(
+                pools[split], split, k_shot=20, n_query=20, anomaly_ratio=0.5, n_episodes=5, seed=0
+            )
+    with pytest.raises(DataError, match="a leak through time"):  # entity folds alone leak here too
+        check_time_leaks(data, split_tasks(data, None, val, test, time_cut=False))
 
 
 @needs_series

@@ -101,11 +101,11 @@ class EpisodeDataModule(pl.LightningDataModule):
                 "dataset.val_tasks and dataset.test_tasks must list tasks (or set dataset.n_folds)"
             )
         self.folds = None if n_folds is None else (n_folds, fold, fold_seed)
-        synthetic = None
-        if "synthetic" in train_anomalies:
-            from metaad.data.series import KINDS, SyntheticAnomalies
+        # injected anomalies for training (train_anomalies) and for validation entities without a
+        # real incident before the cut; only series pools use them
+        from metaad.data.series import KINDS, SyntheticAnomalies
 
-            synthetic = SyntheticAnomalies(tuple(synthetic_kinds or KINDS), seed=seed)
+        synthetic = SyntheticAnomalies(tuple(synthetic_kinds or KINDS), seed=seed)
         self.fixed_train_episodes = bool(fixed_train_episodes)
         n_queries = {
             "train": n_query,

@@ -140,8 +140,8 @@ class EpisodeDataset(Dataset):
         An entity with too little history for K support windows is an error naming it; one with
         no anomalous (or no normal) query window in its period cannot be scored and is left out of
         the split, named in a warning; one with fewer anomalous windows than a query holds has
-        them drawn with replacement (named too)."""
-        pool, kept, dropped, repeated = self.pool, [], [], []
+        them drawn with replacement (named too); a validation entity without any has them injected."""
+        pool, kept, dropped, repeated, injected = self.pool, [], [], [], []
         for t in pool.tasks:
             history = pool.support_rows is not None
             have_s = len(pool.support_rows[t] if history else pool.normal_rows[t])
@@ -154,6 +154,8 @@ class EpisodeDataset(Dataset):
                     "lower k_shot or the window / stride"
                 )
             have_n, have_a = len(pool.normal_rows[t]), pool.n_anomalies(t)
+            if pool.synthetic is not None and pool.synthetic_share == 0 and have_n and not pool._n_real(t):
+                injected.append(t)
             if have_n == 0 or have_a == 0:
                 dropped.append(f"{t} ({have_n} normal, {have_a} anomalous)")
                 continue
@@ -171,6 +173,11 @@ class EpisodeDataset(Dataset):
                 "%s: %d %s entities have fewer query windows than an episode holds; theirs are drawn "
                 "with replacement: %s",
                 pool.name, len(repeated), self.split, ", ".join(repeated[:10]),
+            )  # fmt: skip
+        if injected:
+            log.warning(
+                "%s: %d %s entities have no real incident in their period; theirs are injected: %s",
+                pool.name, len(injected), self.split, ", ".join(injected[:10]),
             )  # fmt: skip
         if not kept:
             raise DataError(

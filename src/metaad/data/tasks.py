@@ -207,11 +207,10 @@ class TaskPool:
         """``n`` distinct anomaly rows of ``task``, drawn as ``rng.choice(anomaly_rows[task], n)`` would
         (``replace``: with replacement where the task has fewer; injected ones mixed in if asked)."""
         if self.synthetic is not None:
-            have = self._n_real(task)
-            injected = (
-                n if have == 0 or self.synthetic_share >= 1 else int(rng.binomial(n, self.synthetic_share))
-            )
-            injected = max(injected, n - have)
+            have, share = self._n_real(task), self.synthetic_share
+            injected = n if have == 0 or share >= 1 else int(rng.binomial(n, share)) if share > 0 else 0
+            if not replace:
+                injected = max(injected, n - have)
             base = rng.choice(self.normal_rows[task], injected)
             variant = rng.integers(self.synthetic.variants, size=injected)
             real = self._draw_real(rng, task, n - injected, replace) if n > injected else base[:0]
@@ -421,7 +420,9 @@ def _series_pools(
       part), normals and (``train_anomalies``) their real incidents, injected anomalies, or other
       training entities' normal windows (one-vs-rest);
     - validation: the support from each validation entity's history, queries from its labelled
-      windows before the cut; nothing after the cut, so early stopping never sees that period;
+      windows before the cut; nothing after the cut, so early stopping never sees that period. An
+      entity without a real incident there (a telemanom channel's one incident may lie after the
+      cut) has anomalies injected into its normal windows (``synthetic``), named in a warning;
     - test: the support from each held-out entity's history, queries after the cut; its labelled
       windows before the cut are used by nobody.
 
@@ -473,6 +474,8 @@ def _series_pools(
             injected, share = synthetic, (1.0 if train_anomalies == "synthetic" else float(synthetic_share))
             if train_anomalies == "synthetic":
                 pick = np.zeros(len(rows), bool)
+        if s == VAL and synthetic is not None:  # injected only into entities without a real incident
+            injected, share = synthetic, 0.0
         anomaly_pool, anomaly_key = rows[pick], key[pick]
         starts = np.searchsorted(anomaly_key, np.arange(len(tasks) + 1))
         pools[split] = TaskPool(
