@@ -49,6 +49,47 @@ def anomaly_scores(detector: Detector, support: Tensor, query: Tensor) -> Tensor
     return detector.score(detector.adapt(support), query)
 
 
+def sliding_windows(series: Tensor, window: int) -> Tensor:
+    """Every window of a series ``(B, T, D)`` as a view ``(B, T - window + 1, window, D)`` (no copy)."""
+    return series.unfold(1, window, 1).transpose(-1, -2)
+
+
+def score_stream(detector: Detector, state: Any, series: Tensor, window: int, chunk: int = 4096) -> Tensor:
+    """Scores of every window of a series, the one contract for scoring a live series.
+
+    ``series`` ``(B, T, D)`` (episode ``b``'s series scored with its ``state``, adapted on windows
+    of length ``window``) -> ``(B, T - window + 1)``: entry ``i`` scores ``series[:, i : i + window]``,
+    the window ending at step ``i + window - 1``; steps before the first full window get no score
+    (never a made-up one). A detector with its own ``score_stream(state, series, window)`` (one
+    causal pass, e.g. on a TCN) answers itself; any other is scored ``chunk`` windows at a time as
+    queries, so memory stays that of the series plus one chunk of windows.
+    """
+    if series.dim() != 3:
+        raise ValueError(
+            f"score_stream: series must be (episodes, steps, metrics), got shape {tuple(series.shape)}"
+        )
+    if series.shape[1] < window:
+        raise ValueError(
+            f"score_stream: the series has {series.shape[1]} steps, fewer than one window of {window}"
+        )
+    own = getattr(detector, "score_stream", None)
+    if own is not None:
+        return own(state, series, window)
+    return windowed_stream_scores(detector, state, series, window, chunk)
+
+
+def windowed_stream_scores(
+    detector: Detector, state: Any, series: Tensor, window: int, chunk: int = 4096
+) -> Tensor:
+    """The generic fallback of :func:`score_stream`: windows scored as queries, ``chunk`` at a time."""
+    windows = sliding_windows(series, window)
+    parts = [
+        detector.score(state, windows[:, start : start + chunk].contiguous())
+        for start in range(0, windows.shape[1], chunk)
+    ]
+    return torch.cat(parts, 1)
+
+
 def pairwise_distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
     """Distances between rows of ``a`` (B, Q, D) and ``b`` (B, M, D) -> (B, Q, M).
 

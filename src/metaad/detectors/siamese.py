@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
-from metaad.detectors.base import Learner, pairwise_distance
+from metaad.detectors.base import Learner, pairwise_distance, windowed_stream_scores
 
 DISTANCES = ("euclidean", "cosine", "learned")
 AGGREGATIONS = ("min", "mean", "knn")
@@ -69,7 +69,16 @@ class Siamese(Learner):
         return self.embed(support)  # (B, K, D): every support sample is kept
 
     def score(self, state: Tensor, query: Tensor) -> Tensor:
-        d = self.pair_distance(self.embed(query), state)  # (B, Q, K)
+        return self._aggregate(self.pair_distance(self.embed(query), state))
+
+    def score_stream(self, state: Tensor, series: Tensor, window: int) -> Tensor:
+        """Every window of ``series`` (B, T, D) in one causal pass when the backbone can stream."""
+        if not hasattr(self.backbone, "stream") or self.backbone.window != window:
+            return windowed_stream_scores(self, state, series, window)
+        return self._aggregate(self.pair_distance(self.backbone.stream(series), state))
+
+    def _aggregate(self, d: Tensor) -> Tensor:
+        """Distances to the support (B, Q, K) -> scores (B, Q)."""
         if self.aggregation == "min":
             return d.min(-1).values
         if self.aggregation == "mean":
