@@ -49,6 +49,18 @@ def anomaly_scores(detector: Detector, support: Tensor, query: Tensor) -> Tensor
     return detector.score(detector.adapt(support), query)
 
 
+def leave_one_out_scores(detector: Detector, support: Tensor) -> Tensor:
+    """Score of each support sample by the detector adapted to the others. (B, K, *x) -> (B, K)."""
+    b, k = support.shape[:2]
+    if k < 2:
+        raise ValueError(f"leave-one-out scores need at least 2 support samples, got {k}")
+    index = torch.arange(k, device=support.device)
+    others = torch.stack([index[index != i] for i in range(k)])  # (K, K-1)
+    rest = support[:, others].flatten(0, 1)  # (B*K, K-1, *x)
+    held_out = support.flatten(0, 1).unsqueeze(1)  # (B*K, 1, *x)
+    return anomaly_scores(detector, rest, held_out).reshape(b, k)
+
+
 def sliding_windows(series: Tensor, window: int) -> Tensor:
     """Every window of a series ``(B, T, D)`` as a view ``(B, T - window + 1, window, D)`` (no copy)."""
     return series.unfold(1, window, 1).transpose(-1, -2)
