@@ -44,6 +44,7 @@ class MLP(nn.Module):
         layers.append(nn.Linear(dims[-1], embed_dim))
         self.net = nn.Sequential(*layers)
         self.out_dim = embed_dim
+        self.sample_shape = tuple(sample_shape)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -109,6 +110,7 @@ class Conv4(nn.Module):
                 f"backbone.channels ({channels}) must be divisible by backbone.norm_groups ({norm_groups})"
             )
         c, h, w = sample_shape
+        self.sample_shape = tuple(sample_shape)
         if min(h, w) < 2**blocks:
             raise ValueError(
                 f"backbone Conv4: {h}x{w} images are too small for {blocks} blocks of 2x pooling"

@@ -102,6 +102,15 @@ def windowed_stream_scores(
     return torch.cat(parts, 1)
 
 
+def ranking_loss(scores: Tensor, label: Tensor) -> Tensor:
+    """Pairwise logistic loss within each episode, every anomaly above every normal: a smooth
+    1 - AUROC, the metric reported. ``scores``/``label`` (B, Q) -> a scalar over all pairs."""
+    anomaly, normal = label.bool(), ~label.bool()
+    margin = scores.unsqueeze(1) - scores.unsqueeze(2)  # [b, i, j] = s_j - s_i: normal i, anomaly j
+    pairs = normal.unsqueeze(2) & anomaly.unsqueeze(1)
+    return (torch.nn.functional.softplus(-margin) * pairs).sum() / pairs.sum().clamp(min=1)
+
+
 def pairwise_distance(a: Tensor, b: Tensor, distance: str) -> Tensor:
     """Distances between rows of ``a`` (B, Q, D) and ``b`` (B, M, D) -> (B, Q, M).
 

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaad.detectors.base import pairwise_distance
+from metaad.detectors.base import leave_one_out_scores, pairwise_distance, score_stream
+from metaad.detectors.baselines import NearestNeighbourDistance, SupportMeanDistance
 
 MAD_TO_SD = 1.4826  # the MAD of a normal distribution is 0.6745 sd
 
@@ -209,3 +210,59 @@ SERIES_BASELINES = {
     "pca_signlog": lambda: PCAReconstruction(signlog=True),
     "knn_signlog": lambda: KNNDistance(k=1, signlog=True),
 }
+SERIES_BASELINES |= {
+    "mean": lambda: SupportMeanDistance("euclidean"),
+    "nn": lambda: NearestNeighbourDistance("euclidean"),
+}
+
+
+class BaselineScores:
+    """Named baselines' scores, each put on a scale-free footing by its episode's support alone.
+
+    A learner that combines or corrects baselines needs their scores comparable across episodes
+    and detectors: each query score ``s`` becomes ``log(s + eps) - log(mean(loo) + eps)``, ``loo``
+    the support windows' leave-one-out scores (so 0 is "as far as a typical support window is from
+    the others"; the baselines here score >= 0). With K = 1 there is no leave-one-out score: the log
+    score itself, which is not scale-free.
+    """
+
+    eps = 1e-8
+
+    def __init__(self, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in SERIES_BASELINES]
+        if not names or unknown:
+            raise ValueError(
+                f"model.detectors must name baselines among {sorted(SERIES_BASELINES)}, got {list(names)!r}"
+            )
+        self.names = list(names)
+        self.detectors = [SERIES_BASELINES[n]() for n in self.names]
+
+    def adapt(self, support: Tensor) -> tuple[list, Tensor, Tensor]:
+        """(each baseline's state, reference log scores (B, M), normalised support scores (B, K, M))."""
+        states = [d.adapt(support) for d in self.detectors]
+        b, k = support.shape[:2]
+        if k < 2:
+            zeros = torch.zeros(b, len(self.detectors), dtype=torch.float64, device=support.device)
+            return (
+                states,
+                zeros,
+                torch.zeros(b, k, len(self.detectors), dtype=torch.float64, device=support.device),
+            )
+        loo = torch.stack([leave_one_out_scores(d, support).double() for d in self.detectors], -1)
+        reference = (loo.mean(1) + self.eps).log()
+        return states, reference, (loo + self.eps).log() - reference.unsqueeze(1)
+
+    def score(self, adapted: tuple[list, Tensor, Tensor], query: Tensor) -> Tensor:
+        """Normalised scores ``(B, Q, M)`` in the query's dtype."""
+        states, reference, _ = adapted
+        raw = torch.stack([d.score(s, query).double() for d, s in zip(self.detectors, states)], -1)
+        return ((raw.clamp(min=0) + self.eps).log() - reference.unsqueeze(1)).to(query.dtype)
+
+    def score_stream(self, adapted: tuple[list, Tensor, Tensor], series: Tensor, window: int) -> Tensor:
+        """Normalised scores of every window of ``series`` ``(B, T - W + 1, M)``, each baseline in one
+        pass where it can."""
+        states, reference, _ = adapted
+        raw = torch.stack(
+            [score_stream(d, s, series, window).double() for d, s in zip(self.detectors, states)], -1
+        )
+        return ((raw.clamp(min=0) + self.eps).log() - reference.unsqueeze(1)).to(series.dtype)
