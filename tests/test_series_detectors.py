@@ -10,6 +10,7 @@ import torch
 from metaad.data.episodes import Episode
 from metaad.detectors.backbones import TCN
 from metaad.detectors.base import leave_one_out_scores, score_stream, sliding_windows, windowed_stream_scores
+from metaad.detectors.baselines import NearestNeighbourDistance, SupportMeanDistance
 from metaad.detectors.channel_weighting import ChannelWeighting
 from metaad.detectors.combination import MetaCombination, support_meta_features
 from metaad.detectors.maml import MAML
@@ -170,9 +171,20 @@ def test_input_variants_choose_columns_and_sign_log():
         RobustZScore(columns=[])
 
 
-@pytest.mark.parametrize("detector", ["zscore", "zscore_mean", "pca", "pca_step", "knn"])
+STREAMING = {
+    **SERIES_BASELINES,
+    "knn3": lambda: KNNDistance(k=3),
+    "mean_cosine": lambda: SupportMeanDistance("cosine"),
+    "nn_cosine": lambda: NearestNeighbourDistance("cosine"),
+}
+
+
+@pytest.mark.parametrize("detector", list(STREAMING))
 def test_series_baselines_stream_equals_window_by_window(detector):
-    model = SERIES_BASELINES[detector]()
+    """Each baseline's one pass (convolutions, running sums, sliding max) against its own scores of
+    every window cut out."""
+    model = STREAMING[detector]()
+    assert hasattr(model, "score_stream")
     support = series_episodes().support
     series = torch.randn(3, 120, D, generator=torch.Generator().manual_seed(4))
     state = model.adapt(support)

@@ -66,6 +66,26 @@ def sliding_windows(series: Tensor, window: int) -> Tensor:
     return series.unfold(1, window, 1).transpose(-1, -2)
 
 
+def window_products(series: Tensor, kernels: Tensor) -> Tensor:
+    """Inner products of every window of ``series`` (B, T, D) with each of an episode's fixed windows
+    ``kernels`` (B, M, W, D) -> (B, T - W + 1, M), in one grouped convolution (no window is cut out).
+    With :func:`window_sq_norms` this gives the distance of every window to support windows or
+    directions in one pass: ``|x - s|^2 = |x|^2 - 2 <x, s> + |s|^2``."""
+    b, t, d = series.shape
+    m, w = kernels.shape[1:3]
+    weight = kernels.permute(0, 1, 3, 2).reshape(b * m, d, w)
+    out = torch.nn.functional.conv1d(series.transpose(1, 2).reshape(1, b * d, t), weight, groups=b)
+    return out.view(b, m, t - w + 1).transpose(1, 2)
+
+
+def window_sq_norms(series: Tensor, window: int) -> Tensor:
+    """Squared norm of every window of ``series`` (B, T, D) -> (B, T - window + 1), by a running sum
+    (in float64, so long series lose nothing to cancellation)."""
+    steps = series.double().pow(2).sum(-1)
+    running = torch.nn.functional.pad(steps.cumsum(1), (1, 0))
+    return (running[:, window:] - running[:, :-window]).to(series.dtype)
+
+
 def score_stream(detector: Detector, state: Any, series: Tensor, window: int, chunk: int = 4096) -> Tensor:
     """Scores of every window of a series, the one contract for scoring a live series.
 

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
 from metaad.detectors.base import Learner, ranking_loss
-from metaad.detectors.series_baselines import MAD_TO_SD
+from metaad.detectors.series_baselines import MAD_TO_SD, median
 
 
 class ChannelWeighting(Learner):
@@ -72,12 +72,12 @@ class ChannelWeighting(Learner):
     def adapt(self, support: Tensor) -> tuple[Tensor, Tensor]:
         x = self._transform(support.unsqueeze(2) if support.dim() == 3 else support)
         steps = x.flatten(1, 2)  # (B, K*W, D)
-        median = steps.median(1).values
-        mad = MAD_TO_SD * (steps - median.unsqueeze(1)).abs().median(1).values
+        centre = median(steps, 1)
+        mad = MAD_TO_SD * median((steps - centre.unsqueeze(1)).abs(), 1)
         sd = steps.std(1, unbiased=False)
-        scale = torch.where(mad > 1e-12 * (1 + median.abs()), mad, sd)
+        scale = torch.where(mad > 1e-12 * (1 + centre.abs()), mad, sd)
         f_rel, f_abs = self.log_floors.double().exp()
-        return median, (scale.pow(2) + (f_rel * median).pow(2) + f_abs.pow(2)).sqrt()
+        return centre, (scale.pow(2) + (f_rel * centre).pow(2) + f_abs.pow(2)).sqrt()
 
     def _score_steps(self, state: tuple[Tensor, Tensor], x: Tensor) -> Tensor:
         """Per-step, per-metric squared deviations ``z^2`` of transformed values ``(B, ..., D)``."""

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
 from metaad.detectors.base import Learner, ranking_loss
-from metaad.detectors.series_baselines import BaselineScores
+from metaad.detectors.series_baselines import BaselineScores, median
 
 N_SUPPORT_FEATURES = 13
 
@@ -61,8 +61,8 @@ def support_meta_features(support: Tensor) -> Tensor:
         autocorrelation = roughness = torch.zeros_like(sd)
     skew = zs.pow(3).mean(1).clamp(-10, 10) / 10
     kurtosis = zs.pow(4).mean(1).clamp(min=1e-6).log() / 5
-    median = steps.median(1, keepdim=True).values
-    sparse = (((steps - median).abs().median(1).values <= 1e-12 * (1 + mean.abs())) & ~constant).double()
+    centre = median(steps, 1, keepdim=True)
+    sparse = ((median((steps - centre).abs(), 1) <= 1e-12 * (1 + mean.abs())) & ~constant).double()
     correlation = (zs.transpose(1, 2) @ zs) / zs.shape[1]  # (B, D, D)
     pair = live.unsqueeze(2) * live.unsqueeze(1) * (1 - torch.eye(live.shape[1], dtype=live.dtype))
     mean_corr = (correlation.abs() * pair).sum((1, 2)) / pair.sum((1, 2)).clamp(min=1)

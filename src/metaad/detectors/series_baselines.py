@@ -22,10 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaad.detectors.base import leave_one_out_scores, pairwise_distance, score_stream
+from metaad.detectors.base import leave_one_out_scores, score_stream, window_products, window_sq_norms
 from metaad.detectors.baselines import NearestNeighbourDistance, SupportMeanDistance
 
 MAD_TO_SD = 1.4826  # the MAD of a normal distribution is 0.6745 sd
+
+
+def median(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+    """The median as numpy and statistics define it (the mean of the two middle values of an even
+    count; ``torch.median`` takes the lower one)."""
+    return torch.quantile(x, 0.5, dim=dim, keepdim=keepdim)
 
 
 class SeriesInput:
@@ -86,11 +92,11 @@ class RobustZScore(SeriesInput):
 
     def adapt(self, support: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         steps = self.prepare(support).flatten(1, 2)  # (B, K*W, D)
-        median = steps.median(1, keepdim=True).values
-        mad = MAD_TO_SD * (steps - median).abs().median(1, keepdim=True).values
+        centre = median(steps, 1, keepdim=True)
+        mad = MAD_TO_SD * median((steps - centre).abs(), 1, keepdim=True)
         _, std, weight = _standardiser(steps, self.ignore_constant)
-        scale = torch.where(mad > 1e-12 * (1 + median.abs()), mad, std)
-        return median, scale, weight
+        scale = torch.where(mad > 1e-12 * (1 + centre.abs()), mad, std)
+        return centre, scale, weight
 
     def _z(self, state: tuple[Tensor, Tensor, Tensor], x: Tensor) -> Tensor:
         median, scale, weight = state
@@ -172,6 +178,24 @@ class PCAReconstruction(SeriesInput):
             error = error.view(b, q, w).amax(-1)
         return error.to(query.dtype)
 
+    def score_stream(self, state: PCAState, series: Tensor, window: int) -> Tensor:
+        """One pass: ``|r|^2 - |C r|^2`` of every window from one convolution with the mean and the
+        components (orthonormal rows), or per step then a sliding max (``step``)."""
+        z = self.prepare_series(series)
+        z = (z - state.centre) / state.scale * state.weight  # (B, T, D)
+        if self.unit == "step":
+            r = z - state.mean
+            residual = r - (r @ state.components.transpose(1, 2)) @ state.components
+            error = residual.pow(2).sum(-1).unsqueeze(1)
+            return F.max_pool1d(error, window, stride=1)[:, 0].to(series.dtype)
+        b, d = z.shape[0], z.shape[-1]
+        kernels = torch.cat([state.mean, state.components], 1).view(b, -1, window, d)
+        products = window_products(z, kernels)  # (B, S, 1 + r)
+        mean_sq = state.mean.pow(2).sum(-1)  # (B, 1)
+        centred_sq = window_sq_norms(z, window) - 2 * products[..., 0] + mean_sq
+        projection = products[..., 1:] - (state.mean @ state.components.transpose(1, 2))
+        return (centred_sq - projection.pow(2).sum(-1)).clamp(min=0).to(series.dtype)
+
 
 class KNNDistance(SeriesInput):
     """Mean Euclidean distance of a query window to its ``k`` nearest support windows (``k`` at most
@@ -194,9 +218,21 @@ class KNNDistance(SeriesInput):
 
     def score(self, state: tuple[Tensor, ...], query: Tensor) -> Tensor:
         rows, centre, scale, weight = state
-        d = pairwise_distance(self._rows(self.prepare(query), centre, scale, weight), rows, "euclidean")
+        # through ||a||^2 + ||b||^2 - 2ab (float64): no (Q, K, W*D) difference tensor
+        d = torch.cdist(self._rows(self.prepare(query), centre, scale, weight), rows)
         k = min(self.k, rows.shape[1])
-        return d.clamp(min=0).sqrt().topk(k, dim=-1, largest=False).values.mean(-1).to(query.dtype)
+        return d.topk(k, dim=-1, largest=False).values.mean(-1).to(query.dtype)
+
+    def score_stream(self, state: tuple[Tensor, ...], series: Tensor, window: int) -> Tensor:
+        """One pass: the squared distance of every window to every support window from one convolution."""
+        rows, centre, scale, weight = state
+        z = (self.prepare_series(series) - centre) / scale * weight
+        b, d = z.shape[0], z.shape[-1]
+        products = window_products(z, rows.view(b, -1, window, d))  # (B, S, K)
+        sq = window_sq_norms(z, window).unsqueeze(-1) - 2 * products + rows.pow(2).sum(-1).unsqueeze(1)
+        k = min(self.k, rows.shape[1])
+        nearest = sq.clamp(min=0).sqrt().topk(k, dim=-1, largest=False).values
+        return nearest.mean(-1).to(series.dtype)
 
 
 # The detectors a learner may combine by name (metaad.detectors.combination): short names, no settings.
