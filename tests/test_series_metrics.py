@@ -215,3 +215,27 @@ def test_evaluator_gives_cis_over_tasks_when_asked():
     assert "n_groups" not in per["episode"] and per["episode"]["n_episodes"] == 6
     with pytest.raises(ValueError, match="ci_over must be one of"):
         Evaluator(ci_over="entity")
+
+
+def test_evaluate_stream_scores_after_the_context_and_fits_the_threshold_on_the_support():
+    from metaad.detectors.series_baselines import RobustZScore
+    from metaad.stream_metrics import evaluate_stream, summarize_streams
+
+    g = torch.Generator().manual_seed(0)
+    w = 8
+    support = torch.randn(5, w, 2, generator=g)
+    series = torch.randn(w - 1 + 200, 2, generator=g)
+    labels = np.zeros(series.shape[0], dtype=int)
+    labels[w - 1 + 100 : w - 1 + 110] = 1
+    series[w - 1 + 100 : w - 1 + 110, 1] += 8.0
+    detector = RobustZScore()
+    out = evaluate_stream(detector, support, series, labels)
+    scores = detector.score_stream(detector.adapt(support[None]), series[None], w)[0].numpy()
+    assert scores.shape == (200,)
+    expected = stream_metrics(scores, labels[w - 1 :], max_buffer=w)
+    assert out.auroc == expected.auroc and out.vus_pr == expected.vus_pr and out.auroc > 0.9
+    threshold = support_threshold(leave_one_out_scores(detector, support[None])[0])
+    assert out.f1_support == f1_at(scores, labels[w - 1 :], threshold)["f1"]
+    summary = summarize_streams([out, out])
+    assert summary["auroc"]["mean"] == pytest.approx(out.auroc) and summary["f1_support"]["n_episodes"] == 2
+    assert "f1_support" not in summarize_streams([expected])  # no support threshold, no F1 at it

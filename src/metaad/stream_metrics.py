@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from metaad.detectors.base import Detector, leave_one_out_scores, score_stream
+from metaad.metrics import summarize
 from metaad.thresholds import EPS
 
 
@@ -225,4 +227,46 @@ def stream_metrics(
         decided = f1_at(scores, labels, threshold)
         out.f1_support, out.precision_support = decided["f1"], decided["precision"]
         out.recall_support = decided["recall"]
+    return out
+
+
+def evaluate_stream(
+    detector: Detector,
+    support: Tensor,
+    series: Tensor,
+    labels: np.ndarray | Tensor,
+    max_buffer: int | None = None,
+    q: float = 1.0,
+    margin: float = 1.0,
+) -> StreamMetrics:
+    """Score one entity's series in one pass and measure it.
+
+    ``support`` (K, W, D): the entity's K normal windows (its only data the detector adapts to);
+    ``series`` (T, D) with ``labels`` (T,): its first ``W - 1`` steps are context (give the series
+    from ``W - 1`` steps before the cut, so every step after the cut is scored and measured). The
+    F1 threshold comes from the support's leave-one-out scores (:func:`support_threshold`, K >= 3;
+    below that ``f1_support`` stays None). ``max_buffer``: VUS's largest buffer, default W.
+    """
+    window = support.shape[-2]
+    with torch.no_grad():
+        state = detector.adapt(support.unsqueeze(0))
+        scores = score_stream(detector, state, series.unsqueeze(0), window)[0]
+        threshold = (
+            support_threshold(leave_one_out_scores(detector, support.unsqueeze(0))[0], q, margin)
+            if support.shape[0] >= 3
+            else None
+        )
+    aligned = align(labels.cpu().numpy() if isinstance(labels, Tensor) else labels, scores.shape[0])
+    return stream_metrics(scores, aligned, window if max_buffer is None else max_buffer, threshold)
+
+
+def summarize_streams(
+    results: list[StreamMetrics], groups: Tensor | None = None
+) -> dict[str, dict[str, float]]:
+    """Each stream metric's mean and 95% CI over streams (entities), or over ``groups`` of them."""
+    out = {}
+    for name in StreamMetrics.__dataclass_fields__:
+        values = [getattr(r, name) for r in results]
+        if all(v is not None for v in values):
+            out[name] = summarize(torch.tensor(values, dtype=torch.float64), groups)
     return out
