@@ -405,3 +405,15 @@ def test_channel_weighting_untrained_is_a_robust_z_score_and_learns_which_metric
     assert shares[3] < 0.1 and shares.argmax() == 0  # the bursting metric down, the shifting one up
     with pytest.raises(ValueError, match="built for 4 metrics, got 3"):
         model.adapt(torch.randn(2, 5, W, 3))
+
+
+def test_score_stream_falls_back_to_windows_for_any_detector():
+    from metaad.detectors.baselines import Mahalanobis
+
+    detector = Mahalanobis()
+    assert not hasattr(detector, "score_stream")
+    support = series_episodes().support
+    series = torch.randn(3, 70, D, generator=torch.Generator().manual_seed(5))
+    state = detector.adapt(support)
+    expected = detector.score(state, sliding_windows(series, W).contiguous())
+    torch.testing.assert_close(score_stream(detector, state, series, W, chunk=9), expected)
