@@ -17,6 +17,10 @@ from torch import Tensor, nn
 class Detector(Protocol):
     """``state = adapt(support)`` with support ``(B, K, *x)`` normal samples; then
     ``score(state, query)`` maps a query ``(B, Q, *x)`` to ``(B, Q)`` scores, higher = more anomalous.
+
+    A detector of series windows ``(W, D)`` may also answer ``score_stream(state, series, window)``:
+    every window of a series ``(B, T, D)`` scored in one causal pass; :func:`score_stream` is the
+    one entry point and falls back to scoring windows as queries for any other detector.
     """
 
     def adapt(self, support: Tensor) -> Any: ...
