@@ -3,6 +3,8 @@ one-pass stream scoring against window-by-window scoring, the series baselines a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,7 @@ from metaad.detectors.series_baselines import (
 )
 from metaad.detectors.siamese import Siamese
 from metaad.metrics import episode_auroc
+from tests.conftest import LEARNERS
 
 W, D = 16, 3
 
@@ -417,3 +420,44 @@ def test_score_stream_falls_back_to_windows_for_any_detector():
     state = detector.adapt(support)
     expected = detector.score(state, sliding_windows(series, W).contiguous())
     torch.testing.assert_close(score_stream(detector, state, series, W, chunk=9), expected)
+
+
+# --- every learner on series windows, with every backbone that takes them ---------------------
+BACKBONES = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "backbone").glob("*.yaml"))
+
+
+# Every learner with the temporal backbone in the fast suite; the other backbones under `slow`.
+@pytest.mark.parametrize(
+    "backbone", [b if b == "tcn" else pytest.param(b, marks=pytest.mark.slow) for b in BACKBONES]
+)
+@pytest.mark.parametrize("model", LEARNERS)
+def test_every_learner_trains_scores_and_streams_on_series_windows(model, backbone, compose_cfg):
+    """Found by config: a learner or backbone added as one file + one config is checked here too.
+    A backbone that cannot embed a window (W, D) must say so; any other must train, score and
+    stream with every learner, the one pass equal to scoring window by window."""
+    from hydra.utils import instantiate
+
+    from metaad.build import build_learner
+
+    cfg = compose_cfg([f"model={model}", f"backbone={backbone}"])
+    try:
+        instantiate(cfg.backbone, sample_shape=[W, D])
+    except Exception as error:  # Hydra wraps the backbone's ValueError
+        assert f"gives shape {(W, D)}" in str(error), error
+        return
+    torch.manual_seed(0)
+    learner = build_learner(cfg, (W, D))
+    batch = series_episodes()
+    loss = learner.loss(batch)
+    if loss is not None:
+        loss.backward()
+        assert torch.isfinite(loss)
+    learner.eval()
+    series = torch.randn(3, 60, D, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        state = learner.adapt(batch.support)
+        scores = learner.score(state, batch.query)
+        one_pass = score_stream(learner, state, series, W)
+        by_window = learner.score(state, sliding_windows(series, W).contiguous())
+    assert scores.shape == (3, 6) and torch.isfinite(scores).all()
+    torch.testing.assert_close(one_pass, by_window, rtol=1e-4, atol=1e-4)
