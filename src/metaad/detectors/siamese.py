@@ -75,7 +75,13 @@ class Siamese(Learner):
         """Every window of ``series`` (B, T, D) in one causal pass when the backbone can stream."""
         if not hasattr(self.backbone, "stream") or self.backbone.window != window:
             return windowed_stream_scores(self, state, series, window)
-        return self._aggregate(self.pair_distance(self.backbone.stream(series), state))
+        embedded = self.backbone.stream(series)
+        # distances in pieces: a (B, windows, K, E) pair tensor of a long series would not fit
+        pieces = [
+            self._aggregate(self.pair_distance(embedded[:, i : i + 4096], state))
+            for i in range(0, embedded.shape[1], 4096)
+        ]
+        return torch.cat(pieces, 1)
 
     def _aggregate(self, d: Tensor) -> Tensor:
         """Distances to the support (B, Q, K) -> scores (B, Q)."""
