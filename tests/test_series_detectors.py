@@ -461,3 +461,13 @@ def test_every_learner_trains_scores_and_streams_on_series_windows(model, backbo
         by_window = learner.score(state, sliding_windows(series, W).contiguous())
     assert scores.shape == (3, 6) and torch.isfinite(scores).all()
     torch.testing.assert_close(one_pass, by_window, rtol=1e-4, atol=1e-4)
+
+
+def test_siamese_streams_a_long_series_in_pieces():
+    model = Siamese(tcn(), aggregation="knn", k=2, distance="euclidean")
+    state = model.adapt(series_episodes(b=1).support)
+    series = torch.randn(1, 4096 + 300, D, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        one_pass = score_stream(model, state, series, W)
+        by_window = windowed_stream_scores(model, state, series, W, chunk=1000)
+    torch.testing.assert_close(one_pass, by_window, rtol=1e-5, atol=1e-5)
