@@ -43,23 +43,11 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from metaad.detectors.base import Detector, anomaly_scores
+from metaad.detectors.base import Detector, anomaly_scores, leave_one_out_scores
 from metaad.metrics import decision_metrics
 
 EPS = 1e-6
 NORMALISATIONS = ("zscore", "none")
-
-
-def leave_one_out_scores(detector: Detector, support: Tensor) -> Tensor:
-    """Score of each support sample by the detector adapted to the others. (B, K, *x) -> (B, K)."""
-    b, k = support.shape[:2]
-    if k < 2:
-        raise ValueError(f"leave-one-out scores need at least 2 support samples, got {k}")
-    index = torch.arange(k, device=support.device)
-    others = torch.stack([index[index != i] for i in range(k)])  # (K, K-1)
-    rest = support[:, others].flatten(0, 1)  # (B*K, K-1, *x)
-    held_out = support.flatten(0, 1).unsqueeze(1)  # (B*K, 1, *x)
-    return anomaly_scores(detector, rest, held_out).reshape(b, k)
 
 
 def standardise(scores: Tensor, loo: Tensor) -> Tensor:

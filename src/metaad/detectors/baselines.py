@@ -15,7 +15,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from metaad.detectors.base import check_distance, pairwise_distance
+from metaad.detectors.base import check_distance, pairwise_distance, window_products, window_sq_norms
 
 
 class SupportMeanDistance:
@@ -30,6 +30,10 @@ class SupportMeanDistance:
     def score(self, state: Tensor, query: Tensor) -> Tensor:
         return pairwise_distance(query.flatten(2), state, self.distance).squeeze(-1)
 
+    def score_stream(self, state: Tensor, series: Tensor, window: int) -> Tensor:
+        """Every window of a series (B, T, D) in one pass (one convolution with the mean window)."""
+        return _stream_distances(state, series, window, self.distance).squeeze(-1)
+
 
 class NearestNeighbourDistance:
     """Distance of each query to its nearest support sample (1-NN), in raw input space."""
@@ -42,6 +46,24 @@ class NearestNeighbourDistance:
 
     def score(self, state: Tensor, query: Tensor) -> Tensor:
         return pairwise_distance(query.flatten(2), state, self.distance).min(-1).values
+
+    def score_stream(self, state: Tensor, series: Tensor, window: int) -> Tensor:
+        """Every window of a series (B, T, D) in one pass (one convolution with the support windows)."""
+        return _stream_distances(state, series, window, self.distance).min(-1).values
+
+
+def _stream_distances(rows: Tensor, series: Tensor, window: int, distance: str) -> Tensor:
+    """``pairwise_distance`` of every window of ``series`` (B, T, D) to flattened windows ``rows``
+    (B, M, W*D) -> (B, T - W + 1, M), without cutting out a window."""
+    b, d = series.shape[0], series.shape[-1]
+    products = window_products(series.double(), rows.double().view(b, -1, window, d))
+    sq = window_sq_norms(series.double(), window).unsqueeze(-1)
+    row_sq = rows.double().pow(2).sum(-1).unsqueeze(1)
+    if distance == "euclidean":
+        out = (sq - 2 * products + row_sq).clamp(min=0)
+    else:
+        out = 1.0 - products / (sq.sqrt() * row_sq.sqrt()).clamp(min=1e-12)
+    return out.to(series.dtype)
 
 
 class Mahalanobis:
