@@ -471,3 +471,20 @@ def test_siamese_streams_a_long_series_in_pieces():
         one_pass = score_stream(model, state, series, W)
         by_window = windowed_stream_scores(model, state, series, W, chunk=1000)
     torch.testing.assert_close(one_pass, by_window, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["residual", "combination", "channel_weighting"])
+def test_series_learners_take_vectors_and_images_too(name, compose_cfg):
+    """They are configs like any other learner: on digits-like vectors and on images (each sample
+    one step of all its values) they train and score."""
+    from metaad.build import build_learner
+
+    for backbone, shape in (("mlp", (64,)), ("conv4", (1, 16, 16))):
+        cfg = compose_cfg([f"model={name}", f"backbone={backbone}"])
+        learner = build_learner(cfg, shape)
+        g = torch.Generator().manual_seed(0)
+        support, query = torch.rand(2, 4, *shape, generator=g), torch.rand(2, 6, *shape, generator=g)
+        label = torch.tensor([[0, 1] * 3] * 2)
+        learner.loss(Episode(support, query, label, torch.arange(2), label)).backward()
+        scores = learner.eval().anomaly_scores(support, query)
+        assert scores.shape == (2, 6) and torch.isfinite(scores).all()

@@ -18,7 +18,7 @@ with equal weights, a little sign-log and small floors.
 
 Metric ``d`` must mean the same thing in every entity (true within one dataset); the number of
 metrics is fixed by the sample shape (``backbone.sample_shape``, the backbone itself is not used).
-A vector sample ``(D,)`` is taken as a window of one step.
+A vector sample ``(D,)`` is taken as a window of one step, an image as one step of all its values.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
 from metaad.detectors.base import Learner, ranking_loss
-from metaad.detectors.series_baselines import MAD_TO_SD, median
+from metaad.detectors.series_baselines import MAD_TO_SD, as_windows, median
 
 
 class ChannelWeighting(Learner):
@@ -52,7 +52,7 @@ class ChannelWeighting(Learner):
                 raise ValueError(f"model.{name} must be in (0, 1), got {value!r}")
         if not floor > 0:
             raise ValueError(f"model.floor must be > 0, got {floor!r}")
-        metrics = shape[-1]
+        metrics = shape[-1] if len(shape) <= 2 else math.prod(shape)  # an image: one step of all values
         self.metric_logits = nn.Parameter(torch.zeros(metrics))
         self.signlog_logits = nn.Parameter(
             torch.full((metrics,), math.log(signlog / (1 - signlog))), requires_grad=learn_scaling
@@ -70,7 +70,7 @@ class ChannelWeighting(Learner):
         return (1 - a) * x + a * torch.sign(x) * torch.log1p(x.abs())
 
     def adapt(self, support: Tensor) -> tuple[Tensor, Tensor]:
-        x = self._transform(support.unsqueeze(2) if support.dim() == 3 else support)
+        x = self._transform(as_windows(support))
         steps = x.flatten(1, 2)  # (B, K*W, D)
         centre = median(steps, 1)
         mad = MAD_TO_SD * median((steps - centre.unsqueeze(1)).abs(), 1)
@@ -91,7 +91,7 @@ class ChannelWeighting(Learner):
         return ((b * peak_part + (1 - b) * mean_part) @ weights + 1e-12).log().to(dtype)
 
     def score(self, state: tuple[Tensor, Tensor], query: Tensor) -> Tensor:
-        z2 = self._score_steps(state, self._transform(query.unsqueeze(2) if query.dim() == 3 else query))
+        z2 = self._score_steps(state, self._transform(as_windows(query)))
         return self._reduce(z2.amax(2), z2.mean(2), query.dtype)  # over steps: (B, Q, D)
 
     def score_stream(self, state: tuple[Tensor, Tensor], series: Tensor, window: int) -> Tensor:

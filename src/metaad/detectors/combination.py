@@ -32,14 +32,14 @@ from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
 from metaad.detectors.base import Learner, ranking_loss
-from metaad.detectors.series_baselines import BaselineScores, median
+from metaad.detectors.series_baselines import BaselineScores, as_windows, median
 
 N_SUPPORT_FEATURES = 13
 
 
 def support_meta_features(support: Tensor) -> Tensor:
-    """Meta-features of each episode's support ``(B, K, W, D)`` (or ``(B, K, D)``) -> ``(B, 13)``."""
-    x = (support.unsqueeze(2) if support.dim() == 3 else support).double()
+    """Meta-features of each episode's support ``(B, K, *x)`` (see ``as_windows``) -> ``(B, 13)``."""
+    x = as_windows(support).double()
     steps = x.flatten(1, 2)  # (B, K*W, D)
     mean, sd = steps.mean(1), steps.std(1, unbiased=False)
     constant = sd <= 1e-12 * (1 + mean.abs())

@@ -10,7 +10,8 @@ entities) and has the input choices a user of the field tries as settings:
 - ``ignore_constant``: metrics constant over the support carry no scale to measure a deviation
   in; by default a change in one scores in the metric's own units, with this set it is left out.
 
-A vector sample ``(D,)`` is taken as a window of one step, so these also run on vector data.
+A vector sample ``(D,)`` is taken as a window of one step (an image as one step of all its
+values), so these also run on other data.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from metaad.detectors.base import leave_one_out_scores, score_stream, window_pro
 from metaad.detectors.baselines import NearestNeighbourDistance, SupportMeanDistance
 
 MAD_TO_SD = 1.4826  # the MAD of a normal distribution is 0.6745 sd
+
+
+def as_windows(x: Tensor) -> Tensor:
+    """Samples ``(B, N, *x)`` as windows ``(B, N, W, D)``: a window stays, a vector ``(D,)`` is one
+    step, any other sample (an image) is flattened into one step of all its values."""
+    if x.dim() == 4:
+        return x
+    return x.flatten(2).unsqueeze(2)
 
 
 def median(x: Tensor, dim: int, keepdim: bool = False) -> Tensor:
@@ -50,8 +59,7 @@ class SeriesInput:
 
     def prepare(self, x: Tensor) -> Tensor:
         """``(B, N, W, D)`` or ``(B, N, D)`` -> ``(B, N, W, D')`` in float64, columns chosen, scaled."""
-        if x.dim() == 3:
-            x = x.unsqueeze(2)
+        x = as_windows(x)
         if self.columns is not None:
             if max(self.columns) >= x.shape[-1]:
                 raise ValueError(
