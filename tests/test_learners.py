@@ -133,14 +133,18 @@ def train_class_episodes() -> tuple[EpisodeDataset, Episode]:
 
 
 # fomaml and ocmaml differ from maml only in flags the gradient tests check (tests/test_maml.py).
-# The covariance prior starts as a strong no-learning detector (Mahalanobis); tests/test_covariance.py
-# checks that its meta-fitted prior beats that start.
+# Learners that start as strong no-learning detectors are checked to beat that start elsewhere: the
+# covariance prior (Mahalanobis) in tests/test_covariance.py; the residual learner, the detector
+# combination and the channel weighting (the series baselines) in tests/test_series_detectors.py.
+STARTS_AS_A_BASELINE = {"covariance", "residual", "combination", "channel_weighting"}
+
+
 @pytest.mark.parametrize(
     "model_name",
     [
         pytest.param(m, marks=pytest.mark.slow) if m in ("fomaml", "ocmaml") else m
         for m in LEARNERS
-        if m != "covariance"
+        if m not in STARTS_AS_A_BASELINE
     ],
 )
 def test_learner_trained_briefly_beats_itself_untrained(

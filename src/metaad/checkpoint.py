@@ -42,6 +42,7 @@ STORED_SECTIONS = (
     "baselines",
     "threshold",
     "baseline_threshold",
+    "ci_over",
 )
 # Optimizers a model config may name beside those in conf/ (all of torch.optim's first-order ones
 # metaad's training loop supports).
@@ -57,6 +58,7 @@ SECTION_MODULES = {
     "baseline_threshold": ("metaad.evaluation.thresholds.",),
     "names": (),
     "seed": (),
+    "ci_over": (),
 }
 
 CONFIG, SAMPLE_SHAPE, PREPROCESSING, DATA, THRESHOLD, TASKS = (

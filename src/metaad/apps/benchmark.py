@@ -427,6 +427,39 @@ def what_ran(
     return lines
 
 
+def compared(rows: list[dict], preset: DictConfig) -> list[str]:
+    """Suites run as a variant of another on the same test episodes (``compare_to``: the
+    entity-only split beside the entity x time one): each learner's AUROC in both and the
+    difference, with a CI from the two CIs (conservative: the episodes are paired)."""
+    by = {(r["suite"], r["k_shot"], r["detector"]): r for r in rows}
+    lines = []
+    for name, suite in preset.suites.items():
+        other = suite.get("compare_to")
+        for r in rows:
+            if other is None or r["suite"] != name or r["detector"].startswith("baseline:"):
+                continue
+            base = by.get((other, r["k_shot"], r["detector"]))
+            if base is None:
+                continue
+            ci = math.hypot(r["auroc_ci95"], base["auroc_ci95"])
+            lines.append(
+                f"| {name} | {other} | {r['k_shot']} | {r['detector']} | "
+                f"{r['auroc']:.3f} ± {r['auroc_ci95']:.3f} | "
+                f"{base['auroc']:.3f} ± {base['auroc_ci95']:.3f} | "
+                f"{r['auroc'] - base['auroc']:+.3f} ± {ci:.3f} |"
+            )
+    if not lines:
+        return []
+    header = [
+        "",
+        "Variants on the same test episodes (`compare_to`):",
+        "",
+        "| suite | compared to | K | learner | AUROC | its AUROC there | difference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    return header + lines
+
+
 def write_tables(rows: list[dict], out_dir: Path, footer: list[str] = ()) -> str:
     with open(out_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -496,7 +529,9 @@ def main(cfg: DictConfig) -> None:
     only = list(cfg.suites) if cfg.get("suites") else None
     rows, counts = run(cfg.preset, out_dir, list(cfg.overrides), only, preset_name)
     rows = table_rows(rows, cfg.preset.get("references", {}))
-    markdown = write_tables(rows, out_dir, what_ran(cfg.preset, only, command, counts))
+    markdown = write_tables(
+        rows, out_dir, [*compared(rows, cfg.preset), *what_ran(cfg.preset, only, command, counts)]
+    )
     print_table(rows)
     print(markdown)
     console.print(f"results: {out_dir / 'results.md'} and {out_dir / 'results.csv'}")

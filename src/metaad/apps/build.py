@@ -43,7 +43,10 @@ def build_training(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Any:
     from metaad.training.module import MetaTraining
 
     evaluator = Evaluator(
-        build_baselines(cfg), build_threshold(cfg), build_threshold(cfg, "baseline_threshold")
+        build_baselines(cfg),
+        build_threshold(cfg),
+        build_threshold(cfg, "baseline_threshold"),
+        ci_over=cfg.get("ci_over") or "episode",
     )
     return MetaTraining(build_learner(cfg, sample_shape), instantiate(cfg.model.optimizer), evaluator)
 

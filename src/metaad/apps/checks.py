@@ -79,6 +79,7 @@ def check_dataset(dataset: DictConfig) -> None:
             key in dataset
             and not isinstance(tasks, ListConfig)
             and not (key == "train_tasks" and tasks is None)
+            and not (tasks is None and dataset.get("n_folds") is not None)  # series folds deal them
         ):
             example = f"[{tasks}]" if isinstance(tasks, int | str) else "[a, b]"
             raise ConfigError(

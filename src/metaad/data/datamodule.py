@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,7 +11,9 @@ from torch.utils.data import DataLoader
 
 from metaad.data.episodes import EpisodeDataset, EpisodeSampler, check_episode_settings
 from metaad.data.preprocessing import Preprocessing
-from metaad.data.tasks import DataError, LabelledData, TaskPool, split_tasks
+from metaad.data.tasks import DataError, LabelledData, TaskPool, entity_folds, split_tasks
+
+log = logging.getLogger(__name__)
 
 
 class ResumableLoader(DataLoader):
@@ -50,8 +53,8 @@ class EpisodeDataModule(pl.LightningDataModule):
     def __init__(
         self,
         source: Callable[[], LabelledData],
-        val_tasks: Sequence,
-        test_tasks: Sequence,
+        val_tasks: Sequence | None,
+        test_tasks: Sequence | None,
         train_tasks: Sequence | None = None,
         k_shot: int = 5,
         n_query: int = 20,
@@ -69,8 +72,40 @@ class EpisodeDataModule(pl.LightningDataModule):
         fixed_train_episodes: bool = False,
         num_workers: int = 0,
         seed: int = 0,
+        n_folds: int | None = None,
+        fold: int = 0,
+        fold_seed: int = 0,
+        protocol: str = "entity_time",
+        train_anomalies: str = "real",
+        synthetic_kinds: Sequence[str] | None = None,
+        synthetic_share: float = 0.5,
+        support_draw: str = "random",
+        scaling: str = "none",
+        scale_clip: float = 100.0,
     ) -> None:
+        """Series settings (``conf/dataset/_series.yaml``): ``n_folds`` / ``fold`` deal the entities
+        into folds (``val_tasks`` and ``test_tasks`` then null); ``protocol`` entity_time (the
+        default) or entity (the leaking variant, to measure the leak); ``train_anomalies`` real |
+        synthetic | real+synthetic | one_vs_rest; ``support_draw`` random | first (the first K
+        history windows); ``scaling: support`` standardises each episode by its support alone."""
         super().__init__()
+        if protocol not in ("entity_time", "entity"):
+            raise DataError(f"dataset.protocol must be 'entity_time' or 'entity', got {protocol!r}")
+        if n_folds is not None and (val_tasks is not None or test_tasks is not None):
+            raise DataError(
+                "dataset.n_folds deals the val and test entities; "
+                "set dataset.val_tasks and test_tasks to null"
+            )
+        if n_folds is None and (val_tasks is None or test_tasks is None):
+            raise DataError(
+                "dataset.val_tasks and dataset.test_tasks must list tasks (or set dataset.n_folds)"
+            )
+        self.folds = None if n_folds is None else (n_folds, fold, fold_seed)
+        # injected anomalies for training (train_anomalies) and for validation entities without a
+        # real incident before the cut; only series pools use them
+        from metaad.data.series import KINDS, SyntheticAnomalies
+
+        synthetic = SyntheticAnomalies(tuple(synthetic_kinds or KINDS), seed=seed)
         self.fixed_train_episodes = bool(fixed_train_episodes)
         n_queries = {
             "train": n_query,
@@ -100,8 +135,20 @@ class EpisodeDataModule(pl.LightningDataModule):
             anomalies_from=anomalies_from,
             seed=seed,
             train_rotations=tuple(train_rotations or ()),
+            time_cut=protocol == "entity_time",
+            train_anomalies=train_anomalies,
+            synthetic=synthetic,
+            synthetic_share=synthetic_share,
         )
-        self.episode_args = dict(k_shot=k_shot, anomaly_ratio=anomaly_ratio, seed=seed)
+        self.protocol = protocol
+        self.episode_args = dict(
+            k_shot=k_shot,
+            anomaly_ratio=anomaly_ratio,
+            seed=seed,
+            support_draw=support_draw,
+            scaling=scaling,
+            scale_clip=scale_clip,
+        )
         self.n_queries = n_queries
         self.n_episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
         self.meta_batch_size, self.eval_batch_size = meta_batch_size, eval_batch_size
@@ -116,7 +163,16 @@ class EpisodeDataModule(pl.LightningDataModule):
         if self.datasets:
             return
         data = self.source()
-        self.pools = split_tasks(data, **self.split_args)
+        args = dict(self.split_args)
+        if self.folds is not None:
+            args["val_tasks"], args["test_tasks"] = entity_folds(data.task_names, *self.folds)
+        if self.protocol == "entity" and data.period is not None:
+            log.warning(
+                "%s: dataset.protocol=entity: meta-training and validation see the held-out entities' "
+                "query period (a leak through time, kept only to measure it)",
+                data.name,
+            )
+        self.pools = split_tasks(data, **args)
         self._preprocessing, self._data_name = data.preprocessing, data.name
         self.datasets = {
             split: EpisodeDataset(

@@ -8,6 +8,8 @@ process count, fixed for val/test, fresh each epoch for training.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -18,6 +20,8 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from metaad.data.tasks import DataError, TaskPool
+
+log = logging.getLogger(__name__)
 
 SPLIT_ID = {"train": 0, "val": 1, "test": 2}
 POSITIVE_INTS = (
@@ -90,14 +94,27 @@ class EpisodeDataset(Dataset):
         n_episodes: int,
         seed: int,
         fixed: bool = False,
+        support_draw: str = "random",
+        scaling: str = "none",
+        scale_clip: float = 100.0,
     ) -> None:
         self.pool, self.split, self.fixed = pool, split, fixed or split != "train"
         self.k_shot, self.n_query, self.n_episodes, self.seed = k_shot, n_query, n_episodes, seed
         self.n_anomalies = int(round(n_query * anomaly_ratio))
         self.n_normals = n_query - self.n_anomalies
+        if support_draw not in ("random", "first"):
+            raise DataError(f"dataset.support_draw must be 'random' or 'first', got {support_draw!r}")
+        if scaling not in ("none", "support"):
+            raise DataError(f"dataset.scaling must be 'none' or 'support', got {scaling!r}")
+        if isinstance(scale_clip, bool) or not isinstance(scale_clip, int | float) or not scale_clip > 0:
+            raise DataError(f"dataset.scale_clip must be a positive number, got {scale_clip!r}")
+        self.support_draw, self.scaling, self.scale_clip = support_draw, scaling, float(scale_clip)
         self._check()
 
     def _check(self) -> None:
+        if self.pool.lenient:
+            self._check_series()
+            return
         need_normal = self.k_shot + self.n_normals
         for t in self.pool.tasks:
             have_n, have_a = len(self.pool.normal_rows[t]), self.pool.n_anomalies(t)
@@ -117,6 +134,58 @@ class EpisodeDataset(Dataset):
                     f"lower n_query or anomaly_ratio{alone}"
                 )
 
+    def _check_series(self) -> None:
+        """Series val/test pools: the support from history, queries from the task's own periods.
+
+        An entity with too little history for K support windows is an error naming it; one with
+        no anomalous (or no normal) query window in its period cannot be scored and is left out of
+        the split, named in a warning; one with fewer anomalous windows than a query holds has
+        them drawn with replacement (named too); a validation entity without any has them injected."""
+        pool, kept, dropped, repeated, injected = self.pool, [], [], [], []
+        for t in pool.tasks:
+            history = pool.support_rows is not None
+            have_s = len(pool.support_rows[t] if history else pool.normal_rows[t])
+            need = self.k_shot if history else self.k_shot + self.n_normals
+            if have_s < need:
+                raise DataError(
+                    f"{pool.name}: {self.split} entity {t!r} has {have_s} normal "
+                    f"{'history ' if history else ''}windows but an episode needs {need} (dataset.k_shot="
+                    f"{self.k_shot}{'' if history else ' + normal queries'}); "
+                    "lower k_shot or the window / stride"
+                )
+            have_n, have_a = len(pool.normal_rows[t]), pool.n_anomalies(t)
+            if pool.synthetic is not None and pool.synthetic_share == 0 and have_n and not pool._n_real(t):
+                injected.append(t)
+            if have_n == 0 or have_a == 0:
+                dropped.append(f"{t} ({have_n} normal, {have_a} anomalous)")
+                continue
+            if have_a < self.n_anomalies or have_n < self.n_normals:
+                repeated.append(f"{t} ({have_n} normal, {have_a} anomalous)")
+            kept.append(t)
+        if dropped:
+            log.warning(
+                "%s: %d %s entities have no anomalous or no normal query window in their period and "
+                "are left out of the %s split: %s",
+                pool.name, len(dropped), self.split, self.split, ", ".join(dropped[:10]),
+            )  # fmt: skip
+        if repeated:
+            log.warning(
+                "%s: %d %s entities have fewer query windows than an episode holds; theirs are drawn "
+                "with replacement: %s",
+                pool.name, len(repeated), self.split, ", ".join(repeated[:10]),
+            )  # fmt: skip
+        if injected:
+            log.warning(
+                "%s: %d %s entities have no real incident in their period; theirs are injected: %s",
+                pool.name, len(injected), self.split, ", ".join(injected[:10]),
+            )  # fmt: skip
+        if not kept:
+            raise DataError(
+                f"{pool.name}: no {self.split} entity has both normal and anomalous query windows"
+            )
+        if dropped:
+            self.pool = dataclasses.replace(pool, tasks=kept)
+
     def __len__(self) -> int:
         return self.n_episodes
 
@@ -132,19 +201,51 @@ class EpisodeDataset(Dataset):
             if self.split == "train"
             else pool.tasks[i % len(pool.tasks)]
         )
-        normals = rng.choice(pool.normal_rows[task], self.k_shot + self.n_normals, replace=False)
-        anomalies = pool.draw_anomalies(rng, task, self.n_anomalies)
-        query_rows = np.concatenate([normals[self.k_shot :], anomalies])
+        if pool.support_rows is None:
+            normals = rng.choice(pool.normal_rows[task], self.k_shot + self.n_normals, replace=False)
+            support_rows, normals = normals[: self.k_shot], normals[self.k_shot :]
+            anomalies = pool.draw_anomalies(rng, task, self.n_anomalies, replace=pool.lenient)
+        else:  # series: the support from the entity's history, queries from its own period
+            history = pool.support_rows[task]
+            support_rows = (
+                history[: self.k_shot]
+                if self.support_draw == "first"
+                else rng.choice(history, self.k_shot, replace=False)
+            )
+            own = pool.normal_rows[task]
+            normals = rng.choice(own, self.n_normals, replace=len(own) < self.n_normals)
+            anomalies = pool.draw_anomalies(rng, task, self.n_anomalies, replace=True)
+        query_rows = np.concatenate([normals, anomalies])
         label = np.concatenate([np.zeros(self.n_normals), np.ones(self.n_anomalies)])
         order = rng.permutation(self.n_query)
         query_rows, label = query_rows[order], label[order]
+        support, query = pool.take(support_rows), pool.take(query_rows)
+        if self.scaling == "support":
+            support, query = scale_by_support(support, query, self.scale_clip)
         return Episode(
-            support=torch.from_numpy(pool.take(normals[: self.k_shot])),
-            query=torch.from_numpy(pool.take(query_rows)),
+            support=torch.from_numpy(support),
+            query=torch.from_numpy(query),
             label=torch.from_numpy(label).long(),
             task=torch.tensor(pool.task_id[task]),
             query_task=torch.from_numpy(pool.task_ids(query_rows)).long(),
         )
+
+
+def scale_by_support(
+    support: np.ndarray, query: np.ndarray, clip: float = 100.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Support and query standardised per metric (the last axis) with the support's mean and spread
+    only, as a deployment sees a new entity: nothing of the query period sets the scale. A spread
+    below ``1e-3 * (1 + |mean|)`` (a constant metric) is raised to it; values are clipped to
+    ``+-clip`` so that a metric constant in the support cannot blow up the inputs."""
+    steps = support.reshape(-1, support.shape[-1]).astype(np.float64)
+    mean, spread = steps.mean(axis=0), steps.std(axis=0)
+    spread = np.maximum(spread, 1e-3 * (1.0 + np.abs(mean)))
+
+    def scale(x: np.ndarray) -> np.ndarray:
+        return np.clip((x - mean) / spread, -clip, clip).astype(np.float32)
+
+    return scale(support), scale(query)
 
 
 class EpisodeSampler(Sampler):

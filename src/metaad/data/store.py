@@ -391,6 +391,14 @@ class RowFile:
                     f"{self.store} and run again to build it afresh"
                 )
 
+    def block(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` in one read (a window of a series)."""
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        os.preadv(self.fd, [out.reshape(-1)], self.offset + start * self.row_bytes)
+        if self.crcs is not None:
+            self._check(np.arange(start, stop), out.reshape(stop - start, -1))
+        return out
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self[:]
         return whole if dtype is None else whole.astype(dtype)

@@ -26,6 +26,7 @@ import fnmatch
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -33,10 +34,13 @@ from metaad.data.errors import DataError
 from metaad.data.preprocessing import Preprocessing
 from metaad.data.values import refuse_extreme
 
-__all__ = ["DataError", "LabelledData", "TaskPool", "split_tasks"]
+__all__ = ["DataError", "LabelledData", "TaskPool", "check_time_leaks", "entity_folds", "split_tasks"]
 
 SPLITS = ("train", "val", "test")
 TRAIN, VAL, TEST = 0, 1, 2
+# periods of a series window (``data.series``): history, labelled before the time cut, after it
+HISTORY, BEFORE, AFTER = 0, 1, 2
+TRAIN_ANOMALIES = ("real", "synthetic", "real+synthetic", "one_vs_rest")
 PARTITIONS = ("train", "test")
 ROTATIONS = (90, 180, 270)
 _CHUNK = 65536
@@ -66,6 +70,9 @@ class LabelledData:
     preprocessing: Preprocessing = field(default=None)  # type: ignore[assignment]
     names: tuple[str, ...] | None = None
     finite_checked: bool = False
+    # series windows: each row's period (HISTORY / BEFORE / AFTER) and its [start, end] on the clock
+    period: np.ndarray | None = None
+    span: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim < 2 or len(self.x) == 0:
@@ -83,6 +90,15 @@ class LabelledData:
             odd = sorted(set(np.unique(self.partition).tolist()) - set(PARTITIONS))
             if odd:
                 raise DataError(f"{self.name}: partition labels must be 'train' or 'test', got {odd}")
+        if (self.period is None) != (self.span is None):
+            raise DataError(f"{self.name}: series rows need both a period and a span")
+        if self.period is not None:
+            if len(self.period) != n or self.span.shape != (n, 2):
+                raise DataError(
+                    f"{self.name}: {n} windows but periods {self.period.shape}, spans {self.span.shape}"
+                )
+            if self.anomalous is None:
+                raise DataError(f"{self.name}: series windows need anomaly labels (all False where unknown)")
         if self.preprocessing is None:
             object.__setattr__(self, "preprocessing", Preprocessing(self.x.shape[1:]))
         elif self.preprocessing.sample_shape != self.x.shape[1:]:
@@ -165,20 +181,49 @@ class TaskPool:
     anomaly_block: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     own_anomalies: bool = False
     n_task_ids: int = 0  # ids of rotated copies are offset by multiples of this
+    # series: where a task's support comes from (its history) when not from its query normals
+    support_rows: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    # injected anomalies (``data.series.SyntheticAnomalies``): row ``base + len(x) * (1 + variant)``
+    synthetic: Any = field(default=None, repr=False)
+    synthetic_share: float = 1.0  # of a task's anomalies, the share injected when it has real ones
+    # series: a task short of anomalous windows has them drawn with replacement, one with none is
+    # left out of its split (named in a warning) rather than stopping the run
+    lenient: bool = False
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
 
     def n_anomalies(self, task: str) -> int:
+        if self.synthetic is not None:
+            return len(self.normal_rows[task]) * self.synthetic.variants
+        return self._n_real(task)
+
+    def _n_real(self, task: str) -> int:
         start, stop = self.anomaly_block.get(task, (0, 0))
         return stop - start if self.own_anomalies else len(self.anomaly_pool) - (stop - start)
 
-    def draw_anomalies(self, rng: np.random.Generator, task: str, n: int) -> np.ndarray:
-        """``n`` distinct anomaly rows of ``task``, drawn as ``rng.choice(anomaly_rows[task], n)`` would."""
+    def draw_anomalies(
+        self, rng: np.random.Generator, task: str, n: int, replace: bool = False
+    ) -> np.ndarray:
+        """``n`` distinct anomaly rows of ``task``, drawn as ``rng.choice(anomaly_rows[task], n)`` would
+        (``replace``: with replacement where the task has fewer; injected ones mixed in if asked)."""
+        if self.synthetic is not None:
+            have, share = self._n_real(task), self.synthetic_share
+            injected = n if have == 0 or share >= 1 else int(rng.binomial(n, share)) if share > 0 else 0
+            if not replace:
+                injected = max(injected, n - have)
+            base = rng.choice(self.normal_rows[task], injected)
+            variant = rng.integers(self.synthetic.variants, size=injected)
+            real = self._draw_real(rng, task, n - injected, replace) if n > injected else base[:0]
+            return np.concatenate([real, base + len(self.x) * (1 + variant)])
+        return self._draw_real(rng, task, n, replace)
+
+    def _draw_real(self, rng: np.random.Generator, task: str, n: int, replace: bool) -> np.ndarray:
         start, stop = self.anomaly_block.get(task, (0, 0))
         if self.own_anomalies:
-            return rng.choice(self.anomaly_pool[start:stop], n, replace=False)
+            block = self.anomaly_pool[start:stop]
+            return rng.choice(block, n, replace=bool(replace and n > len(block)))
         index = rng.choice(len(self.anomaly_pool) - (stop - start), n, replace=False)
         return self.anomaly_pool[index + (index >= start) * (stop - start)]
 
@@ -187,7 +232,14 @@ class TaskPool:
         return _AnomalyRows(self)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """The samples of ``rows`` (rotated copies included), ``(len(rows), *sample_shape)``."""
+        """The samples of ``rows`` (rotated copies, injected anomalies), ``(len(rows), *sample_shape)``."""
+        if self.synthetic is not None:
+            variant, base = np.divmod(rows, len(self.x))
+            out = self.x[base]
+            injected = variant > 0
+            if injected.any():
+                out[injected] = self.synthetic.apply(out[injected], base[injected], variant[injected] - 1)
+            return out
         if not self.rotations:
             return self.x[rows]
         turn, base = np.divmod(rows, len(self.x))
@@ -202,6 +254,8 @@ class TaskPool:
         """Task id of each row (-1 for an in-task anomaly); rotated copies have their own ids."""
         turn, base = np.divmod(rows, len(self.x))
         ids = self.row_task_id[base]
+        if self.synthetic is not None:
+            return np.where(turn > 0, -1, ids)
         return np.where(ids < 0, ids, ids + turn * self.n_task_ids)
 
     def source_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -238,8 +292,15 @@ def split_tasks(
     anomalies_from: str = "split",
     seed: int = 0,
     train_rotations: Sequence[int] = (),
+    time_cut: bool = True,
+    train_anomalies: str = "real",
+    synthetic: Any = None,
+    synthetic_share: float = 0.5,
 ) -> dict[str, TaskPool]:
     """Build the ``train`` / ``val`` / ``test`` pools.
+
+    Series windows (``data.period`` given) follow the entity x time protocol (:func:`_series_pools`);
+    ``time_cut=False`` builds the entity-only variant, which leaks through time (for measuring it).
 
     ``train_tasks: null`` means every task not used for val or test. A listed entry with shell
     wildcards (``Greek/*``, ``MVTec-AD_*``) stands for every task it matches. A task listed in
@@ -285,6 +346,13 @@ def split_tasks(
     index = {t: i for i, t in enumerate(names)}
     codes = data.task_codes
     owner = _owners(data, codes, [[index[t] for t in asked[s]] for s in SPLITS], seed)
+    if data.period is not None:
+        if anomalies_from != "split":
+            raise DataError(f"dataset.anomalies_from=split for series windows, got {anomalies_from!r}")
+        pools = _series_pools(data, asked, owner, time_cut, train_anomalies, synthetic, synthetic_share)
+        if time_cut:
+            check_time_leaks(data, pools)
+        return pools
     if data.partition is not None:
         source_test = data.partition == "test"
         owner[(owner == TRAIN) & source_test] = -1  # meta-training sees source-train rows only
@@ -343,6 +411,154 @@ def split_tasks(
             n_task_ids=len(names),
         )
     return pools
+
+
+def _series_pools(
+    data, asked, owner, time_cut, train_anomalies, synthetic, synthetic_share
+) -> dict[str, TaskPool]:
+    """The entity x time protocol on series windows (each row one window of one entity).
+
+    - meta-training: the training entities' windows before the cut (history and labelled test
+      part), normals and (``train_anomalies``) their real incidents, injected anomalies, or other
+      training entities' normal windows (one-vs-rest);
+    - validation: the support from each validation entity's history, queries from its labelled
+      windows before the cut; nothing after the cut, so early stopping never sees that period. An
+      entity without a real incident there (a telemanom channel's one incident may lie after the
+      cut) has anomalies injected into its normal windows (``synthetic``), named in a warning;
+    - test: the support from each held-out entity's history, queries after the cut; its labelled
+      windows before the cut are used by nobody.
+
+    ``time_cut=False`` is the entity-only split (meta-training and validation use every window of
+    their entities, after the cut too): the leak the protocol exists to stop, kept to measure it.
+    """
+    if train_anomalies not in TRAIN_ANOMALIES:
+        raise DataError(
+            f"dataset.train_anomalies must be one of {list(TRAIN_ANOMALIES)}, got {train_anomalies!r}"
+        )
+    if "synthetic" in train_anomalies and synthetic is None:
+        raise DataError(
+            f"dataset.train_anomalies={train_anomalies} needs the injected kinds (dataset.synthetic_kinds)"
+        )
+    if not 0.0 <= float(synthetic_share) <= 1.0:
+        raise DataError(f"dataset.synthetic_share must be in [0, 1], got {synthetic_share!r}")
+    period, anomalous, codes, names = data.period, data.anomalous, data.task_codes, data.task_names
+    owner = owner.copy()
+    after, history = period == AFTER, period == HISTORY
+    if time_cut:
+        owner[((owner == TRAIN) | (owner == VAL)) & after] = -1
+    owner[(owner == TEST) & ~after & ~history] = -1  # a held-out entity's labelled past: nobody's
+    index = {t: i for i, t in enumerate(names)}
+    row_task_id = np.where(anomalous, -1, codes)
+    pools = {}
+    for split in ("val", "test", "train"):
+        s = SPLITS.index(split)
+        tasks = asked[split]
+        position = np.full(len(names), -1, np.int64)
+        position[[index[t] for t in tasks]] = np.arange(len(tasks))
+        rows = np.flatnonzero(owner == s)
+        key = position[codes[rows]]
+        order = np.argsort(key, kind="stable")  # by task, time order within each
+        rows, key = rows[order], key[order]
+        normal = ~anomalous[rows]
+        support_rows = None
+        if s == TRAIN:
+            query = np.ones(len(rows), bool)
+        else:
+            support = normal & (period[rows] == HISTORY)
+            support_rows = _views(rows[support], key[support], tasks)
+            query = period[rows] != HISTORY
+        normal_rows = _views(rows[normal & query], key[normal & query], tasks)
+        own, share, injected = True, 1.0, None
+        pick = ~normal & query
+        if s == TRAIN and train_anomalies == "one_vs_rest":
+            own, pick = False, normal  # other training entities' normal windows
+        if s == TRAIN and "synthetic" in train_anomalies:
+            injected, share = synthetic, (1.0 if train_anomalies == "synthetic" else float(synthetic_share))
+            if train_anomalies == "synthetic":
+                pick = np.zeros(len(rows), bool)
+        if s == VAL and synthetic is not None:  # injected only into entities without a real incident
+            injected, share = synthetic, 0.0
+        anomaly_pool, anomaly_key = rows[pick], key[pick]
+        starts = np.searchsorted(anomaly_key, np.arange(len(tasks) + 1))
+        pools[split] = TaskPool(
+            x=data.x,
+            tasks=list(tasks),
+            task_id={t: index[t] for t in tasks},
+            normal_rows=normal_rows,
+            row_task_id=row_task_id,
+            name=data.name,
+            anomaly_pool=anomaly_pool,
+            anomaly_block={t: (int(starts[i]), int(starts[i + 1])) for i, t in enumerate(tasks)},
+            own_anomalies=own,
+            n_task_ids=len(names),
+            support_rows=support_rows,
+            synthetic=injected,
+            synthetic_share=share,
+            lenient=True,
+        )
+    return pools
+
+
+def pool_rows(pool: TaskPool, supports: bool = True) -> np.ndarray:
+    """Every source row a pool can hand out: normals, anomalies (injected ones' base rows), supports."""
+    parts = [pool.normal_rows[t] for t in pool.tasks] + [pool.anomaly_pool]
+    if supports and pool.support_rows is not None:
+        parts += [pool.support_rows[t] for t in pool.tasks]
+    return np.unique(np.concatenate(parts).astype(np.int64) % len(pool.x)) if parts else np.zeros(0, np.int64)
+
+
+def check_time_leaks(data: LabelledData, pools: dict[str, TaskPool]) -> None:
+    """Raise :class:`DataError` if meta-training or validation can see the held-out queries' time span.
+
+    Reads the windows' spans on the clock, not their periods: every window the train and val
+    pools can hand out (normals, anomalies, supports) must end before the earliest start of a
+    test query window, and every test support must end before it too; no entity may be in two
+    splits. Built so by :func:`_series_pools`; this checks it.
+    """
+    if data.span is None:
+        return
+    test = pools["test"]
+    queries = pool_rows(test, supports=False)
+    if not len(queries):
+        return
+    earliest = float(data.span[queries, 0].min())
+    codes = data.task_codes
+    seen = {}
+    for split in ("train", "val"):
+        rows = pool_rows(pools[split])
+        late = rows[data.span[rows, 1] >= earliest]
+        if len(late):
+            raise DataError(
+                f"{data.name}: {len(late)} {split} window(s) reach the held-out entities' query period "
+                f"(clock >= {earliest:g}), e.g. of entity {data.task_names[codes[late[0]]]!r}: "
+                "a leak through time"
+            )
+        seen[split] = set(codes[rows].tolist())
+    if test.support_rows is not None:
+        support = np.concatenate([test.support_rows[t] for t in test.tasks])
+        if len(support) and float(data.span[support, 1].max()) >= earliest:
+            raise DataError(f"{data.name}: a held-out entity's support reaches its query period")
+    held_out = set(codes[queries].tolist())
+    shared = (seen["train"] | seen["val"]) & held_out
+    if shared or seen["train"] & seen["val"]:
+        raise DataError(f"{data.name}: an entity is in two splits (a leak through entities)")
+
+
+def entity_folds(names: Sequence[str], n_folds: int, fold: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(val, test) entities of ``fold`` of ``n_folds``: a seeded deal of the entities into folds;
+    fold ``f`` tests its own and validates on fold ``f + 1``, so every entity is tested once."""
+    for setting, value in (("n_folds", n_folds), ("fold", fold)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DataError(f"dataset.{setting} must be an integer, got {value!r}")
+    if not 3 <= n_folds <= len(names):
+        raise DataError(
+            f"dataset.n_folds must be in [3, {len(names)}] (train, val and test folds), got {n_folds}"
+        )
+    if not 0 <= fold < n_folds:
+        raise DataError(f"dataset.fold must be in [0, {n_folds - 1}], got {fold}")
+    order = np.random.default_rng([seed, 104729]).permutation(len(names))
+    folds = [sorted((names[i] for i in part), key=_natural_key) for part in np.array_split(order, n_folds)]
+    return folds[(fold + 1) % n_folds], folds[fold]
 
 
 def _asked_tasks(data, names, train_tasks, val_tasks, test_tasks, require_disjoint) -> dict[str, list[str]]:

@@ -44,6 +44,7 @@ class MLP(nn.Module):
         layers.append(nn.Linear(dims[-1], embed_dim))
         self.net = nn.Sequential(*layers)
         self.out_dim = embed_dim
+        self.sample_shape = tuple(sample_shape)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -109,6 +110,7 @@ class Conv4(nn.Module):
                 f"backbone.channels ({channels}) must be divisible by backbone.norm_groups ({norm_groups})"
             )
         c, h, w = sample_shape
+        self.sample_shape = tuple(sample_shape)
         if min(h, w) < 2**blocks:
             raise ValueError(
                 f"backbone Conv4: {h}x{w} images are too small for {blocks} blocks of 2x pooling"
@@ -141,3 +143,93 @@ class Conv4(nn.Module):
             h = F.max_pool2d(F.relu(h), 2)
         out = h.flatten(1).unflatten(0, (t, n))
         return out[0] if one_task else out
+
+
+class TCN(nn.Module):
+    """Dilated causal 1-D convolutions over a window ``(W, D)`` (steps x metrics), for series.
+
+    ``levels`` blocks, block ``i`` a causal conv of ``kernel_size`` with dilation ``2**i`` ->
+    LayerNorm over channels -> ReLU, plus a 1x1 residual. The convolutions are *valid* (no
+    padding): each step's features see exactly the ``receptive_field`` steps ending at it, never
+    zeros standing in for a past the window cut off. The window's embedding is a linear map of the
+    mean and the last of its ``W - receptive_field + 1`` step features.
+
+    Why valid and causal: a step's features then depend only on the series up to that step, so
+    :meth:`stream` scores a whole series ``(T, D)`` in one pass (every window's embedding from one
+    convolution over the series and a sliding mean), equal to embedding each window on its own.
+    LayerNorm is per step: no batch statistics, safe under ``vmap`` (MAML).
+    """
+
+    def __init__(
+        self,
+        sample_shape: Sequence[int],
+        channels: int = 32,
+        levels: int = 3,
+        kernel_size: int = 3,
+        embed_dim: int = 32,
+    ) -> None:
+        super().__init__()
+        if len(sample_shape) != 2:
+            raise ValueError(
+                f"backbone TCN needs series windows (steps, metrics), but the dataset gives shape "
+                f"{tuple(sample_shape)}; use backbone=mlp for vectors"
+            )
+        for name, value in (("channels", channels), ("levels", levels), ("embed_dim", embed_dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"backbone.{name} must be a positive integer, got {value!r}")
+        if not isinstance(kernel_size, int) or kernel_size < 2:
+            raise ValueError(f"backbone.kernel_size must be an integer >= 2, got {kernel_size!r}")
+        window, metrics = sample_shape
+        self.sample_shape = tuple(sample_shape)
+        self.receptive_field = 1 + (kernel_size - 1) * (2**levels - 1)
+        if self.receptive_field > window:
+            raise ValueError(
+                f"backbone TCN: its receptive field ({self.receptive_field} steps, from levels={levels} "
+                f"and kernel_size={kernel_size}) is longer than the window ({window} steps); use fewer "
+                "levels, a smaller kernel or a longer window"
+            )
+        self.window = window
+        self.convs = nn.ModuleList(
+            nn.Conv1d(metrics if i == 0 else channels, channels, kernel_size, dilation=2**i)
+            for i in range(levels)
+        )
+        self.norms = nn.ModuleList(LayerNorm(channels) for _ in range(levels))
+        self.skip = nn.Conv1d(metrics, channels, 1)
+        self.out = nn.Linear(2 * channels, embed_dim)
+        self.out_dim = embed_dim
+
+    def steps(self, x: Tensor) -> Tensor:
+        """Per-step features ``(N, L, D)`` -> ``(N, C, L - receptive_field + 1)``: step ``j`` of the
+        output sees input steps ``j .. j + receptive_field - 1``."""
+        h = x.transpose(1, 2)
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            y = F.relu(norm(conv(h).transpose(1, 2)).transpose(1, 2))
+            residual = self.skip(h) if i == 0 else h
+            h = y + residual[..., residual.shape[-1] - y.shape[-1] :]
+        return h
+
+    def pooled(self, h: Tensor, span: int) -> Tensor:
+        """Embeddings of every run of ``span`` step features: ``(N, C, S)`` -> ``(N, S - span + 1, E)``."""
+        mean = F.avg_pool1d(h, span, stride=1) if span > 1 else h
+        last = h[..., span - 1 :]
+        return self.out(torch.cat([mean, last], 1).transpose(1, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Windows ``(N, W, D)`` -> embeddings ``(N, E)``."""
+        span = self.window - self.receptive_field + 1
+        return self.pooled(self.steps(x), span)[:, 0]
+
+    def stream(self, series: Tensor, chunk: int | None = 65536) -> Tensor:
+        """Series ``(N, T, D)`` -> the embedding of every window ``(N, T - W + 1, E)`` in one causal
+        pass; window ``i`` is ``series[:, i : i + W]``, ending at step ``i + W - 1``. A series longer
+        than ``chunk`` windows goes in pieces overlapping by ``W - 1`` steps (same numbers, bounded
+        memory)."""
+        span = self.window - self.receptive_field + 1
+        n_windows = series.shape[1] - self.window + 1
+        if chunk is None or n_windows <= chunk:
+            return self.pooled(self.steps(series), span)
+        pieces = [
+            self.pooled(self.steps(series[:, start : start + chunk + self.window - 1]), span)
+            for start in range(0, n_windows, chunk)
+        ]
+        return torch.cat(pieces, 1)

@@ -15,7 +15,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from metaad.detectors.base import check_distance, pairwise_distance
+from metaad.detectors.base import check_distance, pairwise_distance, window_products, window_sq_norms
 
 _CHUNK_ELEMENTS = 2**24  # values of a chunk of pairwise distances (nearest-neighbour leave-one-out)
 _CANDIDATES = 4  # nearest candidates of a rough distance whose exact distances are computed
@@ -40,6 +40,10 @@ class SupportMeanDistance:
         return pairwise_distance(
             x.flatten(0, 1)[:, None], means.flatten(0, 1)[:, None], self.distance
         ).reshape(x.shape[:2])
+
+    def score_stream(self, state: Tensor, series: Tensor, window: int) -> Tensor:
+        """Every window of a series (B, T, D) in one pass (one convolution with the mean window)."""
+        return _stream_distances(state, series, window, self.distance).squeeze(-1)
 
 
 class NearestNeighbourDistance:
@@ -90,6 +94,24 @@ class NearestNeighbourDistance:
             exact = (x[:, start : start + chunk, None, :] - candidates).pow(2).sum(-1)  # as score does
             parts.append(exact.min(-1).values)
         return torch.cat(parts, 1)
+
+    def score_stream(self, state: Tensor, series: Tensor, window: int) -> Tensor:
+        """Every window of a series (B, T, D) in one pass (one convolution with the support windows)."""
+        return _stream_distances(state, series, window, self.distance).min(-1).values
+
+
+def _stream_distances(rows: Tensor, series: Tensor, window: int, distance: str) -> Tensor:
+    """``pairwise_distance`` of every window of ``series`` (B, T, D) to flattened windows ``rows``
+    (B, M, W*D) -> (B, T - W + 1, M), without cutting out a window."""
+    b, d = series.shape[0], series.shape[-1]
+    products = window_products(series.double(), rows.double().view(b, -1, window, d))
+    sq = window_sq_norms(series.double(), window).unsqueeze(-1)
+    row_sq = rows.double().pow(2).sum(-1).unsqueeze(1)
+    if distance == "euclidean":
+        out = (sq - 2 * products + row_sq).clamp(min=0)
+    else:
+        out = 1.0 - products / (sq.sqrt() * row_sq.sqrt()).clamp(min=1e-12)
+    return out.to(series.dtype)
 
 
 class Mahalanobis:

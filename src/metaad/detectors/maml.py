@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from metaad.data.episodes import Episode
-from metaad.detectors.base import Learner
+from metaad.detectors.base import Learner, windowed_stream_scores
 
 Params = dict[str, Tensor]
 SUPPORT = "support"  # the key of the support in a state, for backbones normalising with its statistics
@@ -50,7 +50,11 @@ class ScoreNet(nn.Module):
         self.head = nn.Linear(backbone.out_dim, 1)
         self.uses_support = bool(getattr(backbone, "uses_support", False))
 
-    def forward(self, x: Tensor, n_support: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, n_support: int | None = None, stream: bool = False) -> Tensor:
+        """``stream``: ``x`` is a series ``(N, T, D)`` and every window is scored in one causal pass
+        of a backbone that can (``body.stream``) -> ``(N, T - W + 1)``."""
+        if stream:
+            return self.head(self.body.stream(x)).squeeze(-1)
         features = self.body(x, n_support) if self.uses_support else self.body(x)
         return self.head(features).squeeze(-1)
 
@@ -156,6 +160,16 @@ class MAML(Learner):
         support = state.get(SUPPORT)
         return AdaptedNet(net.requires_grad_(False), None if support is None else support[0])
 
+    def score_stream(self, state: Params, series: Tensor, window: int) -> Tensor:
+        """Every window of ``series`` (B, T, D) in one causal pass of each task's adapted network,
+        when the backbone can stream (and needs no support statistics)."""
+        body = self.net.body
+        if self.net.uses_support or not hasattr(body, "stream") or body.window != window:
+            return windowed_stream_scores(self, state, series, window)
+        _, fixed, _ = self._meta_params()
+        weights = {n: p for n, p in state.items() if n != SUPPORT}
+        return self._map(partial(_task_stream, self.net, fixed), (weights, series), (0, 0))
+
     def loss(self, batch: Episode) -> Tensor:
         return balanced_bce(self.anomaly_scores(batch.support, batch.query), batch.label).mean()
 
@@ -210,6 +224,11 @@ def _task_logits(
         return functional_call(net, {**fixed, **adapted}, (x,))
     k = support.shape[0]
     return functional_call(net, {**fixed, **adapted}, (torch.cat([support, x]),), {"n_support": k})[k:]
+
+
+def _task_stream(net: nn.Module, fixed: Params, adapted: Params, series: Tensor) -> Tensor:
+    """One task's scores of every window of its series ``(T, D)`` -> ``(T - W + 1,)``."""
+    return functional_call(net, {**fixed, **adapted}, (series.unsqueeze(0),), {"stream": True})[0]
 
 
 def _inner_loss(adapted: Params, net: nn.Module, fixed: Params, support: Tensor) -> Tensor:

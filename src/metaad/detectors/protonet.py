@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
-from metaad.detectors.base import Learner, check_distance, pairwise_distance
+from metaad.detectors.base import Learner, check_distance, pairwise_distance, windowed_stream_scores
 
 
 class ProtoNet(Learner):
@@ -48,6 +48,12 @@ class ProtoNet(Learner):
 
     def score(self, state: Tensor, query: Tensor) -> Tensor:
         return pairwise_distance(self.embed(query), state, self.distance).squeeze(-1)
+
+    def score_stream(self, state: Tensor, series: Tensor, window: int) -> Tensor:
+        """Every window of ``series`` (B, T, D) in one causal pass when the backbone can stream."""
+        if not hasattr(self.backbone, "stream") or self.backbone.window != window:
+            return windowed_stream_scores(self, state, series, window)
+        return pairwise_distance(self.backbone.stream(series), state, self.distance).squeeze(-1)
 
     def loss(self, batch: Episode) -> Tensor:
         if self.loss_kind == "nway" and batch.task.unique().numel() > 1:

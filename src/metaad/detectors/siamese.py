@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
-from metaad.detectors.base import Learner, pairwise_distance
+from metaad.detectors.base import Learner, pairwise_distance, windowed_stream_scores
 
 DISTANCES = ("euclidean", "cosine", "learned")
 AGGREGATIONS = ("min", "mean", "knn")
@@ -69,7 +69,22 @@ class Siamese(Learner):
         return self.embed(support)  # (B, K, D): every support sample is kept
 
     def score(self, state: Tensor, query: Tensor) -> Tensor:
-        d = self.pair_distance(self.embed(query), state)  # (B, Q, K)
+        return self._aggregate(self.pair_distance(self.embed(query), state))
+
+    def score_stream(self, state: Tensor, series: Tensor, window: int) -> Tensor:
+        """Every window of ``series`` (B, T, D) in one causal pass when the backbone can stream."""
+        if not hasattr(self.backbone, "stream") or self.backbone.window != window:
+            return windowed_stream_scores(self, state, series, window)
+        embedded = self.backbone.stream(series)
+        # distances in pieces: a (B, windows, K, E) pair tensor of a long series would not fit
+        pieces = [
+            self._aggregate(self.pair_distance(embedded[:, i : i + 4096], state))
+            for i in range(0, embedded.shape[1], 4096)
+        ]
+        return torch.cat(pieces, 1)
+
+    def _aggregate(self, d: Tensor) -> Tensor:
+        """Distances to the support (B, Q, K) -> scores (B, Q)."""
         if self.aggregation == "min":
             return d.min(-1).values
         if self.aggregation == "mean":

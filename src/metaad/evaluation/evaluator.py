@@ -25,7 +25,8 @@ from metaad.detectors.base import Detector
 from metaad.evaluation.metrics import EpisodeMetrics
 from metaad.evaluation.thresholds import NonFiniteScores, Scored, Threshold, score_episodes
 
-FIELDS = ("index", "scores", "labels", "normalised", "support_normalised")
+FIELDS = ("index", "scores", "labels", "normalised", "support_normalised", "task")
+CI_OVER = ("episode", "task")
 
 
 @dataclass
@@ -35,9 +36,11 @@ class Records:
     parts: dict[str, list[Tensor]] = field(default_factory=lambda: defaultdict(list))
     k_shot: int = 0
 
-    def add(self, index: Tensor, scored: Scored, labels: Tensor, k_shot: int) -> None:
+    def add(
+        self, index: Tensor, scored: Scored, labels: Tensor, k_shot: int, task: Tensor | None = None
+    ) -> None:
         self.k_shot = k_shot
-        values = (index, scored.scores.detach(), labels, scored.normalised, scored.support_normalised)
+        values = (index, scored.scores.detach(), labels, scored.normalised, scored.support_normalised, task)
         for name, value in zip(FIELDS, values):
             if value is not None:
                 self.parts[name].append(value.cpu())
@@ -81,6 +84,9 @@ class Evaluator:
     decides by its own copy of ``baseline_threshold`` (or, with ``threshold.baselines``, of the
     learner's rule), fitted on its own validation scores: so a learner with a rule of its own
     (OC-MAML's sigmoid > 0.5) stands beside baselines thresholded on validation tasks.
+
+    ``ci_over``: ``episode`` (each episode one value) or ``task`` (episodes of one task, e.g. one
+    entity of a series dataset, averaged first; the CI is over tasks, ``n_groups`` of them).
     """
 
     def __init__(
@@ -88,7 +94,11 @@ class Evaluator:
         baselines: Mapping[str, Detector] | None = None,
         threshold: Threshold | None = None,
         baseline_threshold: Threshold | None = None,
+        ci_over: str = "episode",
     ):
+        if ci_over not in CI_OVER:
+            raise ValueError(f"ci_over must be one of {CI_OVER}, got {ci_over!r}")
+        self.ci_over = ci_over
         self.baselines = dict(baselines or {})
         self.threshold = threshold
         if baseline_threshold is None and threshold is not None and threshold.baselines:
@@ -125,7 +135,9 @@ class Evaluator:
             ids = index if index is not None else torch.arange(self._seen[key], self._seen[key] + n)
             self._seen[key] += n
             scored = score_episodes(detector, batch.support, batch.query, self.threshold_of(name))
-            self.records.setdefault(key, Records()).add(ids, scored, batch.label, batch.support.shape[1])
+            self.records.setdefault(key, Records()).add(
+                ids, scored, batch.label, batch.support.shape[1], batch.task
+            )
 
     def gather(self) -> None:
         """Merge the records of every process (a no-op in one process)."""
@@ -174,5 +186,7 @@ class Evaluator:
                     else:
                         summary.add_decisions(is_anomaly, records.get("labels"))
                         per_episode[(split, name)] = values
-                metrics[split][name] = summary.compute()
+                metrics[split][name] = summary.compute(
+                    records.get("task") if self.ci_over == "task" else None
+                )
         return Report(dict(metrics), thresholds, per_episode, notes, dict(self.records))

@@ -68,12 +68,27 @@ def episode_decision_metrics(is_anomaly: Tensor, labels: Tensor) -> dict[str, Te
     )
 
 
-def summarize(values: Tensor) -> dict[str, float]:
-    """Mean and 95% CI half-width (1.96 sd / sqrt(n)) over episodes."""
+def summarize(values: Tensor, groups: Tensor | None = None) -> dict[str, float]:
+    """Mean and 95% CI half-width (1.96 sd / sqrt(n)) over episodes, or over ``groups``.
+
+    ``groups`` (one key per episode, e.g. its entity): episodes of one group are averaged first and
+    the CI is taken over the group means (``n_groups`` of them). Draws of one entity are not
+    independent evidence, so a CI over entities x draws would pseudo-replicate and be too narrow.
+    """
     values = values.double().flatten()
+    n_episodes = values.numel()
+    extra: dict[str, float] = {}
+    if groups is not None:
+        groups = groups.flatten()
+        if groups.numel() != n_episodes:
+            raise ValueError(f"summarize: {groups.numel()} group keys for {n_episodes} episode values")
+        _, inverse = groups.unique(return_inverse=True)
+        counts = torch.bincount(inverse).double()
+        values = torch.zeros_like(counts).index_add_(0, inverse, values) / counts
+        extra = {"n_groups": values.numel()}
     n = values.numel()
     sd = values.std(unbiased=True).item() if n > 1 else float("nan")
-    return {"mean": values.mean().item(), "ci95": 1.96 * sd / math.sqrt(n), "n_episodes": n}
+    return {"mean": values.mean().item(), "ci95": 1.96 * sd / math.sqrt(n), "n_episodes": n_episodes, **extra}
 
 
 class EpisodeMetrics:
@@ -98,5 +113,6 @@ class EpisodeMetrics:
     def per_episode(self) -> dict[str, Tensor]:
         return {name: torch.cat(chunks) for name, chunks in self.values.items()}
 
-    def compute(self) -> dict[str, dict[str, float]]:
-        return {name: summarize(values) for name, values in self.per_episode().items()}
+    def compute(self, groups: Tensor | None = None) -> dict[str, dict[str, float]]:
+        """Each metric's summary; with ``groups`` (E,) episodes are averaged within a group first."""
+        return {name: summarize(values, groups) for name, values in self.per_episode().items()}

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from metaad.data.errors import DataError
-from metaad.detectors.base import Detector, anomaly_scores
+from metaad.detectors.base import Detector, anomaly_scores, leave_one_out_scores
 from metaad.evaluation.metrics import decision_metrics
 
 EPS = 1e-6
@@ -71,46 +71,6 @@ def require_finite(values: Tensor, what: str) -> None:
             f"{int(bad.sum())} {what} are NaN or infinite (first (episode, sample): {first}); "
             "a score that is not a number is never a decision"
         )
-
-
-_LOO_WARN_K = 1000  # support sizes above which K adaptations for leave-one-out scores get a warning
-_LOO_ELEMENTS = 2**24  # values of the leave-one-out support copies built at a time (64 MB of float32)
-
-
-def leave_one_out_scores(detector: Detector, support: Tensor) -> Tensor:
-    """Score of each support sample by the detector adapted to the others. (B, K, *x) -> (B, K).
-
-    A detector with a ``leave_one_out(support)`` method (closed forms: the baselines) answers
-    itself, in memory linear in K. Otherwise each held-out sample gets the K-1 others copied out,
-    a chunk of held-out samples at a time, so memory stays ``O(chunk K x)`` rather than the whole
-    ``(B K, K-1, *x)`` tensor (25.6 GB at K = 10,000 of 64 features).
-    """
-    b, k = support.shape[:2]
-    if k < 2:
-        raise ValueError(f"leave-one-out scores need at least 2 support samples, got {k}")
-    own = getattr(detector, "leave_one_out", None)
-    if own is not None:
-        return own(support)
-    if k > _LOO_WARN_K:
-        warnings.warn(
-            f"leave-one-out scores of {type(detector).__name__} at K={k}: {k} adaptations to {k - 1} "
-            "samples each (hours for a scikit-learn baseline at K=10,000); a threshold that needs none "
-            "(threshold=None, or Fixed(value, normalise='none')) skips them",
-            stacklevel=2,
-        )
-    sample = support[0, 0].numel()
-    chunk = max(1, min(k, _LOO_ELEMENTS // max(1, b * (k - 1) * sample)))
-    index = torch.arange(k, device=support.device)
-    parts = []
-    for start in range(0, k, chunk):
-        held = index[start : start + chunk]
-        # the others of each held-out i: 0..k-2 with the ones at or above i shifted up by one
-        others = torch.arange(k - 1, device=support.device)[None, :]
-        others = others + (others >= held[:, None]).long()  # (c, K-1)
-        rest = support[:, others].flatten(0, 1)  # (B*c, K-1, *x)
-        held_out = support[:, held].flatten(0, 1).unsqueeze(1)  # (B*c, 1, *x)
-        parts.append(anomaly_scores(detector, rest, held_out).reshape(b, len(held)))
-    return torch.cat(parts, 1)
 
 
 def standardise(scores: Tensor, loo: Tensor) -> Tensor:
