@@ -32,10 +32,13 @@ def imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "metaad":
-                found |= {f"metaad.{alias.name}" for alias in node.names}
-            elif node.module.startswith("metaad."):
-                found.add(node.module)
+            if node.module == "metaad" or node.module.startswith("metaad."):
+                # "from metaad.data import store" imports the module metaad.data.store
+                folder = PACKAGE.parent.joinpath(*node.module.split("."))
+                for alias in node.names:
+                    named = folder / alias.name
+                    is_module = named.with_suffix(".py").is_file() or (named / "__init__.py").is_file()
+                    found.add(f"{node.module}.{alias.name}" if is_module else node.module)
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.startswith("metaad.")}
     return found

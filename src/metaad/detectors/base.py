@@ -99,6 +99,7 @@ def leave_one_out_scores(detector: Detector, support: Tensor) -> Tensor:
         parts.append(anomaly_scores(detector, rest, held_out).reshape(b, len(held)))
     return torch.cat(parts, 1)
 
+
 def sliding_windows(series: Tensor, window: int) -> Tensor:
     """Every window of a series ``(B, T, D)`` as a view ``(B, T - window + 1, window, D)`` (no copy)."""
     return series.unfold(1, window, 1).transpose(-1, -2)

@@ -99,7 +99,7 @@ def best_f1(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 
 def f1_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
-    """F1, precision and recall of the decisions ``score > threshold`` (the rule of ``metaad.evaluation.thresholds``)."""
+    """F1, precision and recall of the decisions ``score > threshold`` (the thresholds' rule)."""
     scores, labels = _check(scores, labels, "f1_at")
     predicted = scores > threshold
     tp = float((predicted & (labels == 1)).sum())

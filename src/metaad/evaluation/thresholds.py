@@ -43,7 +43,6 @@ evaluator and the Python API report it instead of deciding.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, ClassVar, NamedTuple
 
 import torch
