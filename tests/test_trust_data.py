@@ -282,12 +282,12 @@ def test_mahalanobis_leave_one_out_of_identical_samples_is_zero():
 
 
 def test_the_generic_leave_one_out_in_chunks_equals_it_in_one_go(monkeypatch):
-    from metaad.evaluation import thresholds
+    from metaad.detectors import base
 
     detector = baselines.LocalOutlierFactor(n_neighbors=3)  # no closed form: adapted K times
     support = torch.randn(2, 9, 4)
     whole = leave_one_out_scores(detector, support)
-    monkeypatch.setattr(thresholds, "_LOO_ELEMENTS", 2 * 8 * 4 * 2)  # two held-out samples a chunk
+    monkeypatch.setattr(base, "_LOO_ELEMENTS", 2 * 8 * 4 * 2)  # two held-out samples a chunk
     np.testing.assert_array_equal(leave_one_out_scores(detector, support), whole)
     np.testing.assert_allclose(whole, brute_force_loo(detector, support), rtol=1e-6)
 

@@ -390,3 +390,12 @@ def test_a_stored_config_read_with_config_dir_builds_only_metaads_targets(tmp_pa
     line = one_block(run_app("metaad-train", [*args, "debug=quick", "logger=none"], tmp_path), "metaad-train")
     assert "callbacks.evil._target_" in line and "pathlib.Path.write_text" in line and str(stored) in line
     assert not marker.exists() and HYDRA_ADVICE not in line
+
+
+def test_the_stored_config_resolves_interpolations_into_other_sections(tmp_path):
+    """dataset.source.root is ${paths.data_dir}: the checkpoint keeps the resolved path, not the key."""
+    from metaad.checkpoint import stored_config
+
+    cfg = compose_in(tmp_path / "run", ["dataset=mnist", "paths.data_dir=/somewhere/data"])
+    stored = stored_config(cfg)
+    assert "paths" not in stored and stored["dataset"]["source"]["root"].startswith("/somewhere/data")

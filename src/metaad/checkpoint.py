@@ -142,8 +142,12 @@ def check_targets(
 def stored_config(cfg: DictConfig) -> dict[str, Any]:
     """The part of a run's resolved config a checkpoint keeps (:data:`STORED_SECTIONS`), as plain
     data; refused at start-up if it names a target a checkpoint may not (it could not be loaded)."""
-    kept = [key for key in STORED_SECTIONS if key in cfg]
-    plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, kept), resolve=True)
+    # each section resolved where it stands, so interpolations into other sections (paths) resolve
+    plain = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in STORED_SECTIONS
+        if key in cfg
+    }
     check_targets(plain, "the config", ConfigError)
     return plain
 
