@@ -21,7 +21,7 @@ import metaad
 from metaad.apps.eval import evaluate
 from metaad.apps.score import score, write_atomically
 from metaad.apps.train import train
-from metaad.checkpoint import allowed_targets
+from metaad.checkpoint import STORED_SECTIONS, allowed_targets
 from metaad.errors import CheckpointError, ConfigError
 from tests.conftest import compose_in
 from tests.test_bad_inputs import one_block, refused, run_app
@@ -182,16 +182,7 @@ def test_a_genuine_checkpoint_names_only_allowed_targets_and_loads(trained):
     detector = metaad.load(trained[1])
     assert detector.detector is not None
     stored = trained[2]["metaad_config"]
-    assert set(stored) <= {
-        "names",
-        "seed",
-        "dataset",
-        "backbone",
-        "model",
-        "baselines",
-        "threshold",
-        "baseline_threshold",
-    }
+    assert set(stored) <= set(STORED_SECTIONS)
     assert "trainer" not in stored and "callbacks" not in stored  # the evaluating run's own
 
 
