@@ -147,11 +147,11 @@ def test_f1_optimal_refuses_nan_and_being_used_unfitted():
 def test_support_quantile_per_episode():
     support_z = torch.tensor([[-1.0, 0.0, 1.0, 2.0], [-1.5, -0.5, 0.5, 1.5]])
     z = torch.tensor([[2.0, 2.1], [1.4, 1.6]])
-    assert SupportQuantile(q=1.0).per_episode(z, support_z).tolist() == [2.0, 1.5]
-    assert SupportQuantile(q=1.0, margin=1.5).per_episode(z, support_z).tolist() == [3.0, 2.25]
-    median = SupportQuantile(q=0.5).per_episode(z, support_z)
+    assert SupportQuantile(q=1.0).per_episode(support_z).tolist() == [2.0, 1.5]
+    assert SupportQuantile(q=1.0, margin=1.5).per_episode(support_z).tolist() == [3.0, 2.25]
+    median = SupportQuantile(q=0.5).per_episode(support_z)
     assert median.tolist() == pytest.approx(np.quantile(support_z.numpy(), 0.5, axis=1).tolist())
-    quantile = SupportQuantile(q=0.8, margin=2.0).per_episode(z, support_z)
+    quantile = SupportQuantile(q=0.8, margin=2.0).per_episode(support_z)
     assert quantile.tolist() == pytest.approx((2 * np.quantile(support_z.numpy(), 0.8, axis=1)).tolist())
     is_anomaly, _ = SupportQuantile().decide(z, support_z)
     assert is_anomaly.tolist() == [[False, True], [False, True]]  # strictly above the episode's threshold

@@ -38,7 +38,7 @@ from torch import Tensor
 from metaad.data.tasks import DataError
 from metaad.data.values import column_label, refuse_extreme
 from metaad.detectors.base import Detector
-from metaad.evaluation.thresholds import NonFiniteScores, Threshold, leave_one_out_scores, standardise
+from metaad.evaluation.thresholds import NonFiniteScores, Threshold, leave_one_out_scores
 
 PYOD = "pyod:"  # metaad.baseline("pyod:IForest"): a PyOD detector by its class name
 
@@ -269,8 +269,7 @@ class FewShotDetector:
             support_normalised = (
                 self._normalise(self.support_scores_) if self.support_scores_ is not None else None
             )
-            placeholder = torch.zeros(1, 1)
-            self.threshold_ = threshold.per_episode(placeholder, support_normalised)[0].item()
+            self.threshold_ = threshold.per_episode(support_normalised)[0].item()
         return self
 
     def decision_function(self, X: Any) -> np.ndarray:
@@ -363,10 +362,7 @@ class FewShotDetector:
         return scores
 
     def _normalise(self, scores: Tensor) -> Tensor:
-        if self.threshold_rule.normalise == "zscore":
-            normalised = standardise(scores, self.support_scores_)
-        else:
-            normalised = scores.float()
+        normalised = self.threshold_rule.normalised(scores, self.support_scores_)
         if not torch.isfinite(normalised).all():  # finite scores, a scale that overflows float32
             raise NonFiniteScores(
                 f"{self.name}: finite scores became NaN or infinite on the threshold's scale (largest "

@@ -97,9 +97,7 @@ def score_episodes(
     if threshold.normalise == "none" and not threshold.uses_support_scores:
         return Scored(scores, scores.detach().float(), None)
     loo = leave_one_out_scores(detector, support)
-    if threshold.normalise == "none":
-        return Scored(scores, scores.detach().float(), loo.detach().float())
-    return Scored(scores, standardise(scores, loo), standardise(loo, loo))
+    return Scored(scores, threshold.normalised(scores, loo), threshold.normalised(loo, loo))
 
 
 class Threshold:
@@ -149,15 +147,25 @@ class Threshold:
     def params(self) -> dict[str, Any]:
         return {"normalise": self.normalise}
 
-    def per_episode(self, normalised: Tensor, support_normalised: Tensor | None) -> Tensor:
-        """(B, Q) query and (B, K) leave-one-out support scores, normalised -> (B,) thresholds."""
+    def normalised(self, scores: Tensor, support_scores: Tensor | None) -> Tensor:
+        """Scores (B, N) on this rule's scale, given the episodes' (B, K) leave-one-out support
+        scores: the evaluator and the Python API both decide on exactly these."""
+        if self.normalise == "zscore":
+            return standardise(scores, support_scores)
+        return scores.detach().float()
+
+    def per_episode(
+        self, support_normalised: Tensor | None, episodes: int = 1, device: torch.device | None = None
+    ) -> Tensor:
+        """Each episode's threshold (B,): the fitted value, or (rules that use them) from the episode's
+        (B, K) normalised leave-one-out support scores; nothing else of an episode may set it."""
         if self.value is None:
             raise RuntimeError(
                 f"threshold={self.rule} has not been fitted on validation episodes (no validation ran and "
                 "none was available to fit it)"
             )
         # float64: the fitted value itself, not its float32 rounding (the API reports it as threshold_)
-        return torch.full(normalised.shape[:1], self.value, dtype=torch.float64, device=normalised.device)
+        return torch.full((episodes,), self.value, dtype=torch.float64, device=device)
 
     def fit(self, normalised: Tensor, labels: Tensor) -> None:
         """Fit on validation episodes' normalised scores (E, Q) and labels; most rules have nothing to fit."""
@@ -167,7 +175,7 @@ class Threshold:
         require_finite(normalised, "query scores")
         if self.uses_support_scores:
             require_finite(support_normalised, "leave-one-out support scores")
-        thresholds = self.per_episode(normalised, support_normalised)
+        thresholds = self.per_episode(support_normalised, normalised.shape[0], normalised.device)
         require_finite(thresholds[:, None], "thresholds")
         return normalised > thresholds.unsqueeze(1), thresholds
 
@@ -233,7 +241,9 @@ class SupportQuantile(Threshold):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "q": self.q, "margin": self.margin}
 
-    def per_episode(self, normalised: Tensor, support_normalised: Tensor | None) -> Tensor:
+    def per_episode(
+        self, support_normalised: Tensor | None, episodes: int = 1, device: torch.device | None = None
+    ) -> Tensor:
         return self.margin * torch.quantile(support_normalised.double(), self.q, dim=1).float()
 
 
