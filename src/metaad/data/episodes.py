@@ -78,6 +78,7 @@ class Episode(NamedTuple):
     label: Tensor  # (Q,) 1 = anomaly, 0 = normal
     task: Tensor  # () task id of the normal task
     query_task: Tensor  # (Q,) task id each query sample comes from (-1: an in-task anomaly)
+    index: Tensor | None = None  # () the episode's index in its split (EpisodeDataset sets it)
 
 
 class EpisodeDataset(Dataset):
@@ -228,6 +229,7 @@ class EpisodeDataset(Dataset):
             label=torch.from_numpy(label).long(),
             task=torch.tensor(pool.task_id[task]),
             query_task=torch.from_numpy(pool.task_ids(query_rows)).long(),
+            index=torch.tensor(i),
         )
 
 

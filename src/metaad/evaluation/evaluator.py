@@ -125,14 +125,15 @@ class Evaluator:
             self._baseline_thresholds[name].value = None if rule.fits_on_validation else rule.value
         return self._baseline_thresholds[name]
 
-    def add(
-        self, split: str, detectors: Mapping[str, Detector], batch: Episode, index: Tensor | None = None
-    ) -> None:
-        """Score a batch of episodes with every detector; ``index`` numbers the episodes in the split."""
+    def add(self, split: str, detectors: Mapping[str, Detector], batch: Episode) -> None:
+        """Score a batch of episodes with every detector; records are keyed by the episodes' index in
+        their split (``batch.index``; numbered in arrival order for episodes built without one)."""
         for name, detector in detectors.items():
             key = (split, name)
             n = batch.support.shape[0]
-            ids = index if index is not None else torch.arange(self._seen[key], self._seen[key] + n)
+            ids = (
+                batch.index if batch.index is not None else torch.arange(self._seen[key], self._seen[key] + n)
+            )
             self._seen[key] += n
             scored = score_episodes(detector, batch.support, batch.query, self.threshold_of(name))
             self.records.setdefault(key, Records()).add(

@@ -96,19 +96,11 @@ class MetaTraining(pl.LightningModule):
         loaders = self.trainer.test_dataloaders if self.trainer.testing else self.trainer.val_dataloaders
         return (loaders if isinstance(loaders, list | tuple) else [loaders])[dataloader_idx]
 
-    def _episode_index(self, batch: Episode, batch_idx: int, dataloader_idx: int) -> Tensor:
-        """Index of each episode of the batch in its split (this rank's share of a sharded sampler)."""
-        loader = self._loader(dataloader_idx)
-        positions = batch_idx * loader.batch_size + torch.arange(batch.support.shape[0])
-        sampler = loader.sampler
-        return getattr(sampler, "rank", 0) + getattr(sampler, "world_size", 1) * positions
-
     def on_validation_epoch_start(self) -> None:
         self.evaluator.reset()
 
     def validation_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
-        index = self._episode_index(batch, batch_idx, dataloader_idx)
-        self.evaluator.add("val", {"model": self.learner}, batch, index)
+        self.evaluator.add("val", {"model": self.learner}, batch)
 
     def on_validation_epoch_end(self) -> None:
         self.evaluator.gather()
@@ -137,8 +129,7 @@ class MetaTraining(pl.LightningModule):
 
     def test_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
         split = self._loader(dataloader_idx).dataset.split
-        index = self._episode_index(batch, batch_idx, dataloader_idx)
-        self.evaluator.add(split, self.evaluator.detectors(self.learner, with_baselines=True), batch, index)
+        self.evaluator.add(split, self.evaluator.detectors(self.learner, with_baselines=True), batch)
         embed = getattr(self.learner, "embed", None)
         if split == "test" and batch_idx == 0 and callable(embed) and self._embeddings is None:
             self._embeddings = pictures.episode_embeddings(embed, batch)
