@@ -260,9 +260,10 @@ def _quiet_stdout():
 
 def _refused(detector: Any, why: str) -> ExportError:
     return ExportError(
-        f"export: {detector.name} cannot be exported: {why}. The torch detectors (every learner, the "
-        "mean, nearest-neighbour and Mahalanobis baselines) can; scikit-learn and PyOD baselines fit "
-        "numpy estimators, which no TorchScript or ONNX file holds"
+        f"export: {detector.name} cannot be exported: {why}. Torch detectors whose scoring does not "
+        "depend on the batch (ProtoNet, Siamese, the MAML family, the covariance prior, the mean, "
+        "nearest-neighbour and Mahalanobis baselines) can; scikit-learn and PyOD baselines fit numpy "
+        "estimators, which no TorchScript or ONNX file holds"
     )
 
 
