@@ -390,3 +390,23 @@ def test_the_stored_config_resolves_interpolations_into_other_sections(tmp_path)
     cfg = compose_in(tmp_path / "run", ["dataset=mnist", "paths.data_dir=/somewhere/data"])
     stored = stored_config(cfg)
     assert "paths" not in stored and stored["dataset"]["source"]["root"].startswith("/somewhere/data")
+
+
+CONF = Path(__file__).parents[1] / "conf"
+OPTIONS = [
+    (group, p.stem)
+    for group in ("dataset", "backbone", "model", "baselines", "threshold", "experiment")
+    for p in sorted((CONF / group).glob("*.yaml"))
+    if not p.stem.startswith("_")
+]
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_shipped_config_can_be_stored_in_a_checkpoint(tmp_path, group, option):
+    """The allow-list is metaad's own configs, each target in its own section: every option of every
+    group must pass it (a new learner, baseline or source is allowed by its config alone)."""
+    from metaad.checkpoint import check_targets, stored_config
+
+    needs = {"series_subset": ["experiment=smap", "+dataset.baseline_columns=[0]"]}.get(option, [])
+    cfg = compose_in(tmp_path / "run", [*needs, f"{group}={option}"])
+    check_targets(stored_config(cfg), f"{group}={option}")

@@ -53,7 +53,7 @@ SECTION_MODULES = {
     "dataset": ("metaad.data.",),
     "backbone": ("metaad.detectors.backbones.",),
     "model": ("metaad.detectors.", *OPTIMIZERS),
-    "baselines": ("metaad.detectors.baselines.",),
+    "baselines": ("metaad.detectors.",),
     "threshold": ("metaad.evaluation.thresholds.",),
     "baseline_threshold": ("metaad.evaluation.thresholds.",),
     "names": (),
