@@ -188,8 +188,16 @@ def test_metaad_score_writes_one_row_per_step(trained, history_and_series, tmp_p
     pd.testing.assert_frame_equal(table, on_disk, check_dtype=False)
     # a previous table is replaced; an input never
     run_score(tmp_path, trained[1], *(f"{r}={p}" for r, p in files.items()), f"output={output}")
-    with pytest.raises(DataError, match="is one of the inputs"):
-        run_score(tmp_path, trained[1], *(f"{r}={p}" for r, p in files.items()), f"output={files['history']}")
+    if kind == "csv":
+        inputs = [f"{r}={p}" for r, p in files.items()]
+        with pytest.raises(DataError, match="is one of the inputs"):
+            run_score(tmp_path, trained[1], *inputs, f"output={files['history']}")
+        # a file that is not a scores table is never replaced
+        mine = tmp_path / "mine.csv"
+        mine.write_text("a,b\n1,2\n")
+        with pytest.raises(DataError, match="is not a scores table"):
+            run_score(tmp_path, trained[1], *inputs, f"output={mine}")
+        assert mine.read_text() == "a,b\n1,2\n"
 
 
 def test_metaad_score_refuses_the_wrong_pair_of_inputs(trained, quick_run, history_and_series, tmp_path):
