@@ -138,20 +138,25 @@ class Preprocessing:
     # --- plain data --------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Lists, floats, bools, str and None only: safe in a ``weights_only`` checkpoint."""
-        return {
+        """Lists, floats, bools, str and None only: safe in a ``weights_only`` checkpoint. The
+        series keys are written for a series model only (a sample model's dict is as before)."""
+        plain = {
             "sample_shape": list(self.sample_shape),
             "feature_names": None if self.feature_names is None else list(self.feature_names),
             "scale": self.scale,
             "invert": self.invert,
             "image_size": self.image_size,
-            "window": self.window,
-            "stride": self.stride,
-            "source_columns": None if self.source_columns is None else list(self.source_columns),
-            "columns": None if self.columns is None else list(self.columns),
-            "scaling": self.scaling,
-            "scale_clip": self.scale_clip,
         }
+        if self.is_series:
+            plain |= {
+                "window": self.window,
+                "stride": self.stride,
+                "source_columns": list(self.source_columns),
+                "columns": list(self.columns),
+                "scaling": self.scaling,
+                "scale_clip": self.scale_clip,
+            }
+        return plain
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
