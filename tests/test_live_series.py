@@ -209,3 +209,12 @@ def test_metaad_score_refuses_the_wrong_pair_of_inputs(trained, quick_run, histo
         run_score(tmp_path, trained[1], f"support={h}", f"query={s}")
     with pytest.raises(DataError, match="scores samples: give support=<file> and query=<file>"):
         run_score(tmp_path, quick_run[2], f"history={h}", f"series={s}")
+
+
+def test_a_series_model_is_not_exported_as_a_sample_scorer(trained, history_and_series, tmp_path):
+    from metaad.export import ExportError
+
+    detector = metaad.load(trained[1]).fit(history_and_series[0])
+    with pytest.raises(ExportError, match="is a series model"):
+        detector.export(tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()
