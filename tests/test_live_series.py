@@ -39,34 +39,38 @@ def entity_series(seed: int, steps: int, spike: int | None = None) -> np.ndarray
     return x
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A quick series checkpoint (ProtoNet, support scaling, features by name) and its fleet."""
+def train_fleet(root: Path, suffix: str, header: list[str] | None, *overrides: str) -> Path:
+    """A quick series checkpoint (ProtoNet, K=3 windows of 8 at stride 4) on a 6-entity fleet."""
     from metaad.apps.train import train
 
-    root = tmp_path_factory.mktemp("live")
     for e in range(6):
-        write(root / "fleet" / "train" / f"m{e}.csv", entity_series(e, 80), SOURCE)
-        write(root / "fleet" / "test" / f"m{e}.csv", entity_series(e + 10, 120, spike=30), SOURCE)
+        write(root / "fleet" / "train" / f"m{e}{suffix}", entity_series(e, 80), header)
+        write(root / "fleet" / "test" / f"m{e}{suffix}", entity_series(e + 10, 120, spike=30), header)
         labels = np.zeros(120)
         labels[30:35] = labels[90:95] = 1
         write(root / "fleet" / "test_label" / f"m{e}.txt", labels)
-    overrides = [
+    settings = [
         "dataset=series_folders",
         f"dataset.source.root={root / 'fleet'}",
         f"dataset.source.window={WINDOW}",
         f"dataset.source.stride={STRIDE}",
-        f"dataset.source.features=[{','.join(FEATURES)}]",
         "dataset.n_folds=3",
         f"dataset.k_shot={K}",
         "dataset.n_query=8",
         "threshold=support_quantile",
         "logger=none",
     ]
-    cfg = compose_in(root / "train", overrides)
+    cfg = compose_in(root / "train", [*settings, *overrides])
     train(cfg)
     GlobalHydra.instance().clear()
-    return root, Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+    return Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Support scaling, features chosen by name from CSV files with a header."""
+    root = tmp_path_factory.mktemp("live")
+    return root, train_fleet(root, ".csv", SOURCE, f"dataset.source.features=[{','.join(FEATURES)}]")
 
 
 @pytest.fixture
@@ -218,3 +222,24 @@ def test_a_series_model_is_not_exported_as_a_sample_scorer(trained, history_and_
     with pytest.raises(ExportError, match="is a series model"):
         detector.export(tmp_path / "model.pt")
     assert not (tmp_path / "model.pt").exists()
+
+
+def test_a_model_of_columns_by_index_without_scaling(tmp_path_factory, history_and_series):
+    """Headerless .npy files (columns are positions), features [2, 0], dataset.scaling=none."""
+    root = tmp_path_factory.mktemp("by_index")
+    path = train_fleet(root, ".npy", None, "dataset.source.features=[2,0]", "dataset.scaling=none")
+    preprocessing = Preprocessing.from_dict(ckpt.load(path).preprocessing)
+    assert preprocessing.columns == ("2", "0") and preprocessing.source_columns == ("0", "1", "2", "3")
+    assert preprocessing.scaling == "none"
+    history, series = history_and_series
+    detector = metaad.load(path).fit(history)
+    assert detector.series_mean_ is None
+    learner = detector.detector
+    h, s = history[:, [2, 0]].astype(np.float32), series[:, [2, 0]].astype(np.float32)
+    support = np.stack([h[a : a + WINDOW] for a in (len(h) - WINDOW - STRIDE * i for i in (2, 1, 0))])
+    with torch.no_grad():
+        state = learner.adapt(torch.from_numpy(support)[None])
+        expected = score_stream(learner, state, torch.from_numpy(s)[None], WINDOW)[0]
+    np.testing.assert_allclose(detector.decision_function(series), expected.double().numpy(), rtol=1e-6)
+    with pytest.raises(DataError, match=r"unknown \['cpu'"):  # a frame is matched by the positions' names
+        detector.decision_function(frame(series))
