@@ -21,7 +21,10 @@ OMNIGLOT = Preprocessing((1, 28, 28), scale=1 / 255, invert=True, image_size=28)
 
 def test_plain_data_round_trip_through_a_weights_only_checkpoint(tmp_path):
     table_prep = Preprocessing((3,), feature_names=("f1", "f2", "f3"))
-    for prep in (OMNIGLOT, table_prep, Preprocessing((64,), scale=1 / 16)):
+    series_prep = Preprocessing(
+        (8, 2), window=8, stride=4, source_columns=("a", "b", "c"), columns=("c", "a"), scaling="support"
+    )
+    for prep in (OMNIGLOT, table_prep, Preprocessing((64,), scale=1 / 16), series_prep):
         torch.save({"preprocessing": prep.to_dict()}, tmp_path / "c.ckpt")
         stored = torch.load(tmp_path / "c.ckpt", weights_only=True)["preprocessing"]
         assert Preprocessing.from_dict(stored) == prep
@@ -32,6 +35,18 @@ def test_plain_data_round_trip_through_a_weights_only_checkpoint(tmp_path):
         "invert": True,
         "image_size": 28,
     }
+    assert series_prep.to_dict()["columns"] == ["c", "a"] and series_prep.to_dict()["scale_clip"] == 100.0
+
+
+def test_series_fields_are_checked():
+    with pytest.raises(DataError, match="window, stride and columns together"):
+        Preprocessing((8, 2), window=8, columns=("a", "b"))
+    with pytest.raises(DataError, match=r"columns \['z'\] are not among the source's"):
+        Preprocessing((8, 2), window=8, stride=1, source_columns=("a", "b"), columns=("a", "z"))
+    with pytest.raises(DataError, match="windows of 8 steps x 2 columns, but samples of shape"):
+        Preprocessing((4, 2), window=8, stride=1, columns=("a", "b"))
+    with pytest.raises(DataError, match="scaling must be 'none' or 'support'"):
+        Preprocessing((8, 2), window=8, stride=1, columns=("a", "b"), scaling="minmax")
 
 
 def test_from_dict_refuses_unknown_keys_by_name():

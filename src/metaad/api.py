@@ -5,7 +5,20 @@
     det.decision_function(X)     # anomaly scores, higher = more anomalous
     det.predict(X)               # 0/1 at the stored threshold (det.threshold_)
 
-``fit`` is the few-shot adaptation (``adapt`` on the support set), not training. A loaded
+``fit`` is the few-shot adaptation (``adapt`` on the support set), not training.
+
+A series model (trained on windows cut from series) takes series instead of samples:
+
+    det = metaad.load(ckpt).fit(history)    # (T_h, D) normal history of a new entity
+    scores = det.decision_function(series)  # (T - W + 1,): scores[i] is step i + W - 1
+    steps = det.scored_steps(len(series))   # those step indices, W - 1 .. T - 1
+
+``fit`` cuts the K most recent windows of the history (K = the checkpoint's ``dataset.k_shot``,
+at the source's stride, the last ending at the history's last step: the support K the threshold
+was fitted for), takes the scaling statistics from them alone (``scaling=support``), and adapts.
+``decision_function`` scores every window of the series in one causal pass
+(:func:`metaad.detectors.base.score_stream`): a step before the first full window has no score,
+and none is made up. Window, stride, columns and scaling come from the checkpoint. A loaded
 learner applies the preprocessing its source applied in training (scaling, resizing, inversion,
 feature order by column name), stored in the checkpoint. Where training had no column names
 (digits, images, a baseline), a data frame scored after a fitted frame has its columns matched to
@@ -36,7 +49,7 @@ import yaml
 from torch import Tensor
 
 from metaad.data.tasks import DataError
-from metaad.data.values import column_label, refuse_extreme
+from metaad.data.values import column_label, magnitude_limit, refuse_extreme
 from metaad.detectors.base import Detector
 from metaad.evaluation.thresholds import NonFiniteScores, Threshold, leave_one_out_scores
 
@@ -68,6 +81,7 @@ class Parts:
     threshold: Threshold | None
     name: str
     threshold_k_shot: int | None = None
+    series_k_shot: int | None = None  # a series model: the K history windows fit adapts on
 
 
 class FewShotDetector:
@@ -228,7 +242,7 @@ class FewShotDetector:
         parts = self._parts()
         for attribute in [a for a in vars(self) if a.endswith("_")]:
             delattr(self, attribute)  # nothing of an earlier fit survives a refit
-        support = self._inputs(X, fitting=True)[None]
+        support = self._series_support(X) if self._is_series else self._inputs(X, fitting=True)[None]
         k = support.shape[1]
         if support[0, 0].numel() == 0:
             raise DataError(
@@ -236,7 +250,9 @@ class FewShotDetector:
                 "required."
             )
         self.n_features_in_ = support[0, 0].numel()
-        if parts.preprocessing is not None:
+        if self._is_series:
+            self.feature_names_in_ = list(parts.preprocessing.columns)
+        elif parts.preprocessing is not None:
             names = parts.preprocessing.feature_names
             self.feature_names_in_ = list(names) if names else None
         threshold = parts.threshold
@@ -273,7 +289,8 @@ class FewShotDetector:
         return self
 
     def decision_function(self, X: Any) -> np.ndarray:
-        """Anomaly score of each sample; higher = more anomalous."""
+        """Anomaly score of each sample; higher = more anomalous. A series model: one score per
+        step from the first full window on, ``T - W + 1`` of them (see :meth:`scored_steps`)."""
         return self._scores(X).double().numpy()[0]
 
     def normalised_scores(self, X: Any) -> np.ndarray:
@@ -353,8 +370,94 @@ class FewShotDetector:
                 self.support_scores_ = leave_one_out_scores(self.detector, self.support_)
         return self.support_scores_
 
+    @property
+    def _is_series(self) -> bool:
+        preprocessing = self.preprocessing
+        return preprocessing is not None and getattr(preprocessing, "is_series", False)
+
+    def scored_steps(self, n_steps: int) -> np.ndarray:
+        """A series model: the step index of each entry of ``decision_function`` on a series of
+        ``n_steps`` steps, ``W - 1 .. n_steps - 1`` (the last step of each window scored)."""
+        if not self._is_series:
+            raise DataError(f"{self.name}: scores samples, not the steps of a series")
+        window = self.preprocessing.window
+        self._refuse_short(int(n_steps), "the series")
+        return np.arange(window - 1, int(n_steps))
+
+    def _refuse_short(self, n_steps: int, what: str) -> None:
+        window = self.preprocessing.window
+        if n_steps < window:
+            raise DataError(
+                f"{self.name}: {what} has {n_steps} step(s), fewer than one window of {window}; "
+                "a step is scored once a full window ends at it"
+            )
+
+    def _series_support(self, history: Any) -> Tensor:
+        """The K most recent windows of ``history`` at the source's stride, scaled by their own
+        statistics where the model was trained so (``series_mean_`` / ``series_spread_``)."""
+        from metaad.data.episodes import scale_with, support_statistics
+
+        steps, k = self.preprocessing, self._parts().series_k_shot
+        values = steps.series_values(history, f"{self.name}: fit (the history)")
+        need = steps.window + (k - 1) * steps.stride
+        if len(values) < need:
+            raise DataError(
+                f"{self.name}: fit got a history of {len(values)} step(s); the model adapts on its "
+                f"K={k} most recent windows of {steps.window} steps at stride {steps.stride}, so it "
+                f"needs at least {need} steps"
+            )
+        starts = len(values) - steps.window - steps.stride * np.arange(k - 1, -1, -1)
+        windows = values[starts[:, None] + np.arange(steps.window)]
+        self.series_mean_ = self.series_spread_ = None
+        if steps.scaling == "support":
+            self.series_mean_, self.series_spread_ = support_statistics(windows)
+            windows = scale_with(windows, self.series_mean_, self.series_spread_, steps.scale_clip)
+        if self.series_mean_ is not None:
+            values = scale_with(values, self.series_mean_, self.series_spread_, steps.scale_clip)
+        self._refuse_extreme_steps(values, "history")
+        self.window_ = steps.window
+        return torch.from_numpy(np.ascontiguousarray(windows, np.float32))[None]
+
+    def _refuse_extreme_steps(self, values: np.ndarray, what: str) -> None:
+        """A step value too large for float32 sums of squares over a window (:mod:`metaad.data.values`)."""
+        steps = self.preprocessing
+        limit = magnitude_limit(steps.window * values.shape[1])
+        big = np.abs(values) > limit
+        if big.any():
+            row, column = (int(i) for i in np.argwhere(big)[0])
+            scaled = " after the support's scaling" if self.series_mean_ is not None else ""
+            raise DataError(
+                f"{self.name}: the {what}'s step {row}, column {steps.columns[column]!r} holds "
+                f"{float(values[row, column]):.3g}{scaled}; metaad computes in float32, where squares of "
+                f"values beyond +-{limit:.2g} summed over a window overflow: rescale the data"
+            )
+
+    def _series_scores(self, series: Any) -> Tensor:
+        """(1, T - W + 1) scores of every window of ``series``, in one pass."""
+        from metaad.data.episodes import scale_with
+        from metaad.detectors.base import score_stream
+
+        steps = self.preprocessing
+        values = steps.series_values(series, f"{self.name}: decision_function (the series)")
+        self._refuse_short(len(values), "the series")
+        if self.series_mean_ is not None:
+            values = scale_with(values, self.series_mean_, self.series_spread_, steps.scale_clip)
+        self._refuse_extreme_steps(values, "series")
+        with torch.no_grad():
+            scores = score_stream(self.detector, self.state_, torch.from_numpy(values)[None], steps.window)
+        scores = scores.detach().float()
+        bad = np.flatnonzero(~torch.isfinite(scores[0]).numpy())
+        if len(bad):
+            raise NonFiniteScores(
+                f"{self.name}: the score of {len(bad)} step(s) is NaN or infinite (first steps: "
+                f"{(bad[:5] + steps.window - 1).tolist()}); a score that is not a number is never a decision"
+            )
+        return scores
+
     def _scores(self, X: Any) -> Tensor:
         self._require_fit()
+        if self._is_series:
+            return self._series_scores(X)
         query = self._inputs(X, fitting=False)[None]
         with torch.no_grad():
             scores = self.detector.score(self.state_, query).detach().float()
@@ -448,7 +551,8 @@ class LoadedDetector(FewShotDetector):
             threshold.load_state_dict(stored)  # taken only if fitted under this very rule and settings
         name = f"{cfg.get('names', {}).get('model', 'learner')} ({Path(path).name})"
         k_shot = cfg.dataset.get("k_shot") if threshold is not None and threshold.fits_on_validation else None
-        return Parts(learner, preprocessing, threshold, name, k_shot)
+        series_k_shot = int(cfg.dataset.k_shot) if preprocessing.is_series else None
+        return Parts(learner, preprocessing, threshold, name, k_shot, series_k_shot)
 
 
 class BaselineDetector(FewShotDetector):

@@ -110,6 +110,12 @@ def export(detector: Any, path: str | Path, format: str = "torchscript", overwri
     """Write fitted ``detector`` (a :class:`metaad.api.FewShotDetector`) to ``path``; returns the path."""
     if format not in FORMATS:
         raise ExportError(f"export: format must be one of {FORMATS}, got {format!r}")
+    if getattr(detector.preprocessing, "is_series", False):
+        raise ExportError(
+            f"export: {detector.name} is a series model (windows cut from a series and scaled by its "
+            "history's statistics); a file that scores raw samples cannot hold that: score it with "
+            "metaad.load(ckpt).fit(history).decision_function(series) or metaad-score history= series="
+        )
     path = Path(path)
     _check_output(detector, path, format, overwrite)
     detector._require_threshold()  # decisions need a threshold, and the detector must be fitted

@@ -190,7 +190,7 @@ def check_output(output: Path, inputs: list[Path], overwrite: Any) -> None:
 def _is_scores_table(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8") as file:
-            return file.readline().strip() == ",".join(COLUMNS)
+            return file.readline().strip() in (",".join(COLUMNS), ",".join(SERIES_COLUMNS))
     except (OSError, UnicodeDecodeError):
         return False
 
@@ -210,18 +210,60 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
         partial.unlink(missing_ok=True)
 
 
-def score(cfg: DictConfig) -> Any:
-    """Score ``cfg.query`` against ``cfg.support`` with ``cfg.ckpt_path``; writes and returns the table."""
+SERIES_COLUMNS = ("step", "score", "normalised_score", "is_anomaly")
+PAIRS = {"samples": ("support", "query"), "series": ("history", "series")}
+
+
+def read_series(path: str | Path, role: str) -> Any:
+    """A raw series ``(steps, columns)``: a data frame where the file names its columns (CSV/TXT with
+    a header row; columns are then matched to the model's by name), else an array read by position.
+    ``.csv``/``.txt``/``.npy``, each optionally ``.gz``, or ``.npz`` (array ``X``/``x`` or its only one)."""
     import pandas as pd
+
+    from metaad.data.series import _stem, read_matrix
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{role}={path}: no such file")
+    if path.suffix.lower() == ".npz":
+        return _read_numpy(path, role)[1]
+    if _stem(path) is None:
+        raise DataError(f"{role}={path}: expected a .csv, .txt or .npy file (optionally .gz) or a .npz")
+    try:
+        values, header = read_matrix(path)
+    except DataError as error:
+        raise DataError(f"{role}={error}") from None
+    return pd.DataFrame(values, columns=header) if header else values
+
+
+def _inputs_kind(cfg: DictConfig) -> str:
+    """``samples`` (support + query) or ``series`` (history + series), from the files given."""
+    given = {role for pair in PAIRS.values() for role in pair if cfg.get(role) is not None}
+    for role in given:
+        if not isinstance(cfg[role], str) or not cfg[role]:
+            raise ConfigError(f"{role} must be the path of a file or folder, got {cfg[role]!r}")
+    kinds = [kind for kind, pair in PAIRS.items() if given & set(pair)]
+    if len(kinds) != 1 or given != set(PAIRS[kinds[0]]):
+        raise ConfigError(
+            f"metaad-score takes support=<file> query=<file> (a sample model) or history=<file> "
+            f"series=<file> (a series model), got {sorted(given) or 'none of them'}"
+        )
+    return kinds[0]
+
+
+def score(cfg: DictConfig) -> Any:
+    """Score ``cfg.query`` against ``cfg.support`` (or ``cfg.series`` after ``cfg.history``) with
+    ``cfg.ckpt_path``; writes and returns the table."""
     from hydra.utils import instantiate
 
     from metaad.api import load
     from metaad.apps.checks import check_settings_of, check_threshold
 
     check_settings_of(cfg, "score")
-    for key in ("ckpt_path", "support", "query", "output"):
+    for key in ("ckpt_path", "output"):
         if not isinstance(cfg.get(key), str) or not cfg.get(key):
             raise ConfigError(f"{key} must be the path of a file or folder, got {cfg.get(key)!r}")
+    kind = _inputs_kind(cfg)
     output = Path(cfg.output)
     if output.is_dir():
         raise DataError(f"output={output} is a folder; give the path of the .csv file to write")
@@ -230,9 +272,7 @@ def score(cfg: DictConfig) -> Any:
     blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise DataError(f"output={output}: {blocking} is a file, so the folder to write in cannot be made")
-    check_output(
-        output, [Path(cfg[role]) for role in ("ckpt_path", "support", "query")], cfg.get("overwrite")
-    )
+    check_output(output, [Path(cfg[role]) for role in ("ckpt_path", *PAIRS[kind])], cfg.get("overwrite"))
     check_threshold(cfg.get("threshold"))
     threshold = instantiate(cfg.threshold) if cfg.get("threshold") is not None else None
     detector = load(cfg.ckpt_path, threshold=threshold)
@@ -241,6 +281,22 @@ def score(cfg: DictConfig) -> Any:
             f"ckpt_path: {cfg.ckpt_path} was trained without a threshold; choose one with "
             "threshold=support_quantile or threshold=fixed"
         )
+    series_model = detector._is_series
+    if series_model != (kind == "series"):
+        wanted = (
+            "a series model: give history=<file> and series=<file> (normal steps, then steps to score)"
+            if series_model
+            else "a model that scores samples: give support=<file> and query=<file>"
+        )
+        raise DataError(f"ckpt_path={cfg.ckpt_path} is {wanted}")
+    if series_model:
+        return _score_series(cfg, detector, output)
+    return _score_samples(cfg, detector, output)
+
+
+def _score_samples(cfg: DictConfig, detector: Any, output: Path) -> Any:
+    import pandas as pd
+
     shape = tuple(detector.preprocessing.sample_shape)
     for role in ("support", "query"):
         if Path(cfg[role]).is_dir() and not (len(shape) == 3 and shape[0] in (1, 3)):
@@ -265,6 +321,35 @@ def score(cfg: DictConfig) -> Any:
     print(
         f"{len(table)} query samples scored against {len(support_ids)} normal support samples: "
         f"{int(is_anomaly.sum())} anomalies at threshold {detector.threshold_rule.rule} = "
+        f"{detector.threshold_:.4g} (normalise={detector.threshold_rule.normalise}) -> {output}"
+    )
+    return table
+
+
+def _score_series(cfg: DictConfig, detector: Any, output: Path) -> Any:
+    """One row a step of the series; the steps before the first full window get empty cells."""
+    import pandas as pd
+
+    history, series = read_series(cfg.history, "history"), read_series(cfg.series, "series")
+    try:
+        detector.fit(history)
+    except DataError as error:
+        raise DataError(f"history={cfg.history}: {error}") from error
+    try:
+        scores, normalised = detector.decision_function(series), detector.normalised_scores(series)
+    except DataError as error:
+        raise DataError(f"series={cfg.series}: {error}") from error
+    n_steps, first = len(series), detector.window_ - 1
+    table = pd.DataFrame({"step": np.arange(n_steps)})
+    table["score"] = np.concatenate([np.full(first, np.nan), scores])
+    table["normalised_score"] = np.concatenate([np.full(first, np.nan), normalised])
+    decisions = (normalised > detector.threshold_).astype(np.int64)
+    table["is_anomaly"] = pd.array([pd.NA] * first + decisions.tolist(), dtype="Int64")
+    write_atomically(output, lambda path: table.to_csv(path, index=False))
+    print(
+        f"{len(scores)} of {n_steps} steps scored (steps {first}..{n_steps - 1}: the first {first} have no "
+        f"full window of {detector.window_}) after the last {detector.n_support_} history windows: "
+        f"{int(decisions.sum())} anomalous at threshold {detector.threshold_rule.rule} = "
         f"{detector.threshold_:.4g} (normalise={detector.threshold_rule.normalise}) -> {output}"
     )
     return table

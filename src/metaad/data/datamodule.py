@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -174,6 +175,12 @@ class EpisodeDataModule(pl.LightningDataModule):
             )
         self.pools = split_tasks(data, **args)
         self._preprocessing, self._data_name = data.preprocessing, data.name
+        if data.preprocessing.is_series:  # the scaling rule travels with the model's windows
+            self._preprocessing = dataclasses.replace(
+                data.preprocessing,
+                scaling=self.episode_args["scaling"],
+                scale_clip=float(self.episode_args["scale_clip"]),
+            )
         self.datasets = {
             split: EpisodeDataset(
                 pool,

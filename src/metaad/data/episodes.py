@@ -240,14 +240,21 @@ def scale_by_support(
     only, as a deployment sees a new entity: nothing of the query period sets the scale. A spread
     below ``1e-3 * (1 + |mean|)`` (a constant metric) is raised to it; values are clipped to
     ``+-clip`` so that a metric constant in the support cannot blow up the inputs."""
+    mean, spread = support_statistics(support)
+    return scale_with(support, mean, spread, clip), scale_with(query, mean, spread, clip)
+
+
+def support_statistics(support: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each metric's (last axis) mean and spread over every step of ``support``, in float64; the
+    spread raised to ``1e-3 * (1 + |mean|)`` where smaller (see :func:`scale_by_support`)."""
     steps = support.reshape(-1, support.shape[-1]).astype(np.float64)
     mean, spread = steps.mean(axis=0), steps.std(axis=0)
-    spread = np.maximum(spread, 1e-3 * (1.0 + np.abs(mean)))
+    return mean, np.maximum(spread, 1e-3 * (1.0 + np.abs(mean)))
 
-    def scale(x: np.ndarray) -> np.ndarray:
-        return np.clip((x - mean) / spread, -clip, clip).astype(np.float32)
 
-    return scale(support), scale(query)
+def scale_with(x: np.ndarray, mean: np.ndarray, spread: np.ndarray, clip: float) -> np.ndarray:
+    """``x`` standardised by :func:`support_statistics`, clipped to ``+-clip``, as float32."""
+    return np.clip((x - mean) / spread, -clip, clip).astype(np.float32)
 
 
 class EpisodeSampler(Sampler):

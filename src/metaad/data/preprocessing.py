@@ -10,6 +10,12 @@ The arithmetic, in this order: resize images to ``image_size`` (Pillow, Lanczos,
 as Omniglot's PNGs are), then in float64 ``x * scale``, then ``1 - x`` if ``invert``, then one
 rounding to float32. Importing this module imports numpy only: Pillow is imported when an image is
 resized, and pandas never (a frame is recognised only when pandas is already loaded).
+
+A series source also records what turns a raw ``(steps, columns)`` series into the model's
+windows: ``window`` and ``stride``, the source's columns and the ones it selected, and the scaling
+rule (``scaling=support``: each metric standardised by the support's mean and spread only,
+:func:`metaad.data.episodes.scale_by_support`); :meth:`Preprocessing.series_values` applies the
+column selection to a user's series.
 """
 
 from __future__ import annotations
@@ -42,6 +48,12 @@ class Preprocessing:
     scale: float = 1.0
     invert: bool = False
     image_size: int | None = None
+    window: int | None = None
+    stride: int | None = None
+    source_columns: tuple[str, ...] | None = None
+    columns: tuple[str, ...] | None = None
+    scaling: str = "none"
+    scale_clip: float = 100.0
 
     def __post_init__(self) -> None:
         try:
@@ -79,18 +91,72 @@ class Preprocessing:
                     f"(channels, {self.image_size}, {self.image_size}), got {shape}"
                 )
             object.__setattr__(self, "image_size", int(self.image_size))
+        self._check_series(shape)
+
+    def _check_series(self, shape: tuple[int, ...]) -> None:
+        """Series fields: all or none of window, stride and the columns; a window of the columns."""
+        given = [self.window is not None, self.stride is not None, self.columns is not None]
+        if not any(given):
+            if self.scaling != "none" or self.source_columns is not None:
+                raise DataError("preprocessing: scaling and source_columns are for series (window) models")
+            return
+        if not all(given):
+            raise DataError("preprocessing: a series model needs window, stride and columns together")
+        for key in ("window", "stride"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise DataError(f"preprocessing: {key} must be a positive integer, got {value!r}")
+            object.__setattr__(self, key, int(value))
+        columns = tuple(str(c) for c in self.columns)
+        source = tuple(str(c) for c in (self.source_columns if self.source_columns is not None else columns))
+        _refuse_duplicates(columns, "preprocessing: columns")
+        _refuse_duplicates(source, "preprocessing: source_columns")
+        unknown = [c for c in columns if c not in source]
+        if unknown:
+            raise DataError(
+                f"preprocessing: columns {unknown} are not among the source's {list(source)[:20]}"
+            )
+        if shape != (self.window, len(columns)):
+            raise DataError(
+                f"preprocessing: windows of {self.window} steps x {len(columns)} columns, but samples of "
+                f"shape {shape}"
+            )
+        object.__setattr__(self, "columns", columns)
+        object.__setattr__(self, "source_columns", source)
+        if self.scaling not in ("none", "support"):
+            raise DataError(f"preprocessing: scaling must be 'none' or 'support', got {self.scaling!r}")
+        clip = self.scale_clip
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
+            raise DataError(f"preprocessing: scale_clip must be a positive number, got {clip!r}")
+        object.__setattr__(self, "scale_clip", float(clip))
+
+    @property
+    def is_series(self) -> bool:
+        """A model of windows cut from a series (``fit(history)``, a score per step)."""
+        return self.window is not None
 
     # --- plain data --------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Lists, floats, bools, str and None only: safe in a ``weights_only`` checkpoint."""
-        return {
+        """Lists, floats, bools, str and None only: safe in a ``weights_only`` checkpoint. The
+        series keys are written for a series model only (a sample model's dict is as before)."""
+        plain = {
             "sample_shape": list(self.sample_shape),
             "feature_names": None if self.feature_names is None else list(self.feature_names),
             "scale": self.scale,
             "invert": self.invert,
             "image_size": self.image_size,
         }
+        if self.is_series:
+            plain |= {
+                "window": self.window,
+                "stride": self.stride,
+                "source_columns": list(self.source_columns),
+                "columns": list(self.columns),
+                "scaling": self.scaling,
+                "scale_clip": self.scale_clip,
+            }
+        return plain
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
@@ -104,6 +170,63 @@ class Preprocessing:
         if "sample_shape" not in d:
             raise DataError("preprocessing: sample_shape is missing")
         return cls(**d)
+
+    # --- a raw series -> the model's columns ------------------------------------------------------
+
+    def series_values(self, x: Any, what: str) -> np.ndarray:
+        """A user's raw series ``(steps, columns)`` -> ``(steps, len(columns))`` float32, the columns
+        the source selected, as it stored them (float32, before any scaling).
+
+        A frame is matched by column name: it must hold every selected column, and may hold the
+        source's other columns (left out, as the source left them); a column the source never had is
+        refused. An array is read by position and must have the source's width."""
+        if not self.is_series:
+            raise DataError(f"{what}: this model does not take a series")
+        if _is_frame(x):
+            names = [str(c) for c in x.columns]
+            _refuse_duplicates(names, f"{what}: the frame's columns")
+            missing = [c for c in self.columns if c not in names]
+            foreign = [c for c in names if c not in self.source_columns]
+            if missing or foreign:
+                raise DataError(
+                    f"{what}: the columns do not match the model's (matched by name): missing "
+                    f"{missing[:10]}, unknown {foreign[:10]}; it was trained on the columns "
+                    f"{list(self.columns)[:20]}"
+                )
+            frame = x.iloc[:, [names.index(c) for c in self.columns]]
+            text = [
+                str(c)
+                for c, kind in zip(frame.columns, frame.dtypes)
+                if getattr(kind, "kind", "O") not in "biuf"
+            ]
+            if text:
+                raise DataError(f"{what}: the column(s) {text[:10]} are not numeric")
+            values = frame.to_numpy(np.float64)
+        else:
+            raw = _as_array(x)
+            if raw.dtype.kind not in "biuf":
+                raise DataError(f"{what}: the series must be numeric, got dtype {raw.dtype}")
+            if raw.ndim != 2 or raw.shape[1] != len(self.source_columns):
+                raise DataError(
+                    f"{what}: expected a (steps, {len(self.source_columns)}) series, the source's columns "
+                    f"{list(self.source_columns)[:20]} in order, got shape {raw.shape}"
+                )
+            index = {c: i for i, c in enumerate(self.source_columns)}
+            values = raw[:, [index[c] for c in self.columns]].astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+        if len(bad):
+            raise DataError(
+                f"{what}: {len(bad)} step(s) hold NaN, inf or an empty value (first rows, 0-based: "
+                f"{bad[:5].tolist()})"
+            )
+        with np.errstate(over="ignore"):
+            single = values.astype(np.float32)
+        beyond = np.flatnonzero(~np.isfinite(single).all(axis=1))
+        if len(beyond):
+            raise DataError(
+                f"{what}: step {beyond[0]} holds a value beyond float32's range (+-3.4e38); rescale the data"
+            )
+        return single
 
     # --- raw samples -> model inputs --------------------------------------------------------------
 

@@ -132,7 +132,9 @@ class _Collector:
         self.period.append(period[keep])
         self.span.append(np.stack([start_clock[keep], end_clock[keep]], axis=1))
 
-    def data(self, values, name: str, feature_names: Sequence[str]) -> LabelledData:
+    def data(
+        self, values, name: str, feature_names: Sequence[str], source_columns: Sequence[str]
+    ) -> LabelledData:
         if not self.starts or not sum(len(s) for s in self.starts):
             raise DataError(
                 f"{name}: no entity has a part of at least dataset.source.window={self.cut.window} steps"
@@ -156,11 +158,27 @@ class _Collector:
             names=tuple(self.names),
             anomalous=np.concatenate(self.anomalous),
             name=name,
-            preprocessing=Preprocessing(windows.shape[1:]),
+            preprocessing=series_preprocessing(
+                self.cut.window, self.cut.stride, feature_names, source_columns
+            ),
             finite_checked=True,
             period=np.concatenate(self.period),
             span=np.concatenate(self.span),
         )
+
+
+def series_preprocessing(
+    window: int, stride: int, columns: Sequence[str], source_columns: Sequence[str]
+) -> Preprocessing:
+    """What turns a raw series of ``source_columns`` into this source's windows (the datamodule adds
+    the scaling rule): stored with a model, so that its API and ``metaad-score`` cut the same."""
+    return Preprocessing(
+        (window, len(columns)),
+        window=window,
+        stride=stride,
+        source_columns=tuple(str(c) for c in source_columns),
+        columns=tuple(str(c) for c in columns),
+    )
 
 
 def _check_cut(window: int, stride: int, time_cut: float) -> Cut:
@@ -397,7 +415,7 @@ def series_folders(
         collector.add(name, offset + len(history), labels, test_clock, history=False)
         parts += [history.astype(np.float32), test.astype(np.float32)]
         offset += len(history) + len(test)
-    return collector.data(np.concatenate(parts), f"series ({root})", [columns[i] for i in chosen])
+    return collector.data(np.concatenate(parts), f"series ({root})", [columns[i] for i in chosen], columns)
 
 
 def _files(folder: Path, what: str) -> dict[str, Path]:
@@ -513,7 +531,7 @@ def telemanom(
         collector.add(chan, offset + len(history), labels, test_clock, history=False)
         parts += [history.astype(np.float32), test.astype(np.float32)]
         offset += len(history) + len(test)
-    return collector.data(np.concatenate(parts), f"telemanom ({root})", [columns[i] for i in chosen])
+    return collector.data(np.concatenate(parts), f"telemanom ({root})", [columns[i] for i in chosen], columns)
 
 
 # --- a long table --------------------------------------------------------------------------------
@@ -579,7 +597,7 @@ def series_table(
             names=tuple(json.loads(str(saved["names"]))),
             anomalous=saved["anomalous"],
             name=f"series table ({path})",
-            preprocessing=Preprocessing((window, len(names))),
+            preprocessing=series_preprocessing(window, stride, names, candidates),
             finite_checked=True,
             period=saved["period"],
             span=saved["span"],
@@ -621,7 +639,7 @@ def series_table(
     except BaseException:
         sink.abort()
         raise
-    data = collector.data(arrays.x, f"series table ({path})", names)
+    data = collector.data(arrays.x, f"series table ({path})", names, candidates)
     if folder is not None:
         np.savez(
             folder / "windows.npz",
