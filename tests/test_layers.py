@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).parents[1] / "src" / "metaad"
 # lower number = lower layer; a module may import its own layer and those below
 LAYERS = {
     "errors": 0,
+    "files": 0,
     "data": 1,
     "checkpoint": 1,
     "detectors": 2,

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from metaad import files
 from metaad.data.errors import DataError
 from metaad.evaluation.thresholds import EPS
 
@@ -306,14 +307,9 @@ def _check_output(detector: Any, path: Path, format: str, overwrite: bool) -> No
 
 
 def _write_atomically(path: Path, write) -> None:
-    """``write(temporary)`` then rename onto ``path``: a failure leaves ``path`` as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    """:func:`metaad.files.write_atomically`, a failure named as the export's."""
     try:
-        write(partial)
-        os.replace(partial, path)
+        files.write_atomically(path, write)
     except OSError as error:
         why = error.strerror or error
         raise ExportError(f"export: cannot write {path} ({why}); nothing was replaced") from None
-    finally:
-        partial.unlink(missing_ok=True)

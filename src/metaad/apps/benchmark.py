@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from metaad import files
 from metaad.apps.build import compose_config, plain
 from metaad.apps.checks import check_train_config
 from metaad.apps.cli import app
@@ -261,9 +261,8 @@ def _read_record(folder: Path) -> dict | None:
 
 
 def _write_record(folder: Path, config: dict) -> None:
-    partial = folder / f"{RECORD}.partial"
-    partial.write_text(json.dumps(config, indent=1, sort_keys=True))
-    os.replace(partial, folder / RECORD)
+    text = json.dumps(config, indent=1, sort_keys=True)
+    files.write_atomically(folder / RECORD, lambda partial: partial.write_text(text))
 
 
 def _matches(folder: Path, wanted: dict) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from metaad.errors import RunFolderError
+from metaad.files import process_alive
 
 LOCK = ".lock"
 
@@ -24,16 +25,6 @@ LOCK = ".lock"
 def _is_extra_rank() -> bool:
     """A DDP rank started by rank 0 for the same run (it shares rank 0's folder and lock)."""
     return int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
@@ -53,7 +44,7 @@ def claim(cfg: DictConfig, run_dir: Path, resume: bool) -> Iterator[None]:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         pid = _pid(lock)
-        if pid is not None and _alive(pid):
+        if pid is not None and process_alive(pid):
             raise RunFolderError(
                 f"run folder {run_dir} is in use by another run (pid {pid}); give each run its own "
                 "hydra.run.dir"

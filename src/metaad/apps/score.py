@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from metaad import files
 from metaad.apps.cli import app
 from metaad.data.tasks import DataError
 from metaad.errors import ConfigError
@@ -196,18 +197,13 @@ def _is_scores_table(path: Path) -> bool:
 
 
 def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(temporary)`` then rename onto ``path``: a failure leaves ``path`` as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    """:func:`metaad.files.write_atomically`, a failure named as the ``output``."""
     try:
-        write(partial)
-        os.replace(partial, path)
+        files.write_atomically(path, write)
     except OSError as error:
         raise DataError(
             f"output={path}: cannot write it ({error.strerror or error}); nothing was replaced"
         ) from None
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 SERIES_COLUMNS = ("step", "score", "normalised_score", "is_anomaly")

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from metaad.data.errors import DataError
+from metaad.files import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +102,6 @@ def _partial_name(folder: Path) -> Path:
     return folder.with_name(f"{folder.name}.partial-{socket.gethostname()}-{os.getpid()}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 def remove_dead_partials(cache: Path) -> None:
     """Delete the ``*.partial-<host>-<pid>`` folders of builds on this host whose process is gone.
 
@@ -125,7 +116,7 @@ def remove_dead_partials(cache: Path) -> None:
     for partial in partials:
         owner = partial.name.rsplit(".partial-", 1)[1]
         where, _, pid = owner.rpartition("-")
-        if not pid.isdigit() or where not in ("", host) or int(pid) == os.getpid() or _alive(int(pid)):
+        if not pid.isdigit() or where not in ("", host) or int(pid) == os.getpid() or process_alive(int(pid)):
             continue
         try:
             if not {f.name for f in partial.iterdir()} <= _WRITTEN:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
 import shlex
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from metaad import files
 
 
 def results(report: Any) -> dict[str, Any]:
@@ -69,18 +70,12 @@ def write_metrics(path: Path, metrics: dict[str, Any], reasons: dict[str, str] |
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """``text`` into ``path`` through ``<path>.partial`` and a rename; a failure names the folder."""
+    """``text`` into ``path`` (:func:`metaad.files.write_atomically`); a failure names the folder."""
     from metaad.errors import RunFolderError
 
-    partial = path.with_name(f"{path.name}.partial")
     try:
-        with open(partial, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
+        files.write_atomically(path, lambda partial: partial.write_text(text))
     except OSError as error:
-        partial.unlink(missing_ok=True)
         why = (
             "no space left on the device (or the file size limit, ulimit -f, reached)"
             if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
