@@ -27,7 +27,7 @@ def export(cfg: DictConfig) -> Path:
 
     from metaad.api import load
     from metaad.apps.checks import check_settings_of, check_threshold
-    from metaad.apps.score import read_samples
+    from metaad.apps.score import check_images_fit, fit_support, read_for_model
 
     check_settings_of(cfg, "export")
     for key in ("ckpt_path", "support", "output"):
@@ -50,16 +50,9 @@ def export(cfg: DictConfig) -> Path:
             "one with threshold=support_quantile or threshold=fixed"
         )
     shape = tuple(detector.preprocessing.sample_shape)
-    if Path(cfg.support).is_dir() and not (len(shape) == 3 and shape[0] in (1, 3)):
-        raise DataError(
-            f"support={cfg.support} is a folder of images, but the checkpoint's model takes samples of "
-            f"shape {shape}; give a .csv or .npz"
-        )
-    _, support = read_samples(cfg.support, "support", shape[0] if len(shape) == 3 else 1)
-    try:
-        detector.fit(support)
-    except DataError as error:
-        raise DataError(f"support={cfg.support}: {error}") from error
+    check_images_fit(cfg.support, "support", shape)
+    _, support = read_for_model(cfg.support, "support", shape)
+    fit_support(detector, support, f"support={cfg.support}")
     written = detector.export(output, format=cfg.format, overwrite=cfg.overwrite)
     rule = detector.threshold_rule
     print(

@@ -162,6 +162,28 @@ def _read_images(folder: Path, role: str, channels: int) -> tuple[list[str], np.
     return [f.name for f in files], x if channels == 1 else x.transpose(0, 3, 1, 2)
 
 
+def check_images_fit(path: str, role: str, shape: tuple[int, ...]) -> None:
+    """A folder of images only for a model of (1 or 3, height, width) images."""
+    if Path(path).is_dir() and not (len(shape) == 3 and shape[0] in (1, 3)):
+        raise DataError(
+            f"{role}={path} is a folder of images, but the checkpoint's model takes samples of "
+            f"shape {shape}, not (1 or 3, height, width) images; give a .csv or .npz"
+        )
+
+
+def read_for_model(path: str, role: str, shape: tuple[int, ...]) -> tuple[list[str], Any]:
+    """:func:`read_samples` with the channels of a model of samples of ``shape``."""
+    return read_samples(path, role, shape[0] if len(shape) == 3 else 1)
+
+
+def fit_support(detector: Any, support: Any, where: str) -> None:
+    """``detector.fit(support)``, a data error named by where the support came from."""
+    try:
+        detector.fit(support)
+    except DataError as error:
+        raise DataError(f"{where}: {error}") from error
+
+
 def _positions(n: int) -> list[str]:
     return [str(i) for i in range(n)]
 
@@ -295,18 +317,10 @@ def _score_samples(cfg: DictConfig, detector: Any, output: Path) -> Any:
 
     shape = tuple(detector.preprocessing.sample_shape)
     for role in ("support", "query"):
-        if Path(cfg[role]).is_dir() and not (len(shape) == 3 and shape[0] in (1, 3)):
-            raise DataError(
-                f"{role}={cfg[role]} is a folder of images, but the checkpoint's model takes samples of "
-                f"shape {shape}, not (1 or 3, height, width) images; give a .csv or .npz"
-            )
-    channels = shape[0] if len(shape) == 3 else 1
-    support_ids, support = read_samples(cfg.support, "support", channels)
-    query_ids, query = read_samples(cfg.query, "query", channels)
-    try:
-        detector.fit(support)
-    except DataError as error:
-        raise DataError(f"support={cfg.support}: {error}") from error
+        check_images_fit(cfg[role], role, shape)
+    support_ids, support = read_for_model(cfg.support, "support", shape)
+    query_ids, query = read_for_model(cfg.query, "query", shape)
+    fit_support(detector, support, f"support={cfg.support}")
     try:
         scores, normalised = detector.decision_function(query), detector.normalised_scores(query)
     except DataError as error:
@@ -327,10 +341,7 @@ def _score_series(cfg: DictConfig, detector: Any, output: Path) -> Any:
     import pandas as pd
 
     history, series = read_series(cfg.history, "history"), read_series(cfg.series, "series")
-    try:
-        detector.fit(history)
-    except DataError as error:
-        raise DataError(f"history={cfg.history}: {error}") from error
+    fit_support(detector, history, f"history={cfg.history}")
     try:
         scores, normalised = detector.decision_function(series), detector.normalised_scores(series)
     except DataError as error:
