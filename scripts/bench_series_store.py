@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_store import measured_train  # a script beside this one
 
 GB = 1e9
 GROUP = 500_000
@@ -95,22 +96,7 @@ def train(table: Path, cache: Path, run_dir: Path, steps: int, log_file: Path) -
         "logger=none",
         f"hydra.run.dir={run_dir}",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    start = time.perf_counter()
-    with open(log_file, "w") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"metaad-train failed (log: {log_file}):\n{' '.join(cmd)}")
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    best = max(b["auroc"]["mean"] for b in metrics["baselines"].values())
-    return {
-        "wall_s": wall,
-        "peak_gb": usage.ru_maxrss * 1024 / GB,
-        "test_auroc": metrics["test"]["auroc"]["mean"],
-        "baseline_auroc": best,
-    }
+    return measured_train(cmd, run_dir, log_file)
 
 
 DRAW = """

@@ -86,6 +86,12 @@ def train(table: Path, cache: Path | None, run_dir: Path, steps: int, log_file: 
         "logger=none",
         f"hydra.run.dir={run_dir}",
     ]
+    return measured_train(cmd, run_dir, log_file)
+
+
+def measured_train(cmd: list[str], run_dir: Path, log_file: Path) -> dict:
+    """Run a ``metaad-train`` command on one thread: wall time, peak memory (the child's ru_maxrss,
+    from os.wait4), its test AUROC and the best baseline's."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     start = time.perf_counter()
     with open(log_file, "w") as log:
