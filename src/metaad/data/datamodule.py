@@ -10,7 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from metaad.data.episodes import EpisodeDataset, EpisodeSampler, check_episode_settings
+from metaad.data.episodes import EpisodeDataset, EpisodeSampler, check_episode_settings, collate_episodes
 from metaad.data.preprocessing import Preprocessing
 from metaad.data.tasks import DataError, LabelledData, TaskPool, entity_folds, split_tasks
 
@@ -232,6 +232,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             drop_last=split == "train",
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate_episodes,
             **kwargs,
         )
 

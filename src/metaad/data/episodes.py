@@ -79,6 +79,20 @@ class Episode(NamedTuple):
     task: Tensor  # () task id of the normal task
     query_task: Tensor  # (Q,) task id each query sample comes from (-1: an in-task anomaly)
     index: Tensor | None = None  # () the episode's index in its split (EpisodeDataset sets it)
+    query_masks: Tensor | None = None  # (Q, H, W) bool defect maps (all False for normals), or None
+
+
+def collate_episodes(episodes: list[Episode]) -> Episode:
+    """A meta-batch: each field stacked (a leading ``B``); a field None in every episode stays None."""
+    from torch.utils.data import default_collate
+
+    fields = []
+    for values in zip(*episodes, strict=True):
+        absent = [v is None for v in values]
+        if any(absent) and not all(absent):
+            raise DataError("a meta-batch mixes episodes with and without a field (query_masks or index)")
+        fields.append(None if absent[0] else default_collate(list(values)))
+    return Episode(*fields)
 
 
 class EpisodeDataset(Dataset):
@@ -116,6 +130,9 @@ class EpisodeDataset(Dataset):
         if self.pool.lenient:
             self._check_series()
             return
+        if self.pool.support_rows is not None:
+            self._check_held_out()
+            return
         need_normal = self.k_shot + self.n_normals
         for t in self.pool.tasks:
             have_n, have_a = len(self.pool.normal_rows[t]), self.pool.n_anomalies(t)
@@ -134,6 +151,23 @@ class EpisodeDataset(Dataset):
                     f"{self.n_anomalies} (dataset.n_query x dataset.anomaly_ratio); "
                     f"lower n_query or anomaly_ratio{alone}"
                 )
+
+    def _check_held_out(self) -> None:
+        """Held-out tasks with their own support rows (an image folder's ``train/good``): K of those,
+        the queries from the task's other rows, all drawn without replacement."""
+        pool = self.pool
+        for t in pool.tasks:
+            counts = (len(pool.support_rows[t]), len(pool.normal_rows[t]), pool.n_anomalies(t))
+            needs = (self.k_shot, self.n_normals, self.n_anomalies)
+            what = ("support normals (train/good)", "normal queries (test/good)", "anomalous queries")
+            for have, need, name in zip(counts, needs, what, strict=True):
+                if have < need:
+                    raise DataError(
+                        f"{pool.name}: {self.split} task {t!r} has {have} {name} but an episode needs "
+                        f"{need} (dataset.k_shot={self.k_shot}, n_query={self.n_query}, "
+                        f"{self.n_normals} normal and {self.n_anomalies} anomalous queries); lower k_shot, "
+                        "n_query or anomaly_ratio"
+                    )
 
     def _check_series(self) -> None:
         """Series val/test pools: the support from history, queries from the task's own periods.
@@ -214,8 +248,9 @@ class EpisodeDataset(Dataset):
                 else rng.choice(history, self.k_shot, replace=False)
             )
             own = pool.normal_rows[task]
-            normals = rng.choice(own, self.n_normals, replace=len(own) < self.n_normals)
-            anomalies = pool.draw_anomalies(rng, task, self.n_anomalies, replace=True)
+            repeat = pool.lenient and len(own) < self.n_normals
+            normals = rng.choice(own, self.n_normals, replace=repeat)
+            anomalies = pool.draw_anomalies(rng, task, self.n_anomalies, replace=pool.lenient)
         query_rows = np.concatenate([normals, anomalies])
         label = np.concatenate([np.zeros(self.n_normals), np.ones(self.n_anomalies)])
         order = rng.permutation(self.n_query)
@@ -223,6 +258,7 @@ class EpisodeDataset(Dataset):
         support, query = pool.take(support_rows), pool.take(query_rows)
         if self.scaling == "support":
             support, query = scale_by_support(support, query, self.scale_clip)
+        masks = pool.take_masks(query_rows)
         return Episode(
             support=torch.from_numpy(support),
             query=torch.from_numpy(query),
@@ -230,6 +266,7 @@ class EpisodeDataset(Dataset):
             task=torch.tensor(pool.task_id[task]),
             query_task=torch.from_numpy(pool.task_ids(query_rows)).long(),
             index=torch.tensor(i),
+            query_masks=None if masks is None else torch.from_numpy(masks),
         )
 
 

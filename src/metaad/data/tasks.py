@@ -34,7 +34,16 @@ from metaad.data.errors import DataError
 from metaad.data.preprocessing import Preprocessing
 from metaad.data.values import refuse_extreme
 
-__all__ = ["DataError", "LabelledData", "TaskPool", "check_time_leaks", "entity_folds", "split_tasks"]
+__all__ = [
+    "DataError",
+    "LabelledData",
+    "TaskPool",
+    "asked_tasks",
+    "check_category_leaks",
+    "check_time_leaks",
+    "entity_folds",
+    "split_tasks",
+]
 
 SPLITS = ("train", "val", "test")
 TRAIN, VAL, TEST = 0, 1, 2
@@ -42,6 +51,8 @@ TRAIN, VAL, TEST = 0, 1, 2
 HISTORY, BEFORE, AFTER = 0, 1, 2
 TRAIN_ANOMALIES = ("real", "synthetic", "real+synthetic", "one_vs_rest")
 PARTITIONS = ("train", "test")
+# 8-bit pixels as model inputs: float64 value * (1/255), rounded once to float32 (Preprocessing.transform)
+_EIGHT_BIT = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
 ROTATIONS = (90, 180, 270)
 _CHUNK = 65536
 
@@ -57,7 +68,16 @@ class LabelledData:
     raw samples into ``x`` the way the source did (default: identity on ``x.shape[1:]``).
 
     ``x`` may be a read-only memory map (a source read into a store, ``data.store``): nothing here
-    reads all of it, and episodes read only their rows. With ``names``, ``task`` holds integer codes
+    reads all of it, and episodes read only their rows. Images may be held as 8-bit pixels
+    (``uint8``, a quarter of the memory): a pool hands them out as ``value * (1/255)`` in float32,
+    the arithmetic of :meth:`Preprocessing.transform`, so a model sees the same numbers either way.
+
+    Images with defect maps carry ``masks`` ``(N, H, W)`` bool (all False for a normal image; the
+    size of the source's images, also when ``x`` later holds patch features). ``made_from``: for a
+    row made from another (a synthetic anomaly pasted onto a normal image), that row; -1 for rows
+    read from files. ``support_partition`` ("train"): a held-out task's support comes from its rows
+    of that partition and its queries from the others (an image folder's ``train/good`` and
+    ``test/``), while meta-training uses every row of its own tasks. With ``names``, ``task`` holds integer codes
     into it (millions of rows need no string per row). ``finite_checked`` says the source already
     refused NaN and inf while reading, so the check here need not read ``x`` again.
     """
@@ -73,6 +93,9 @@ class LabelledData:
     # series windows: each row's period (HISTORY / BEFORE / AFTER) and its [start, end] on the clock
     period: np.ndarray | None = None
     span: np.ndarray | None = None
+    masks: np.ndarray | None = None  # (N, H, W) bool defect maps, or None
+    made_from: np.ndarray | None = None  # (N,) int64: the row a synthetic row was made from, or -1
+    support_partition: str | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim < 2 or len(self.x) == 0:
@@ -99,6 +122,7 @@ class LabelledData:
                 )
             if self.anomalous is None:
                 raise DataError(f"{self.name}: series windows need anomaly labels (all False where unknown)")
+        self._check_images(n)
         if self.preprocessing is None:
             object.__setattr__(self, "preprocessing", Preprocessing(self.x.shape[1:]))
         elif self.preprocessing.sample_shape != self.x.shape[1:]:
@@ -122,6 +146,36 @@ class LabelledData:
                     f"{self.name}: {len(rows)} row(s) contain NaN or inf (first rows: {rows[:5].tolist()})"
                 )
         refuse_extreme(self.x, self.name)
+
+    def _check_images(self, n: int) -> None:
+        if self.x.dtype == np.uint8 and self.x.ndim != 4:
+            raise DataError(f"{self.name}: 8-bit samples are images (N, channels, H, W), got {self.x.shape}")
+        if self.masks is not None:
+            if self.anomalous is None:
+                raise DataError(f"{self.name}: defect masks need anomaly labels (a task's own anomalies)")
+            if self.masks.dtype != bool or self.masks.ndim != 3 or len(self.masks) != n:
+                raise DataError(
+                    f"{self.name}: masks must be (N={n}, H, W) bool, got {self.masks.dtype} {self.masks.shape}"
+                )
+            normal_marked = ~self.anomalous & self.masks.reshape(n, -1).any(axis=1)
+            if normal_marked.any():
+                raise DataError(
+                    f"{self.name}: {int(normal_marked.sum())} normal row(s) have defect pixels in their "
+                    f"masks (first rows: {np.flatnonzero(normal_marked)[:5].tolist()})"
+                )
+        if self.made_from is not None:
+            made = np.asarray(self.made_from)
+            if len(made) != n or made.dtype.kind not in "iu" or (len(made) and made.max() >= n):
+                raise DataError(f"{self.name}: made_from must be (N={n},) row numbers or -1")
+            derived = np.flatnonzero(made >= 0)
+            if len(derived) and (made[made[derived]] >= 0).any():
+                raise DataError(f"{self.name}: a synthetic row is made from another synthetic row")
+        if self.support_partition is not None:
+            if self.partition is None or self.support_partition not in PARTITIONS:
+                raise DataError(
+                    f"{self.name}: support_partition must name a partition ('train' or 'test') of "
+                    f"partitioned data, got {self.support_partition!r}"
+                )
 
     @cached_property
     def _grouping(self) -> tuple[list[str], np.ndarray]:
@@ -189,6 +243,7 @@ class TaskPool:
     # series: a task short of anomalous windows has them drawn with replacement, one with none is
     # left out of its split (named in a warning) rather than stopping the run
     lenient: bool = False
+    masks: np.ndarray | None = field(default=None, repr=False)  # the data's (N, H, W) defect maps
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -232,7 +287,23 @@ class TaskPool:
         return _AnomalyRows(self)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """The samples of ``rows`` (rotated copies, injected anomalies), ``(len(rows), *sample_shape)``."""
+        """The samples of ``rows`` (rotated copies, injected anomalies), ``(len(rows), *sample_shape)``;
+        8-bit images as float32 ``value * (1/255)``."""
+        out = self._take(rows)
+        return _EIGHT_BIT[out] if out.dtype == np.uint8 else out
+
+    def take_masks(self, rows: np.ndarray) -> np.ndarray | None:
+        """The defect maps of ``rows`` ``(len(rows), H, W)`` bool (rotated as their images), or None."""
+        if self.masks is None:
+            return None
+        turn, base = np.divmod(np.asarray(rows), len(self.x))
+        out = self.masks[base]
+        for j, degrees in enumerate(self.rotations, start=1):
+            if (turn == j).any():
+                out[turn == j] = np.rot90(out[turn == j], k=degrees // 90, axes=(-2, -1))
+        return out
+
+    def _take(self, rows: np.ndarray) -> np.ndarray:
         if self.synthetic is not None:
             variant, base = np.divmod(rows, len(self.x))
             out = self.x[base]
@@ -353,7 +424,9 @@ def split_tasks(
         if time_cut:
             check_time_leaks(data, pools)
         return pools
-    if data.partition is not None:
+    if data.support_partition is not None:
+        _image_owners(data, owner, train_anomalies)
+    elif data.partition is not None:
         source_test = data.partition == "test"
         owner[(owner == TRAIN) & source_test] = -1  # meta-training sees source-train rows only
         if anomalies_from == "source_test":
@@ -397,6 +470,11 @@ def split_tasks(
         block = {t: (int(starts[i]), int(starts[i + 1])) for i, t in enumerate(anomaly_tasks)}
         task_id = {t: index[t] for t in tasks}
         task_id |= {f"{t}/rot{d}": index[t] + j * len(names) for j, d in enumerate(turns, 1) for t in tasks}
+        support_rows = None
+        if data.support_partition is not None and s != TRAIN:  # held out: support and queries apart
+            side = {t: data.partition[r] == data.support_partition for t, r in normal_rows.items()}
+            support_rows = {t: r[side[t]] for t, r in normal_rows.items()}
+            normal_rows = {t: r[~side[t]] for t, r in normal_rows.items()}
         pools[split] = TaskPool(
             x=data.x,
             tasks=all_tasks,
@@ -409,8 +487,73 @@ def split_tasks(
             anomaly_block=block,
             own_anomalies=own,
             n_task_ids=len(names),
+            support_rows=support_rows,
+            masks=data.masks,
         )
+    if data.support_partition is not None or data.made_from is not None:
+        check_category_leaks(data, pools)
     return pools
+
+
+def _image_owners(data: LabelledData, owner: np.ndarray, train_anomalies: str) -> None:
+    """Rows nobody may use under the held-out-category protocol (``owner`` set to -1 in place).
+
+    Val/test tasks: anomalies in the support partition (none in an image folder's ``train/good``)
+    and synthetic rows (they exist for meta-training only). Meta-training: real anomalies with
+    ``train_anomalies=synthetic``, synthetic ones with ``real``.
+    """
+    if train_anomalies not in TRAIN_ANOMALIES or train_anomalies == "one_vs_rest":
+        raise DataError(
+            "dataset.train_anomalies must be real, synthetic or real+synthetic for tasks with their own "
+            f"anomalies, got {train_anomalies!r}"
+        )
+    anomalous = data.anomalous if data.anomalous is not None else np.zeros(len(owner), bool)
+    made = data.made_from if data.made_from is not None else np.full(len(owner), -1)
+    held_out = (owner == VAL) | (owner == TEST)
+    owner[held_out & anomalous & (data.partition == data.support_partition)] = -1
+    owner[held_out & (made >= 0)] = -1
+    if train_anomalies == "synthetic":
+        owner[(owner == TRAIN) & anomalous & (made < 0)] = -1
+    elif train_anomalies == "real":
+        owner[(owner == TRAIN) & (made >= 0)] = -1
+
+
+def check_category_leaks(data: LabelledData, pools: dict[str, TaskPool]) -> None:
+    """Raise :class:`DataError` if meta-training or validation can reach a held-out task's images.
+
+    Every row the train and val pools can hand out (normals, anomalies, supports, rotated copies),
+    and the row each synthetic one was made from, must belong to a task that is not held out
+    (a test task not also listed in their split), and no row may be in two splits. Built so by
+    :func:`split_tasks`; this checks it, so a synthesis or a split that leaks stops the run.
+    """
+    made = data.made_from if data.made_from is not None else np.full(len(data.x), -1)
+    codes, names = data.task_codes, data.task_names
+    test_rows = pool_rows(pools["test"])
+    taken = {"test": np.unique(np.where(made[test_rows] >= 0, made[test_rows], test_rows))}
+    for split in ("train", "val"):
+        rows = pool_rows(pools[split])
+        origin = np.where(made[rows] >= 0, made[rows], rows)
+        listed = {names.index(t) for t in pools[split].tasks if t in names}
+        held_out = np.array(
+            sorted({names.index(t) for t in pools["test"].tasks if t in names} - listed), np.int64
+        )
+        leaked = np.isin(codes[origin], held_out)
+        if leaked.any():
+            row = int(rows[np.argmax(leaked)])
+            source = int(origin[np.argmax(leaked)])
+            made_note = f" (made from row {source})" if source != row else ""
+            raise DataError(
+                f"{data.name}: the {split} split can reach row {row}{made_note} of the held-out task "
+                f"{names[codes[source]]!r}: a leak of a held-out task into {split}"
+            )
+        taken[split] = np.unique(origin)
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = np.intersect1d(taken[a], taken[b])
+        if len(shared):
+            raise DataError(
+                f"{data.name}: row {int(shared[0])} (task {names[codes[shared[0]]]!r}) is used by both the "
+                f"{a} and the {b} split ({len(shared)} rows in all): a leak between splits"
+            )
 
 
 def _series_pools(
