@@ -68,18 +68,18 @@ class LabelledData:
     raw samples into ``x`` the way the source did (default: identity on ``x.shape[1:]``).
 
     ``x`` may be a read-only memory map (a source read into a store, ``data.store``): nothing here
-    reads all of it, and episodes read only their rows. Images may be held as 8-bit pixels
-    (``uint8``, a quarter of the memory): a pool hands them out as ``value * (1/255)`` in float32,
-    the arithmetic of :meth:`Preprocessing.transform`, so a model sees the same numbers either way.
+    reads all of it, and episodes read only their rows. With ``names``, ``task`` holds integer codes
+    into it (millions of rows need no string per row). ``finite_checked`` says the source already
+    refused NaN and inf while reading, so the check here need not read ``x`` again. Images may be
+    held as 8-bit pixels (``uint8``, a quarter of the memory): a pool hands them out as
+    ``value * (1/255)`` in float32, the arithmetic of :meth:`Preprocessing.transform`.
 
     Images with defect maps carry ``masks`` ``(N, H, W)`` bool (all False for a normal image; the
     size of the source's images, also when ``x`` later holds patch features). ``made_from``: for a
     row made from another (a synthetic anomaly pasted onto a normal image), that row; -1 for rows
     read from files. ``support_partition`` ("train"): a held-out task's support comes from its rows
     of that partition and its queries from the others (an image folder's ``train/good`` and
-    ``test/``), while meta-training uses every row of its own tasks. With ``names``, ``task`` holds integer codes
-    into it (millions of rows need no string per row). ``finite_checked`` says the source already
-    refused NaN and inf while reading, so the check here need not read ``x`` again.
+    ``test/``), while meta-training uses every row of its own tasks.
     """
 
     x: np.ndarray  # (N, *sample_shape) float32
@@ -154,9 +154,8 @@ class LabelledData:
             if self.anomalous is None:
                 raise DataError(f"{self.name}: defect masks need anomaly labels (a task's own anomalies)")
             if self.masks.dtype != bool or self.masks.ndim != 3 or len(self.masks) != n:
-                raise DataError(
-                    f"{self.name}: masks must be (N={n}, H, W) bool, got {self.masks.dtype} {self.masks.shape}"
-                )
+                got = f"{self.masks.dtype} {self.masks.shape}"
+                raise DataError(f"{self.name}: masks must be (N={n}, H, W) bool, got {got}")
             normal_marked = ~self.anomalous & self.masks.reshape(n, -1).any(axis=1)
             if normal_marked.any():
                 raise DataError(
@@ -702,6 +701,19 @@ def entity_folds(names: Sequence[str], n_folds: int, fold: int, seed: int = 0) -
     order = np.random.default_rng([seed, 104729]).permutation(len(names))
     folds = [sorted((names[i] for i in part), key=_natural_key) for part in np.array_split(order, n_folds)]
     return folds[(fold + 1) % n_folds], folds[fold]
+
+
+def asked_tasks(
+    data: LabelledData,
+    train_tasks: Sequence | None,
+    val_tasks: Sequence,
+    test_tasks: Sequence,
+    require_disjoint: bool = True,
+) -> dict[str, list[str]]:
+    """The task names of each split as :func:`split_tasks` reads the settings (wildcards expanded,
+    ``train_tasks: null`` = the rest), checked; for steps that must know the split first (synthetic
+    anomalies are made from the training tasks' images only)."""
+    return _asked_tasks(data, data.task_names, train_tasks, val_tasks, test_tasks, require_disjoint)
 
 
 def _asked_tasks(data, names, train_tasks, val_tasks, test_tasks, require_disjoint) -> dict[str, list[str]]:
