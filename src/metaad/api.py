@@ -51,6 +51,7 @@ from torch import Tensor
 from metaad.data.tasks import DataError
 from metaad.data.values import column_label, magnitude_limit, refuse_extreme
 from metaad.detectors.base import Detector
+from metaad.errors import CheckpointError
 from metaad.evaluation.thresholds import NonFiniteScores, Threshold, leave_one_out_scores
 
 PYOD = "pyod:"  # metaad.baseline("pyod:IForest"): a PyOD detector by its class name
@@ -544,6 +545,11 @@ class LoadedDetector(FewShotDetector):
             preprocessing = Preprocessing.from_dict(checkpoint.preprocessing)
         else:
             preprocessing = Preprocessing(sample_shape=sample_shape)
+        if preprocessing.extractor is not None:  # patch features: the same frozen extractor again
+            extractor = ckpt.build_extractor(cfg)
+            if extractor is None:
+                raise CheckpointError(f"{path}: a model of patch features whose backbone is no extractor")
+            preprocessing = preprocessing.with_extractor(extractor)
         stored = checkpoint.threshold_state
         if threshold is None and cfg.get("threshold"):
             threshold = instantiate(cfg.threshold)

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaad.apps.checks import TRAINER_INVARIANTS, check_dataset, check_trainer
-from metaad.checkpoint import build_learner
+from metaad.checkpoint import build_extractor, build_learner
 from metaad.detectors.base import Detector
 from metaad.evaluation.evaluator import Evaluator
 from metaad.evaluation.thresholds import Threshold
@@ -25,7 +25,8 @@ from metaad.evaluation.thresholds import Threshold
 def build_datamodule(cfg: DictConfig) -> Any:
     """Instantiate the dataset and load it now, so bad data stops the run before training."""
     check_dataset(cfg.dataset)
-    datamodule = instantiate(cfg.dataset)
+    extractor = build_extractor(cfg)  # a frozen backbone: the data become its patch features
+    datamodule = instantiate(cfg.dataset, **({} if extractor is None else {"extractor": extractor}))
     datamodule.setup()
     return datamodule
 

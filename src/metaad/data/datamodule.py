@@ -7,12 +7,13 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
 from metaad.data.episodes import EpisodeDataset, EpisodeSampler, check_episode_settings, collate_episodes
 from metaad.data.preprocessing import Preprocessing
-from metaad.data.tasks import DataError, LabelledData, TaskPool, entity_folds, split_tasks
+from metaad.data.tasks import DataError, LabelledData, TaskPool, asked_tasks, entity_folds, split_tasks
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,23 @@ class EpisodeDataModule(pl.LightningDataModule):
         support_draw: str = "random",
         scaling: str = "none",
         scale_clip: float = 100.0,
+        synthetic_per_task: int = 64,
+        extractor: Any = None,
+        feature_cache: str = "outputs/cache/features",
+        feature_batch: int = 32,
     ) -> None:
         """Series settings (``conf/dataset/_series.yaml``): ``n_folds`` / ``fold`` deal the entities
         into folds (``val_tasks`` and ``test_tasks`` then null); ``protocol`` entity_time (the
         default) or entity (the leaking variant, to measure the leak); ``train_anomalies`` real |
         synthetic | real+synthetic | one_vs_rest; ``support_draw`` random | first (the first K
-        history windows); ``scaling: support`` standardises each episode by its support alone."""
+        history windows); ``scaling: support`` standardises each episode by its support alone.
+
+        Photographs (a source of 8-bit images, ``conf/dataset/image_folder.yaml``):
+        ``train_anomalies`` real | synthetic | real+synthetic, the synthetic ones
+        ``synthetic_per_task`` per training task of ``synthetic_kinds`` (cutpaste, noise), made from
+        the training tasks' normal images only; ``extractor`` (a frozen feature extractor, given by
+        ``metaad.apps.build`` when ``backbone`` is one) turns every image into patch features once,
+        cached under ``feature_cache``, ``feature_batch`` images at a time."""
         super().__init__()
         if protocol not in ("entity_time", "entity"):
             raise DataError(f"dataset.protocol must be 'entity_time' or 'entity', got {protocol!r}")
@@ -104,9 +116,17 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.folds = None if n_folds is None else (n_folds, fold, fold_seed)
         # injected anomalies for training (train_anomalies) and for validation entities without a
         # real incident before the cut; only series pools use them
+        # injected anomalies of series windows (the series pools use them), or the kinds of
+        # synthetic image defects (data.synthetic)
         from metaad.data.series import KINDS, SyntheticAnomalies
+        from metaad.data.synthetic import IMAGE_KINDS, check_kinds
 
-        synthetic = SyntheticAnomalies(tuple(synthetic_kinds or KINDS), seed=seed)
+        kinds = tuple(synthetic_kinds or ())
+        image_kinds = bool(kinds) and set(kinds) <= set(IMAGE_KINDS)
+        synthetic = SyntheticAnomalies(KINDS if image_kinds else kinds or KINDS, seed=seed)
+        self.synthetic_kinds = check_kinds(kinds if image_kinds else None)
+        self.synthetic_per_task = synthetic_per_task
+        self.extractor, self.feature_cache, self.feature_batch = extractor, feature_cache, feature_batch
         self.fixed_train_episodes = bool(fixed_train_episodes)
         n_queries = {
             "train": n_query,
@@ -167,6 +187,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         args = dict(self.split_args)
         if self.folds is not None:
             args["val_tasks"], args["test_tasks"] = entity_folds(data.task_names, *self.folds)
+        data = self._images(data, args)
         if self.protocol == "entity" and data.period is not None:
             log.warning(
                 "%s: dataset.protocol=entity: meta-training and validation see the held-out entities' "
@@ -192,6 +213,34 @@ class EpisodeDataModule(pl.LightningDataModule):
             )
             for split, pool in self.pools.items()
         }
+
+    def _images(self, data: LabelledData, args: dict[str, Any]) -> LabelledData:
+        """8-bit images: synthetic defects of the training tasks, then patch features (if asked)."""
+        if data.x.dtype != np.uint8:
+            if self.extractor is not None:
+                raise DataError(
+                    f"{data.name}: the backbone is a frozen feature extractor of photographs, but this "
+                    "dataset holds no 8-bit images (use dataset=image_folder or elpv)"
+                )
+            return data
+        if "synthetic" in args["train_anomalies"]:
+            from metaad.data.synthetic import add_synthetic
+
+            asked = asked_tasks(
+                data, args["train_tasks"], args["val_tasks"], args["test_tasks"], args["require_disjoint"]
+            )
+            seed = self.episode_args["seed"]
+            data = add_synthetic(data, asked["train"], self.synthetic_per_task, self.synthetic_kinds, seed)
+        if self.extractor is None:
+            return data
+        if args["train_rotations"]:
+            raise DataError(
+                "dataset.train_rotations turns images, not their patch features; set it to [] with a frozen "
+                "feature extractor"
+            )
+        from metaad.data.features import FeatureCache, with_features
+
+        return with_features(data, FeatureCache(self.feature_cache, self.extractor, self.feature_batch))
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
