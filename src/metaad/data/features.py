@@ -100,6 +100,8 @@ class FeatureCache:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise DataError(f"dataset.feature_batch must be a positive integer, got {batch!r}")
         self.extractor, self.batch = extractor, batch
+        if hasattr(extractor, "eval"):
+            extractor.eval()  # frozen: no batch statistics, no dropout
         self.identity = extractor_identity(extractor)
         self.folder = Path(folder).expanduser() / extractor_key(self.identity)[:24]
         self.computed = 0  # images run through the extractor by this cache
