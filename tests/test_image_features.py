@@ -175,3 +175,12 @@ def test_images_of_one_content_share_a_cache_entry_whatever_their_file(tmp_path)
     extractor = TinyExtractor()
     features = FeatureCache(tmp_path / "cache", extractor).features(data.x)
     assert extractor.images_seen == 2 and np.array_equal(features[0], features[2])
+
+
+def test_images_of_another_size_than_the_extractor_takes_are_refused_by_name(tmp_path):
+    class Sized(TinyExtractor):
+        def identity(self) -> dict:
+            return {**super().identity(), "size": 32}
+
+    with pytest.raises(DataError, match="dataset.source.size=32"):
+        FeatureCache(tmp_path, Sized()).features(np.zeros((1, 3, 16, 16), np.uint8))

@@ -111,6 +111,12 @@ class FeatureCache:
         """``(N, C, h, w)`` float32 features of 8-bit ``images`` ``(N, 3, S, S)``, cached."""
         if images.dtype != np.uint8 or images.ndim != 4:
             raise DataError(f"{name}: features are cached for 8-bit images (N, C, H, W), got {images.dtype}")
+        side = self.identity.get("size")
+        if isinstance(side, int) and images.shape[2:] != (side, side):
+            raise DataError(
+                f"{name}: images of {images.shape[3]}x{images.shape[2]} pixels for an extractor of "
+                f"{side}x{side} (backbone.size={side}); set dataset.source.size={side} or backbone.size"
+            )
         self._describe()
         keys = [image_key(image) for image in images]
         out: np.ndarray | None = None
