@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import logging
+import math
 import os
 import resource
 import shlex
