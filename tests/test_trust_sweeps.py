@@ -160,7 +160,7 @@ def metrics_text(val, test: float = 0.8) -> str:
     [
         (metrics_text(0.7)[:60], r"unreadable .*1/metrics.json: not valid JSON"),
         ("", r"unreadable .*1/metrics.json: not valid JSON"),
-        (json.dumps({"val_auroc_best": 0.7}), r"unreadable .*1/metrics.json: not the metrics.json of .*no 'test'"),
+        (json.dumps({"val_auroc_best": 0.7}), r"unreadable .*1/metrics.json: not the .*no 'test'"),
         (json.dumps({"val_auroc_best": "high", "test": {"auroc": {"mean": 1, "ci95": 0}}}), r"unreadable"),
         (json.dumps([1, 2]), r"unreadable .*1/metrics.json"),
     ],
