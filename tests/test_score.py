@@ -114,7 +114,8 @@ def test_checkpoint_keeps_the_threshold_and_eval_reproduces_the_decisions(traine
     assert metrics["threshold"]["value"] == checkpoint["metaad_threshold"]["value"]
     for name in ("auroc", "f1", "precision", "recall", "balanced_accuracy"):
         assert 0.0 <= metrics["test"][name]["mean"] <= 1.0 and metrics["test"][name]["n_episodes"] == 40
-    evaluated = evaluate(compose_cfg([f"ckpt_path={ckpt}", "logger=none"], config_name="eval", quick=False))
+    eval_cfg = compose_cfg([f"ckpt_path={ckpt}", "logger=none"], config_name="eval", quick=False)
+    evaluated = evaluate(eval_cfg).to_json()
     for name in ("f1", "balanced_accuracy"):
         assert evaluated["test"][name]["mean"] == pytest.approx(metrics["test"][name]["mean"], abs=1e-9)
     assert evaluated["threshold"] == metrics["threshold"]
@@ -195,7 +196,7 @@ def test_a_header_of_column_positions_is_a_header_not_a_sample(tmp_path):
 
 def test_a_repeated_column_name_is_refused(tmp_path):
     (tmp_path / "twice.csv").write_text("a,b,a\n1,2,3\n4,5,6\n")
-    with pytest.raises(DataError, match=r"names column\(s\) \['a'\] more than once"):
+    with pytest.raises(DataError, match=r"names the column\(s\) \['a'\] more than once"):
         read_samples(tmp_path / "twice.csv", "query")
 
 

@@ -42,6 +42,7 @@ from metaad.apps.cli import app
 from metaad.apps.eval import evaluate
 from metaad.apps.train import train
 from metaad.errors import ConfigError
+from metaad.evaluation.results import RunResults, Summary, verdict
 from metaad.training.resume import _differences
 
 console = Console()
@@ -66,19 +67,6 @@ def folds_of(suite: DictConfig) -> list[list[str]]:
             for i, t in enumerate(tasks)
         ]
     return [list(fold) for fold in suite.get("folds", [[]])]
-
-
-def merge_summaries(parts: list[dict]) -> dict:
-    """Pool per-fold (mean, ci95, n) into the summary of all their episodes, exactly."""
-    n = sum(p["n_episodes"] for p in parts)
-    mean = sum(p["mean"] * p["n_episodes"] for p in parts) / n
-    # Sum of squares from each part's sd (ci95 = 1.96 sd / sqrt(n)).
-    ss = 0.0
-    for p in parts:
-        sd = p["ci95"] * math.sqrt(p["n_episodes"]) / 1.96 if p["n_episodes"] > 1 else 0.0
-        ss += (p["n_episodes"] - 1) * sd**2 + p["n_episodes"] * (p["mean"] - mean) ** 2
-    sd = math.sqrt(ss / (n - 1)) if n > 1 else float("nan")
-    return {"mean": mean, "ci95": 1.96 * sd / math.sqrt(n), "n_episodes": n}
 
 
 def per_k(suite: DictConfig, model: str) -> bool:
@@ -185,15 +173,18 @@ def check_jobs(jobs: list[Job], extra: list[str]) -> list[dict]:
     return configs
 
 
+Pooled = dict[tuple[str, int, str], dict[str, Summary]]  # (suite, K, detector) -> metric -> summary
+
+
 def run(
     preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | None, preset_name: str = "?"
-) -> tuple[list[dict], dict[str, Counter]]:
-    """Every job's results, pooled per (suite, K, detector, metric); and per suite, how many
-    evaluations were reused from an earlier run into this folder and how many ran now."""
+) -> tuple[Pooled, dict[str, Counter]]:
+    """Every job's results, pooled per (suite, K, detector) over folds and seeds; and per suite, how
+    many evaluations were reused from an earlier run into this folder and how many ran now."""
     check_preset(preset, preset_name, only)
     jobs = jobs_of(preset, out_dir, only)
     configs = check_jobs(jobs, extra)
-    collected: dict[tuple, list[dict]] = defaultdict(list)  # (suite, K, detector, metric) -> per-fold
+    collected: dict[tuple, list[Summary]] = defaultdict(list)  # (suite, K, detector, metric) -> per-fold
     counts: dict[str, Counter] = defaultdict(Counter)
     progress = Progress(
         TextColumn("{task.description}"),
@@ -215,7 +206,7 @@ def run(
             for k in job.ks:
                 folder = evals[k]
                 if reusable[k]:  # the same full config: what an earlier run finished is reused
-                    metrics = json.loads((folder / "metrics.json").read_text())
+                    results = RunResults.read(folder / "metrics.json")
                     counts[name]["reused"] += 1
                     progress.console.print(f"reused: {job.label}, evaluated at K={k} (same config)")
                 else:
@@ -225,16 +216,15 @@ def run(
                         progress.console.print(
                             f"rerun: {job.label}, evaluated at K={k}: {why} (kept as {kept.name})"
                         )
-                    metrics = evaluate(_eval_config(job, k))
+                    results = evaluate(_eval_config(job, k))
                     _write_record(folder, wanted[k])
                     counts[name]["run"] += 1
-                _collect(collected, name, k, model, metrics)
+                _collect(collected, name, k, model, results)
             progress.advance(bar)
-    rows = [
-        {"suite": name, "k_shot": k, "detector": detector, "metric": metric, **merge_summaries(parts)}
-        for (name, k, detector, metric), parts in collected.items()
-    ]
-    return rows, counts
+    pooled: Pooled = defaultdict(dict)
+    for (name, k, detector, metric), parts in collected.items():
+        pooled[(name, k, detector)][metric] = Summary.pooled(parts)
+    return dict(pooled), counts
 
 
 def _eval_config(job: Job, k: int, create: bool = True) -> DictConfig:
@@ -318,70 +308,47 @@ def _set_aside(folder: Path) -> Path:
     return kept
 
 
-def _collect(collected: dict, suite: str, k: int, model: str, metrics: dict) -> None:
-    detectors = {model: metrics["test"], **{f"baseline:{b}": v for b, v in metrics["baselines"].items()}}
+def _collect(collected: dict, suite: str, k: int, model: str, results: RunResults) -> None:
+    detectors = {model: results.test, **{f"baseline:{b}": v for b, v in results.baselines.items()}}
     for detector, values in detectors.items():
         for metric, summary in values.items():
             collected[(suite, k, detector, metric)].append(summary)
 
 
-def table_rows(rows: list[dict], references: DictConfig) -> list[dict]:
-    """One row per (suite, K, detector) with AUROC and AUPR side by side, best AUROC first."""
-    by_key: dict[tuple, dict] = {}
-    for row in rows:
-        entry = by_key.setdefault((row["suite"], row["k_shot"], row["detector"]), {})
-        entry[row["metric"]] = row
+def table_rows(pooled: Pooled, references: DictConfig) -> list[dict]:
+    """One row per (suite, K, detector) with AUROC and AUPR side by side, best AUROC first; each
+    with its verdict against the best baseline of its suite and K."""
+    nan = Summary(math.nan, math.nan, 0)
     out = []
-    for (suite, k, detector), metrics in by_key.items():
-        best_baseline = max(
-            (
-                m["auroc"]["mean"]
-                for (s, kk, d), m in by_key.items()
-                if s == suite and kk == k and d.startswith("baseline:")
-            ),
-            default=float("nan"),
-        )
+    for (suite, k, detector), metrics in pooled.items():
+        baselines = {
+            d: m["auroc"]
+            for (s, kk, d), m in pooled.items()
+            if s == suite and kk == k and d.startswith("baseline:")
+        }
+        best_name = max(baselines, key=lambda d: baselines[d].mean, default="")
+        best = baselines.get(best_name, nan)
         auroc = metrics["auroc"]
-        best_name = max(
-            (
-                (m["auroc"]["mean"], d)
-                for (s, kk, d), m in by_key.items()
-                if s == suite and kk == k and d.startswith("baseline:")
-            ),
-            default=(float("nan"), ""),
-        )[1]
-        best_ci = by_key[(suite, k, best_name)]["auroc"]["ci95"] if best_name else float("nan")
         out.append(
             {
                 "suite": suite,
                 "k_shot": k,
                 "detector": detector,
-                "auroc": auroc["mean"],
-                "auroc_ci95": auroc["ci95"],
-                "aupr": metrics.get("aupr", {}).get("mean", float("nan")),
-                "aupr_ci95": metrics.get("aupr", {}).get("ci95", float("nan")),
+                "auroc": auroc.mean,
+                "auroc_ci95": auroc.ci95,
+                "aupr": metrics.get("aupr", nan).mean,
+                "aupr_ci95": metrics.get("aupr", nan).ci95,
                 # at the run's threshold (learners only; baselines decide only with threshold.baselines)
-                "balanced_accuracy": metrics.get("balanced_accuracy", {}).get("mean", float("nan")),
-                "n_episodes": auroc["n_episodes"],
-                "vs_best_baseline": auroc["mean"] - best_baseline,
+                "balanced_accuracy": metrics.get("balanced_accuracy", nan).mean,
+                "n_episodes": auroc.n_episodes,
+                "vs_best_baseline": auroc.mean - best.mean,
                 "best_baseline": best_name.removeprefix("baseline:"),
-                "verdict": verdict(auroc["mean"], auroc["ci95"], best_baseline, best_ci),
+                "verdict": verdict(auroc, best),
                 "reference": references.get(suite, {}).get(str(k), ""),
             }
         )
     out.sort(key=lambda r: (r["suite"], r["k_shot"], -r["auroc"]))
     return out
-
-
-def verdict(mean: float, ci: float, base_mean: float, base_ci: float) -> str:
-    """``beats`` / ``below`` when the 95% CIs do not overlap, else ``within CIs``."""
-    if math.isnan(base_mean):
-        return ""
-    if mean - ci > base_mean + base_ci:
-        return "beats"
-    if mean + ci < base_mean - base_ci:
-        return "below"
-    return "within CIs"
 
 
 def headline(rows: list[dict]) -> list[str]:
