@@ -61,9 +61,16 @@ def image_folder(
     size: int = 224,
     test_share: float = 0.2,
     split_seed: int = 0,
+    duplicates: str = "drop",
 ) -> LabelledData:
-    """Every category under ``root`` (one path or a list) as a task; see the module's docstring."""
+    """Every category under ``root`` (one path or a list) as a task; see the module's docstring.
+
+    ``duplicates``: a ``test/`` image whose decoded pixels equal a ``train/good`` image of its
+    category would be a query its support may hold (PIPED has such copies): ``drop`` leaves it out
+    of the data, ``keep`` keeps it; either way they are named in a warning."""
     size = _check_size(size)
+    if duplicates not in ("drop", "keep"):
+        raise DataError(f"dataset.source.duplicates must be 'drop' or 'keep', got {duplicates!r}")
     roots = [root] if isinstance(root, str | Path) else list(root or [])
     if not roots:
         raise DataError("dataset.source.root: give a folder (or a list of folders) of images")
@@ -83,7 +90,7 @@ def image_folder(
     for name in sorted(categories):
         images += _category_images(categories[name], name, test_share, split_seed)
     label = ", ".join(str(r) for r in roots)
-    return _load(images, size, f"image_folder ({label})")
+    return _load(images, size, f"image_folder ({label})", drop_duplicates=duplicates == "drop")
 
 
 def elpv(
@@ -302,12 +309,25 @@ def _split_normals(n: int, test_share: float, seed: int) -> tuple[np.ndarray, np
 # --- pixels -------------------------------------------------------------------------------------
 
 
+def _copies_of_training_images(images: list[_Image], content: list[bytes]) -> list[tuple[int, int]]:
+    """(test row, train row) pairs whose decoded pixels are equal, within one category."""
+    training = {(i.category, content[r]): r for r, i in enumerate(images) if i.partition == "train"}
+    return [
+        (r, training[(i.category, content[r])])
+        for r, i in enumerate(images)
+        if i.partition == "test" and (i.category, content[r]) in training
+    ]
+
+
 def _preprocessing(size: int) -> Preprocessing:
     return Preprocessing((3, size, size), scale=1 / 255, image_size=size)
 
 
-def _load(images: list[_Image], size: int, name: str) -> LabelledData:
-    """Decode, resize and label every image; masks when every defect image has one."""
+def _load(images: list[_Image], size: int, name: str, drop_duplicates: bool = True) -> LabelledData:
+    """Decode, resize and label every image; masks when every defect image has one; test images
+    that copy a training image of their category named (and left out with ``drop_duplicates``)."""
+    import hashlib
+
     from PIL import Image
 
     from metaad.data.images import open_image
@@ -328,8 +348,10 @@ def _load(images: list[_Image], size: int, name: str) -> LabelledData:
     x = np.empty((len(images), 3, size, size), np.uint8)
     masks = np.zeros((len(images), size, size), bool) if keep_masks else None
     step = max(1, len(images) // 10)
+    content = []
     for row, item in enumerate(images):
         picture = open_image(item.path, 3)
+        content.append(hashlib.sha256(f"{picture.size}".encode() + picture.tobytes()).digest())
         for c, plane in enumerate(picture.split()):
             x[row, c] = preprocessing.resize_plane(plane)
         if masks is not None and item.mask is not None:
@@ -342,6 +364,22 @@ def _load(images: list[_Image], size: int, name: str) -> LabelledData:
             masks[row] = np.asarray(mask.resize((size, size), Image.Resampling.NEAREST)) >= 128
         if (row + 1) % step == 0 or row + 1 == len(images):
             log.info("%s: %d of %d images read", name, row + 1, len(images))
+    copies = _copies_of_training_images(images, content)
+    if copies:
+        log.warning(
+            "%s: %d test image(s) have the pixels of a train/good image of their category (%s), %s",
+            name,
+            len(copies),
+            "; ".join(f"{images[c].path} = {images[t].path.name}" for c, t in copies[:4])
+            + (" ..." if len(copies) > 4 else ""),
+            "left out (dataset.source.duplicates=drop)" if drop_duplicates else "kept (duplicates=keep)",
+        )
+    keep = np.ones(len(images), bool)
+    if drop_duplicates and copies:
+        keep[[c for c, _ in copies]] = False
+        images = [i for i, k in zip(images, keep, strict=True) if k]
+        x, anomalous = x[keep], anomalous[keep]
+        masks = None if masks is None else masks[keep]
     return LabelledData(
         x=x,
         task=np.array([i.category for i in images]),
