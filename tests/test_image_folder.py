@@ -382,3 +382,17 @@ def test_image_bytes_are_decoded_once_by_the_shared_decoder(tmp_path):
         Image.open(io.BytesIO(buffer.getvalue())).convert("RGB").split()[0]
     )
     assert np.array_equal(data.x[0, 0], expected)
+
+
+def test_a_task_dealt_between_training_and_validation_keeps_each_synthetic_row_with_its_image(four_categories):
+    """ELPV's two types: one is dealt between meta-training and validation; a synthetic defect made from
+    an image dealt to validation goes with it (and is used by nobody), never to meta-training."""
+    grown = add_synthetic(four_categories, ["a", "b"], per_task=12, seed=0)
+    pools = split_tasks(
+        grown, ["a", "b"], ["a"], ["d"], require_disjoint=False, train_anomalies="real+synthetic"
+    )  # checks the leak itself
+    n = len(four_categories.x)
+    train_rows = pool_rows(pools["train"])
+    synthetic = train_rows[train_rows >= n]
+    assert 0 < len(synthetic) < 24 and np.isin(grown.made_from[synthetic], train_rows).all()
+    assert not np.isin(pool_rows(pools["val"]), np.arange(n, n + 24)).any()

@@ -748,7 +748,9 @@ def _asked_tasks(data, names, train_tasks, val_tasks, test_tasks, require_disjoi
 
 
 def _owners(data: LabelledData, codes: np.ndarray, members: list[list[int]], seed: int) -> np.ndarray:
-    """The split that owns each row (-1: none); a task listed in several splits has its rows dealt."""
+    """The split that owns each row (-1: none); a task listed in several splits has its rows dealt.
+    A row made from another (``made_from``) goes where that row goes, so a synthetic variant of a
+    validation image never lands in meta-training."""
     n_tasks = len(data.task_names)
     listed = np.zeros((len(SPLITS), n_tasks), bool)
     for s, tasks in enumerate(members):
@@ -760,11 +762,16 @@ def _owners(data: LabelledData, codes: np.ndarray, members: list[list[int]], see
         rng = np.random.default_rng([seed, 7919])
         order = np.argsort(codes, kind="stable")
         starts = np.searchsorted(codes[order], np.arange(n_tasks + 1))
+        made = data.made_from
         for t in shared:  # in natural task order; val + test sharing: val gets [0::2], test [1::2]
             splits = np.flatnonzero(listed[:, t])
-            rows = rng.permutation(order[starts[t] : starts[t + 1]])
+            rows = order[starts[t] : starts[t + 1]]
+            rows = rng.permutation(rows if made is None else rows[made[rows] < 0])
             for j, s in enumerate(splits):
                 owner[rows[j :: len(splits)]] = s
+        if made is not None:
+            derived = np.flatnonzero(made >= 0)
+            owner[derived] = owner[made[derived]]
     return owner
 
 
