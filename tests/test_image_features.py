@@ -140,9 +140,27 @@ def test_the_datamodule_serves_patch_features_with_pixel_masks(folder, tmp_path)
                               feature_cache=str(tmp_path / "c"), **settings)  # fmt: skip
     again.setup()
     assert extractor.images_seen == 3 * 11 + 3  # a second run reads them all
-    with pytest.raises(DataError, match="train_rotations"):
-        EpisodeDataModule(source, extractor=extractor, feature_cache=str(tmp_path / "c"),
-                          train_rotations=[90], **settings).setup()  # fmt: skip
+
+
+def test_turned_training_categories_become_tasks_of_their_own_before_the_features(folder, tmp_path):
+    """The few-task remedy with features: the training images are turned, then extracted; val/test never."""
+    extractor = TinyExtractor()
+    source = partial(image_folder, str(folder), size=16)
+    settings = dict(val_tasks=["b"], test_tasks=["c"], k_shot=2, n_query=4, seed=0, synthetic_per_task=3)
+    cache = str(tmp_path / "c")
+    dm = EpisodeDataModule(source, train_anomalies="real+synthetic", extractor=extractor, feature_cache=cache,
+                           train_rotations=[90, 180], **settings)  # fmt: skip
+    dm.setup()
+    train = dm.pools["train"]
+    assert train.tasks == ["a", "a/rot180", "a/rot90"] and dm.pools["val"].tasks == ["b"]
+    assert train.n_anomalies("a/rot90") == 3 + 3 and len(train.normal_rows["a/rot90"]) == 8
+    data_rows = len(train.x)
+    assert data_rows == 3 * 11 + 3 + 2 * (11 + 3)
+    rotated = train.normal_rows["a/rot90"][0]
+    plain = image_folder(str(folder), size=16)
+    base = int(np.flatnonzero(plain.task == "a")[0])
+    turned = np.rot90(plain.x[base : base + 1], k=1, axes=(2, 3))
+    assert np.array_equal(train.x[rotated], extract(TinyExtractor(), np.ascontiguousarray(turned))[0])
 
 
 def test_the_backbone_config_decides_whether_the_data_become_features():

@@ -384,7 +384,9 @@ def test_image_bytes_are_decoded_once_by_the_shared_decoder(tmp_path):
     assert np.array_equal(data.x[0, 0], expected)
 
 
-def test_a_task_dealt_between_training_and_validation_keeps_each_synthetic_row_with_its_image(four_categories):
+def test_a_task_dealt_between_training_and_validation_keeps_each_synthetic_row_with_its_image(
+    four_categories,
+):
     """ELPV's two types: one is dealt between meta-training and validation; a synthetic defect made from
     an image dealt to validation goes with it (and is used by nobody), never to meta-training."""
     grown = add_synthetic(four_categories, ["a", "b"], per_task=12, seed=0)

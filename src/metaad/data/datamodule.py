@@ -223,21 +223,25 @@ class EpisodeDataModule(pl.LightningDataModule):
                     "dataset holds no 8-bit images (use dataset=image_folder or elpv)"
                 )
             return data
-        if "synthetic" in args["train_anomalies"]:
-            from metaad.data.synthetic import add_synthetic
+        from metaad.data.synthetic import add_rotations, add_synthetic
 
-            asked = asked_tasks(
-                data, args["train_tasks"], args["val_tasks"], args["test_tasks"], args["require_disjoint"]
-            )
+        asked = asked_tasks(
+            data, args["train_tasks"], args["val_tasks"], args["test_tasks"], args["require_disjoint"]
+        )
+        if "synthetic" in args["train_anomalies"]:
             seed = self.episode_args["seed"]
             data = add_synthetic(data, asked["train"], self.synthetic_per_task, self.synthetic_kinds, seed)
         if self.extractor is None:
             return data
-        if args["train_rotations"]:
-            raise DataError(
-                "dataset.train_rotations turns images, not their patch features; set it to [] with a frozen "
-                "feature extractor"
-            )
+        turns = args["train_rotations"]
+        if turns:  # features cannot be turned: the turned images become tasks of their own
+            data = add_rotations(data, asked["train"], turns)
+            args["train_rotations"] = ()
+            if args["train_tasks"] is not None:
+                args["train_tasks"] = [
+                    *asked["train"],
+                    *(f"{t}/rot{d}" for d in turns for t in asked["train"]),
+                ]
         from metaad.data.features import FeatureCache, with_features
 
         return with_features(data, FeatureCache(self.feature_cache, self.extractor, self.feature_batch))

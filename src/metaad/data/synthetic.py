@@ -1,4 +1,5 @@
-"""Synthetic defects on photographs, with their masks, for meta-training only.
+"""Synthetic defects on photographs, with their masks, and turned copies of training categories,
+for meta-training only.
 
 Few categories have real defects to learn from; these are made from the *training* categories'
 normal images (never a held-out one: :func:`add_synthetic` is given the training tasks, and
@@ -95,6 +96,41 @@ def add_synthetic(
         finite_checked=True,
         masks=None if data.masks is None else np.concatenate([data.masks, masks]),
         made_from=np.concatenate([made_from, base.astype(np.int64)]),
+        support_partition=data.support_partition,
+    )
+
+
+def add_rotations(data: LabelledData, tasks: Sequence[str], rotations: Sequence[int]) -> LabelledData:
+    """``data`` with turned copies of the images of ``tasks`` (and their masks) as new tasks
+    ``<task>/rot<degrees>``: the few-task remedy (``dataset.train_rotations``) done on the images,
+    before their patch features, since features cannot be turned. Each copy's ``made_from`` is
+    the file's row, so the leak check follows it."""
+    from metaad.data.tasks import _check_rotations
+
+    turns = _check_rotations(data, rotations)
+    names = data.task_names
+    rows = np.flatnonzero(np.isin(data.task_codes, [names.index(t) for t in tasks]))
+    made = data.made_from if data.made_from is not None else np.full(len(data.x), -1, np.int64)
+    origin = np.where(made[rows] >= 0, made[rows], rows)
+    labels = data.tasks_of(np.arange(len(data.x)))
+    x, task, masks = [data.x], [labels], [data.masks]
+    for degrees in turns:
+        x.append(np.rot90(data.x[rows], k=degrees // 90, axes=(2, 3)))
+        task.append(np.char.add(labels[rows].astype(str), f"/rot{degrees}"))
+        if data.masks is not None:
+            masks.append(np.rot90(data.masks[rows], k=degrees // 90, axes=(1, 2)))
+    log.info("%s: %d training tasks turned by %s degrees as extra tasks", data.name, len(tasks), list(turns))
+    copies = len(turns)
+    return LabelledData(
+        x=np.ascontiguousarray(np.concatenate(x)),
+        task=np.concatenate(task),
+        anomalous=np.concatenate([data.anomalous, *[data.anomalous[rows]] * copies]),
+        name=data.name,
+        partition=np.concatenate([data.partition, *[data.partition[rows]] * copies]),
+        preprocessing=data.preprocessing,
+        finite_checked=True,
+        masks=None if data.masks is None else np.ascontiguousarray(np.concatenate(masks)),
+        made_from=np.concatenate([made, *[origin] * copies]),
         support_partition=data.support_partition,
     )
 

@@ -76,10 +76,10 @@ class LabelledData:
 
     Images with defect maps carry ``masks`` ``(N, H, W)`` bool (all False for a normal image; the
     size of the source's images, also when ``x`` later holds patch features). ``made_from``: for a
-    row made from another (a synthetic anomaly pasted onto a normal image), that row; -1 for rows
-    read from files. ``support_partition`` ("train"): a held-out task's support comes from its rows
-    of that partition and its queries from the others (an image folder's ``train/good`` and
-    ``test/``), while meta-training uses every row of its own tasks.
+    row made from another (a synthetic anomaly pasted onto a normal image, a turned copy), that
+    row; -1 for rows read from files. ``support_partition`` ("train"): a held-out task's support
+    comes from its rows of that partition and its queries from the others (an image folder's
+    ``train/good`` and ``test/``), while meta-training uses every row of its own tasks.
     """
 
     x: np.ndarray  # (N, *sample_shape) float32
@@ -511,10 +511,12 @@ def _image_owners(data: LabelledData, owner: np.ndarray, train_anomalies: str) -
     held_out = (owner == VAL) | (owner == TEST)
     owner[held_out & anomalous & (data.partition == data.support_partition)] = -1
     owner[held_out & (made >= 0)] = -1
+    # a synthetic defect: an anomaly made from a normal image (a turned copy of a real defect is real)
+    synthetic = anomalous & (made >= 0) & ~anomalous[np.maximum(made, 0)]
     if train_anomalies == "synthetic":
-        owner[(owner == TRAIN) & anomalous & (made < 0)] = -1
+        owner[(owner == TRAIN) & anomalous & ~synthetic] = -1
     elif train_anomalies == "real":
-        owner[(owner == TRAIN) & (made >= 0)] = -1
+        owner[(owner == TRAIN) & synthetic] = -1
 
 
 def check_category_leaks(data: LabelledData, pools: dict[str, TaskPool]) -> None:
