@@ -202,3 +202,13 @@ def test_images_of_another_size_than_the_extractor_takes_are_refused_by_name(tmp
 
     with pytest.raises(DataError, match="dataset.source.size=32"):
         FeatureCache(tmp_path, Sized()).features(np.zeros((1, 3, 16, 16), np.uint8))
+
+
+def test_pixels_read_as_float_resize_as_the_8_bit_source_did(folder):
+    """metaad-score reads photos as float32 0..255: the stored resize must give the training pixels."""
+    data = image_folder(str(folder), size=16)
+    photo = sorted((folder / "a" / "train" / "good").iterdir())[0]
+    raw = read_image(photo, 3).transpose(2, 0, 1)[None]
+    expected = data.x[:1].astype(np.float64) * (1 / 255)
+    for pixels in (raw, raw.astype(np.float32)):
+        assert np.array_equal(data.preprocessing.transform(pixels), expected.astype(np.float32))

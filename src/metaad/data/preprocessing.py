@@ -381,9 +381,14 @@ class Preprocessing:
         raise DataError(f"expected samples of shape (N, {', '.join(map(str, shape))}), got shape {raw.shape}")
 
     def _resize(self, block: np.ndarray) -> np.ndarray:
-        """``(b, C, H, W)`` -> ``(b, C, S, S)``: Lanczos per plane, 8-bit when the pixels are 8-bit."""
+        """``(b, C, H, W)`` -> ``(b, C, S, S)``: Lanczos per plane, 8-bit when the pixels are 8-bit:
+        whole numbers in 0..255 of any dtype (a photo read as float32 resizes as its source did)."""
         eight_bit = block.dtype == np.uint8 or (
-            block.dtype.kind in "iu" and block.size and 0 <= block.min() and block.max() <= 255
+            block.dtype.kind in "iuf"
+            and block.size
+            and 0 <= block.min()
+            and block.max() <= 255
+            and (block.dtype.kind != "f" or bool((block == np.round(block)).all()))
         )
         planes = block.astype(np.uint8 if eight_bit else np.float32)
         out = np.empty((*block.shape[:2], self.image_size, self.image_size), planes.dtype)
