@@ -50,7 +50,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch.utils.data import DataLoader
 
-from metaad.data import Episode, EpisodeDataset, LabelledData, split_tasks
+from metaad.data import Episode, EpisodeDataset, LabelledData, collate_episodes, split_tasks
 from metaad.data.sources import digits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +332,7 @@ def throughput(
             ds = EpisodeDataset(
                 pool, "train", k, N_QUERY, ANOMALY_RATIO, n_episodes=(rounds + 1) * size, seed=0
             )
-            batches[size, k] = list(DataLoader(ds, batch_size=size))
+            batches[size, k] = list(DataLoader(ds, batch_size=size, collate_fn=collate_episodes))
     learners: dict[str, tuple] = {}
     for name, overrides in [("protonet", ["model=protonet"])] + [
         (f"maml, {s} inner step{'s' * (s > 1)}", ["model=maml", f"model.inner_steps={s}"]) for s in steps_list

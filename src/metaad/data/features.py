@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from metaad.data.errors import DataError
-from metaad.data.tasks import LabelledData
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +215,10 @@ def _check(blob: bytes) -> str | None:
     return None
 
 
-def with_features(data: LabelledData, cache: FeatureCache) -> LabelledData:
-    """``data`` with its 8-bit images replaced by their patch features; the preprocessing records the
-    images' shape and the extractor's identity, so a new photo gets the same features."""
+def with_features(data: Any, cache: FeatureCache) -> Any:
+    """``data`` (a :class:`~metaad.data.tasks.LabelledData`, not imported: the preprocessing imports
+    this module) with its 8-bit images replaced by their patch features; the preprocessing records
+    the images' shape and the extractor's identity, so a new photo gets the same features."""
     features = cache.features(data.x, data.name)
     preprocessing = dataclasses.replace(
         data.preprocessing,
