@@ -168,7 +168,7 @@ class LabelledData:
                 raise DataError(f"{self.name}: made_from must be (N={n},) row numbers or -1")
             derived = np.flatnonzero(made >= 0)
             if len(derived) and (made[made[derived]] >= 0).any():
-                raise DataError(f"{self.name}: a synthetic row is made from another synthetic row")
+                raise DataError(f"{self.name}: made_from must name rows read from files, not made ones")
         if self.support_partition is not None:
             if self.partition is None or self.support_partition not in PARTITIONS:
                 raise DataError(
@@ -386,6 +386,12 @@ def split_tasks(
     not include the test tasks'. OC-MAML cuts the MNIST test set at image 5,000 instead of per
     digit (the same halves up to a few images) and samples its 4,000-image test set once; metaad
     draws each episode's query from these pools.
+
+    Photographs (``data.support_partition``, an image folder): a val/test task's support is drawn
+    from its ``train`` rows (``train/good``), its queries from its ``test`` rows; meta-training
+    uses every row of its tasks, their real defects and (``train_anomalies``) the synthetic ones
+    (rows with ``made_from``), which go where the image they were made from goes;
+    :func:`check_category_leaks` then checks that no held-out image reached meta-training.
 
     ``train_rotations`` (images): rotated copies (90, 180, 270 degrees) of the training tasks as
     new training tasks ``<task>/rot<degrees>`` (the Prototypical networks' Omniglot recipe); val
