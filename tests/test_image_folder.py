@@ -352,7 +352,9 @@ def test_real_mtd_and_piped_through_the_experiment(tmp_path, compose_cfg):
     # PIPED holds 6 test/good images with the pixels of a train/good one of their category: left out
     assert len(test.masks) == 2490 and test.masks.reshape(2490, -1).any(axis=1).sum() > 900
     episode = dm.datasets["test"][0]
-    assert episode.query.shape == (20, 3, 32, 32) and episode.query_masks.shape == (20, 32, 32)
+    assert episode.query.shape == (14, 3, 32, 32) and episode.query_masks.shape == (14, 32, 32)
+    normals = {t: len(dm.pools["val"].normal_rows[t]) for t in dm.pools["val"].tasks}
+    assert normals == {"PA_BRG01_RL": 10, "PA_FLR01_TL": 10}
 
 
 @pytest.mark.slow
