@@ -51,7 +51,7 @@ OPTIMIZERS = ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD", "torch
 # section (a logger is not a model), and only if metaad's configs name it.
 SECTION_MODULES = {
     "dataset": ("metaad.data.",),
-    "backbone": ("metaad.detectors.backbones.",),
+    "backbone": ("metaad.detectors.backbones.", "metaad.detectors.extractors."),
     "model": ("metaad.detectors.", *OPTIMIZERS),
     "baselines": ("metaad.detectors.",),
     "threshold": ("metaad.evaluation.thresholds.",),
