@@ -96,12 +96,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "images")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--episodes", type=int, default=3)
-    parser.add_argument("--mtd-queries", type=int, default=0, help="use every n-th MTD test image (0: all)")
+    parser.add_argument("--only", default="", help="only the categories whose name starts with this")
     args = parser.parse_args()
     torch.set_num_threads(1)
     variants = [parse_variant(v) for v in (args.variant or ["normalization=tf", "normalization=imagenet"])]
     site = Path(np.__file__).parents[1]
-    categories = sorted(c for c in args.data.glob("*/*") if (c / "train" / "good").is_dir())
+    categories = sorted(
+        c for c in args.data.glob("*/*") if (c / "train" / "good").is_dir() and c.name.startswith(args.only)
+    )
     if not categories:
         sys.exit(f"no categories in the MVTec layout under {args.data}")
 

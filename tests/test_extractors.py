@@ -274,10 +274,10 @@ def test_the_network_equals_efficientnet_lite_pytorch(lite0, size):
     model = reference.EfficientNet.from_name("efficientnet-lite0", image_size=size)
     model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
     model.eval()
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(4))
+    x = images(2, size, seed=4) * 2 - 1  # normalised input, as the extractors give it
     with torch.no_grad():
         expected, logits = model.extract_features(x), model(x)
-    torch.testing.assert_close(lite0.extract_features(x), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(
-        lite0._fc(lite0.extract_features(x).mean((2, 3))), logits, rtol=1e-5, atol=1e-5
-    )
+    # batch norm folded into the convolutions: equal up to float rounding (activations in [0, 6])
+    ours = lite0.extract_features(x)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=3e-5)
+    torch.testing.assert_close(lite0._fc(ours.mean((2, 3))), logits, rtol=1e-4, atol=3e-5)
