@@ -223,13 +223,20 @@ class EfficientNetLite0(_Frozen):
         sha256: str = WEIGHTS_SHA256,
     ) -> None:
         super().__init__(size)
-        stages = [int(s) for s in stages]
-        if not stages or sorted(set(stages)) != stages or not set(stages) <= set(STAGES):
+        listed = isinstance(stages, Sequence) and not isinstance(stages, str)
+        stages = list(stages) if listed else [stages]
+        if (
+            not listed
+            or not stages
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in stages)
+            or sorted(set(stages)) != stages
+            or not set(stages) <= set(STAGES)
+        ):
             raise ConfigError(
                 f"backbone.stages: {stages} must be increasing output strides among {sorted(STAGES)}"
             )
         grid = max(stages) if grid is None else grid
-        if grid not in STAGES:
+        if isinstance(grid, bool) or not isinstance(grid, int) or grid not in STAGES:
             raise ConfigError(f"backbone.grid: {grid!r} must be an output stride among {sorted(STAGES)}")
         if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or pool % 2 == 0:
             raise ConfigError(f"backbone.pool: {pool!r} must be an odd integer >= 1 (1 = no local pooling)")
@@ -404,6 +411,7 @@ class TorchScriptExtractor(_Frozen):
                 f"(N, C, h, w); it gave {got}"
             )
         self._out_shape = tuple(out.shape[1:])
+        self.file = file
 
     @property
     def out_shape(self) -> tuple[int, int, int]:
@@ -413,4 +421,11 @@ class TorchScriptExtractor(_Frozen):
         return {"name": "torchscript", "sha256": self.sha256, "size": self.size}
 
     def _features(self, images: Tensor) -> Tensor:
-        return self.module(images).float()
+        out = self.module(images)
+        if not isinstance(out, Tensor) or out.shape[1:] != self._out_shape or out.shape[0] != len(images):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"backbone.path: {self.file} gave {got} for {len(images)} images; it gave {self._out_shape} "
+                "per image at start-up"
+            )
+        return out.float()
