@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from metaad.detectors.extractors import (
@@ -57,23 +58,21 @@ def test_patch_features_have_the_shape_of_the_stages_and_grid(stages, grid, size
 @needs_weights
 def test_the_stages_are_concatenated_in_order_on_the_common_grid():
     """Each stage's block of channels is that stage alone brought to the grid: the coarser one
-    upsampled onto a finer grid, the finer one averaged onto a coarser one."""
+    upsampled onto a finer grid, the finer one averaged onto a coarser one; pooling is a local mean."""
     x = images(2, 64, seed=1)
-    both_fine = EfficientNetLite0(stages=[8, 16], grid=8, size=64)(x)
-    both_coarse = EfficientNetLite0(stages=[8, 16], size=64)(x)
-    eight, sixteen = (
-        EfficientNetLite0(stages=[8], grid=8, size=64)(x),
-        EfficientNetLite0(stages=[16], size=64)(x),
-    )
-    torch.testing.assert_close(both_fine[:, :40], eight)
-    torch.testing.assert_close(both_coarse[:, 40:], sixteen)
-    torch.testing.assert_close(both_coarse[:, :40], nn.functional.avg_pool2d(eight, 2))
-    upsampled = nn.functional.interpolate(
-        sixteen, size=eight.shape[-2:], mode="bilinear", align_corners=False
-    )
-    torch.testing.assert_close(both_fine[:, 40:], upsampled)
-    # the local average over 3 x 3 neighbours is a setting: without it the maps differ
-    assert not torch.allclose(EfficientNetLite0(stages=[16], pool=1, size=64)(x), sixteen)
+    fine = EfficientNetLite0(stages=[16, 32], grid=16, size=64)(x)
+    coarse = EfficientNetLite0(stages=[16, 32], grid=32, size=64)(x)
+    sixteen = EfficientNetLite0(stages=[16], grid=16, size=64)(x)
+    thirty_two = EfficientNetLite0(stages=[32], grid=32, size=64)(x)
+    assert fine.shape == (2, 112 + 320, 4, 4) and coarse.shape == (2, 112 + 320, 2, 2)
+    torch.testing.assert_close(fine[:, :112], sixteen)
+    upsampled = F.interpolate(thirty_two, size=(4, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(fine[:, 112:], upsampled)
+    torch.testing.assert_close(coarse[:, 112:], thirty_two)
+    torch.testing.assert_close(coarse[:, :112], F.avg_pool2d(sixteen, 2))
+    pooled = EfficientNetLite0(stages=[16], grid=16, pool=3, size=64)(x)
+    torch.testing.assert_close(pooled, F.avg_pool2d(sixteen, 3, 1, 1, count_include_pad=False))
+    assert not torch.allclose(pooled, sixteen)
 
 
 @needs_weights
@@ -87,9 +86,9 @@ def test_the_weights_load_strictly_every_key_used_and_their_sha256_is_recorded(l
     assert lite0.identity() == {
         "name": "efficientnet_lite0",
         "weights_sha256": WEIGHTS_SHA256,
-        "stages": [8, 16],
+        "stages": [16, 32],
         "grid": 16,
-        "pool": 3,
+        "pool": 1,
         "size": 224,
         "normalization": "tf",
     }

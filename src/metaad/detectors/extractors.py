@@ -209,15 +209,15 @@ class EfficientNetLite0(_Frozen):
     ``normalization``: ``tf`` ((255 x - 127) / 128) or ``imagenet`` (mean/std). ``tf`` is the
     default by measurement, the package saying neither: under it the wheel's own classifier gives the
     expected ImageNet class of offline labelled photographs a higher probability, and few-shot
-    patch-kNN image AUROC is higher on MTD and on PIPED's mean
-    (``scripts/check_extractor_normalization.py`` prints both).
+    patch-kNN image AUROC is higher on MTD and on PIPED's mean. The default stages, grid and pool
+    were chosen the same way (``scripts/check_extractor_normalization.py`` prints each variant).
     """
 
     def __init__(
         self,
-        stages: Sequence[int] = (8, 16),
-        grid: int | None = None,
-        pool: int = 3,
+        stages: Sequence[int] = (16, 32),
+        grid: int | None = 16,
+        pool: int = 1,
         size: int = 224,
         normalization: str = "tf",
         weights: str | None = None,
