@@ -36,7 +36,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from metaad import files
-from metaad.apps.build import compose_config, plain
+from metaad.apps.build import compose_config, plain, reuse_sources
 from metaad.apps.checks import check_train_config
 from metaad.apps.cli import app
 from metaad.apps.eval import evaluate
@@ -281,7 +281,7 @@ def run(
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
     )
-    with progress:
+    with progress, reuse_sources():
         bar = progress.add_task("benchmark", total=len(jobs))
         for job, train_config in zip(jobs, configs):
             progress.update(bar, description=job.label)
@@ -324,6 +324,9 @@ def _eval_config(job: Job, k: int, create: bool = True) -> DictConfig:
     first_model = job.model == suite.models[0]
     overrides += [f"baselines={suite.get('baselines', 'all')}" if first_model else "baselines=none"]
     overrides += list(suite.get("eval_overrides", []))
+    streamed = suite.get("stream_k_shots")  # K values scored as streams too (default: every K)
+    if streamed is not None and k not in streamed:
+        overrides.append("stream=false")
     return compose_config(overrides, job.run_dir / f"eval_k{k}", "eval", create=create)
 
 

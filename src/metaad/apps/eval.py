@@ -131,7 +131,7 @@ def _evaluate(
         data=getattr(datamodule, "data_name", None),
         checkpoint=str(cfg.ckpt_path),
         tasks={"trained_on": checkpoint.tasks, **tasks},
-        stream=measure_streams(model, datamodule) if trainer.is_global_zero else None,
+        stream=measure_streams(model, datamodule) if trainer.is_global_zero and cfg.get("stream") else None,
     )
     if trainer.is_global_zero:
         results.write(run_dir / "metrics.json")

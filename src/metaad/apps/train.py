@@ -151,7 +151,7 @@ def _train(
     results = RunResults.from_report(
         model.report,
         **{f: getattr(results, f) for f in ("names", "k_shot", "seed", "data", "tasks")},
-        stream=measure_streams(model, datamodule) if trainer.is_global_zero else None,
+        stream=measure_streams(model, datamodule) if trainer.is_global_zero and cfg.get("stream") else None,
         checkpoint=best,
         val_auroc_best=results.val_auroc_best,
         global_step=results.global_step,
