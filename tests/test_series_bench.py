@@ -84,7 +84,9 @@ def test_streams_are_scaled_by_the_support_of_the_entitys_first_episode(tmp_path
     dataset = datamodule.datasets["test"]
     for stream in datamodule.test_streams():
         raw_support = dataset.pool.take(dataset.pool.support_rows[stream.entity][:3])
-        assert np.array_equal(stream.support, dataset[dataset.pool.tasks.index(stream.entity)].support.numpy())
+        assert np.array_equal(
+            stream.support, dataset[dataset.pool.tasks.index(stream.entity)].support.numpy()
+        )
         mean, spread = support_statistics(raw_support)
         entity = int(stream.entity.removeprefix("m"))
         raw_series = tagged_series(entity, 200, offset=120)[200 // 2 - (WINDOW - 1) :]
@@ -143,6 +145,9 @@ def test_a_suites_best_baseline_rule_is_checked_at_start_up():
     preset = OmegaConf.create({"suites": {"s": {**suite, "best_baseline": "valid"}}})
     with pytest.raises(ConfigError, match="suite s: best_baseline must be one of \\['val', 'test'\\]"):
         check_preset(preset, "p", None)
+    preset = OmegaConf.create({"suites": {"s": {**suite, "stream_k_shots": [20]}}})
+    with pytest.raises(ConfigError, match="suite s: stream_k_shots must list some of its k_shots \\[5\\]"):
+        check_preset(preset, "p", None)
 
 
 def test_k1_series_runs_decide_without_nan_and_skip_support_thresholds_with_a_note(tmp_path):
@@ -166,10 +171,26 @@ def test_k1_series_runs_decide_without_nan_and_skip_support_thresholds_with_a_no
 def test_k1_with_the_default_threshold_decides_on_every_episode(tmp_path):
     from metaad.apps.train import train
 
-    cfg, _ = fleet_config(tmp_path, "dataset.k_shot=1")
+    cfg, _ = fleet_config(tmp_path, "dataset.k_shot=1", "stream=false")
     results = train(cfg)
     assert results.threshold is not None and "skipped" not in results.threshold
     assert math.isfinite(results.test["f1"].mean) and math.isfinite(results.test["balanced_accuracy"].mean)
+    assert results.stream is None  # stream=false: no stream block
+    assert "stream" not in json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+
+
+def test_the_benchmark_reads_a_source_once_for_the_runs_of_one_config(tmp_path):
+    from metaad.apps.build import build_datamodule, reuse_sources
+
+    cfg, _ = fleet_config(tmp_path, "dataset.k_shot=3")
+    other = compose_in(
+        tmp_path / "other", [*FLEET, f"dataset.source.root={tmp_path / 'fleet'}", "dataset.k_shot=5"]
+    )
+    with reuse_sources():
+        first, second = build_datamodule(cfg), build_datamodule(other)
+        assert first.pools["test"].x is second.pools["test"].x  # one read, two K
+        assert second.datasets["test"][0].support.shape[0] == 5
+    assert build_datamodule(cfg).pools["test"].x is not first.pools["test"].x  # outside: read again
 
 
 @pytest.mark.parametrize("preset_name", ["series", "series_paper"])

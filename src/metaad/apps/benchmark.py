@@ -14,6 +14,12 @@ and its best checkpoint scored at every K; the baselines are scored on the very 
 episodes. Per-episode results of all folds and seeds are pooled into mean ± 95% CI. Writes
 ``results.csv``, ``results.md`` (the headline table with each learner's verdict against the best
 baseline, then every detector) and ``preset.yaml`` into the run folder, and prints the tables.
+Series suites add the stream metrics (each held-out entity's test part after the cut, a score a
+step; ``stream_k_shots`` limits the K values they are measured at) in a table of their own.
+``best_baseline: val`` chooses the baseline of each verdict by its AUROC on the validation tasks
+(``test``, the default kept by the older suites: on the test episodes themselves); ``train_with:
+<suite>`` scores another suite's trained models another way (``eval_dataset``: e.g. the first K
+windows as support) without training them again.
 Every suite and every training's config is checked before the first one trains. Rerun with the
 same ``hydra.run.dir`` after a kill: an evaluation is reused only when the full resolved config it
 ran with (its training's and its own, stored beside it as ``benchmark_config.json``) is the one it
@@ -151,6 +157,12 @@ def check_preset(preset: DictConfig, preset_name: str, only: list[str] | None) -
             raise ConfigError(f"{where}: train_k_shot must be an integer, got {suite.get('train_k_shot')!r}")
         if not folds_of(suite):
             raise ConfigError(f"{where} has no folds (folds: []); leave folds out for one fold")
+        streamed = suite.get("stream_k_shots")
+        if streamed is not None and (not OmegaConf.is_list(streamed) or set(streamed) - set(suite.k_shots)):
+            raise ConfigError(
+                f"{where}: stream_k_shots must list some of its k_shots {list(suite.k_shots)}, "
+                f"got {streamed!r}"
+            )
         rule = suite.get("best_baseline", "test")
         if rule not in BEST_BASELINE:
             raise ConfigError(
