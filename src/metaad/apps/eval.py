@@ -3,7 +3,9 @@
 The model, backbone, baselines and dataset are rebuilt from the config stored in the checkpoint
 (plain data, loaded with ``weights_only=True``); keys given under ``dataset`` replace the stored
 ones, e.g. ``+dataset.k_shot=10`` to evaluate the same model with more shots; ``baselines=all``
-scores another set of baselines beside it and ``threshold=...`` decides by another rule.
+scores another set of baselines beside it and ``threshold=...`` decides by another rule. On series
+data the learner and every baseline also score each held-out entity's test part after the cut a
+step at a time (the ``stream`` block; ``stream=false`` skips it), as metaad-train's test does.
 """
 
 from __future__ import annotations
