@@ -230,3 +230,30 @@ def test_a_suite_that_trains_with_another_takes_its_training_and_refuses_its_own
         resolved(bad)
     with pytest.raises(ConfigError, match="train_with: 'c' must name another suite"):
         resolved(OmegaConf.create({"suites": {"b": {"train_with": "c"}}}))
+
+
+def test_a_long_tables_test_parts_are_streams_in_memory_and_through_the_store(tmp_path):
+    from metaad.data.series import series_table
+    from tests.test_series_sources import TABLE, long_table
+
+    path = tmp_path / "fleet.parquet"
+    table = long_table()
+    table.to_parquet(path, index=False)
+    memory = series_table(str(path), **TABLE)
+    built = series_table(str(path), cache=str(tmp_path / "cache"), **TABLE)
+    reused = series_table(str(path), cache=str(tmp_path / "cache"), **TABLE)
+    for data in (memory, built, reused):
+        parts = data.streams
+        assert len(parts.entity) == 4
+        for p in range(4):
+            entity = data.task_names[int(parts.entity[p])]
+            rows = table[table.host == entity]
+            # the test part starts at history_end (0.5) of the table's one clock; its steps and labels
+            steps = data.x.steps(int(parts.start[p]), int(parts.stop[p]))
+            labels = parts.labels(int(parts.start[p]), int(parts.stop[p]))
+            test = rows.ts.to_numpy() >= table.ts.min() + 0.5 * (table.ts.max() - table.ts.min())
+            assert np.array_equal(steps[:, 1], rows.x1.to_numpy()[test])
+            assert np.array_equal(labels, rows.incident.to_numpy()[test])
+        assert np.array_equal(parts.cut, memory.streams.cut) and np.array_equal(
+            parts.anomalous, memory.streams.anomalous
+        )
