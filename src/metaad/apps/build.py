@@ -6,6 +6,10 @@ and ``metaad-score`` rebuild a detector from a checkpoint without it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,37 @@ def build_datamodule(cfg: DictConfig) -> Any:
     """Instantiate the dataset and load it now, so bad data stops the run before training."""
     check_dataset(cfg.dataset)
     datamodule = instantiate(cfg.dataset)
+    if _reused is not None and OmegaConf.select(cfg, "dataset.source") is not None:
+        key = json.dumps(plain(cfg.dataset.source), sort_keys=True, default=str)
+        datamodule.source = functools.partial(_read_once, key, datamodule.source)
     datamodule.setup()
     return datamodule
+
+
+# inside reuse_sources(): the last source read in this process, by its resolved config
+_reused: dict[str, Any] | None = None
+
+
+@contextlib.contextmanager
+def reuse_sources() -> Iterator[None]:
+    """Within this block, runs of the same source config read it once (the benchmark's trainings
+    and evaluations of one suite and fold, one after another in one process). Only the last source
+    is kept, so memory is one data set; files are assumed not to change within the block."""
+    global _reused
+    _reused = {}
+    try:
+        yield
+    finally:
+        _reused = None
+
+
+def _read_once(key: str, source: Any) -> Any:
+    if _reused is None:
+        return source()
+    if key not in _reused:
+        _reused.clear()
+        _reused[key] = source()
+    return _reused[key]
 
 
 def build_baselines(cfg: DictConfig) -> dict[str, Detector]:

@@ -3,7 +3,9 @@
 The model, backbone, baselines and dataset are rebuilt from the config stored in the checkpoint
 (plain data, loaded with ``weights_only=True``); keys given under ``dataset`` replace the stored
 ones, e.g. ``+dataset.k_shot=10`` to evaluate the same model with more shots; ``baselines=all``
-scores another set of baselines beside it and ``threshold=...`` decides by another rule.
+scores another set of baselines beside it and ``threshold=...`` decides by another rule. On series
+data the learner and every baseline also score each held-out entity's test part after the cut a
+step at a time (the ``stream`` block; ``stream=false`` skips it), as metaad-train's test does.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,7 +31,7 @@ from metaad.errors import ConfigError, Interrupted
 from metaad.training.resume import SignalStop, command_line
 
 if TYPE_CHECKING:
-    from metaad.evaluation.results import RunResults
+    from metaad.evaluation.results import RunResults, StreamResults
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +132,26 @@ def _evaluate(
         data=getattr(datamodule, "data_name", None),
         checkpoint=str(cfg.ckpt_path),
         tasks={"trained_on": checkpoint.tasks, **tasks},
+        stream=measure_streams(model, datamodule) if trainer.is_global_zero and cfg.get("stream") else None,
     )
     if trainer.is_global_zero:
         results.write(run_dir / "metrics.json")
         print_summary(results, run_dir)
     return results
+
+
+def measure_streams(model: Any, datamodule: Any) -> StreamResults | None:
+    """Series data: each held-out entity's test part after the cut scored step by step by the
+    learner (its tested weights) and every baseline, one entity at a time; None for other data.
+    metaad-train's test and metaad-eval both measure through here."""
+    streams = datamodule.test_streams()
+    if streams is None:
+        return None
+    from metaad.evaluation.stream_metrics import evaluate_streams
+
+    learner = model.learner.cpu().eval()  # tested already: its streams are scored on the CPU
+    log.info("scoring the held-out entities' test parts after the cut as streams")
+    return evaluate_streams(model.evaluator.detectors(learner, with_baselines=True), streams)
 
 
 @app("eval")

@@ -86,6 +86,7 @@ def _train(
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from metaad.apps.build import build_datamodule, build_trainer, build_training, plain
+    from metaad.apps.eval import measure_streams
     from metaad.evaluation.report import print_summary
     from metaad.evaluation.results import RunResults
     from metaad.training.callbacks import StopOnSignal, StoreConfig
@@ -150,6 +151,7 @@ def _train(
     results = RunResults.from_report(
         model.report,
         **{f: getattr(results, f) for f in ("names", "k_shot", "seed", "data", "tasks")},
+        stream=measure_streams(model, datamodule) if trainer.is_global_zero and cfg.get("stream") else None,
         checkpoint=best,
         val_auroc_best=results.val_auroc_best,
         global_step=results.global_step,

@@ -34,7 +34,15 @@ from metaad.data.errors import DataError
 from metaad.data.preprocessing import Preprocessing
 from metaad.data.values import refuse_extreme
 
-__all__ = ["DataError", "LabelledData", "TaskPool", "check_time_leaks", "entity_folds", "split_tasks"]
+__all__ = [
+    "DataError",
+    "LabelledData",
+    "StreamParts",
+    "TaskPool",
+    "check_time_leaks",
+    "entity_folds",
+    "split_tasks",
+]
 
 SPLITS = ("train", "val", "test")
 TRAIN, VAL, TEST = 0, 1, 2
@@ -44,6 +52,35 @@ TRAIN_ANOMALIES = ("real", "synthetic", "real+synthetic", "one_vs_rest")
 PARTITIONS = ("train", "test")
 ROTATIONS = (90, 180, 270)
 _CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class StreamParts:
+    """Where each entity's labelled test part lies in the stored series, to score it as a stream.
+
+    One row per contiguous test part (one per entity for per-entity files, possibly several for a
+    long table): ``entity`` its task code, ``start`` / ``cut`` / ``stop`` storage steps (its first
+    step, its first step on or after the time cut, one past its last). ``anomalous`` holds the
+    storage ``[start, stop)`` runs of labelled anomalous steps, sorted: a few numbers a segment,
+    never a label per step kept in memory.
+    """
+
+    entity: np.ndarray  # (P,) int
+    start: np.ndarray  # (P,) int64
+    cut: np.ndarray  # (P,) int64
+    stop: np.ndarray  # (P,) int64
+    anomalous: np.ndarray  # (S, 2) int64
+
+    def labels(self, start: int, stop: int) -> np.ndarray:
+        """0/1 per storage step in ``[start, stop)``."""
+        out = np.zeros(stop - start, np.int64)
+        runs = self.anomalous
+        first = int(np.searchsorted(runs[:, 1], start, side="right")) if len(runs) else 0
+        for a, b in runs[first:]:
+            if a >= stop:
+                break
+            out[max(a, start) - start : min(b, stop) - start] = 1
+        return out
 
 
 @dataclass(frozen=True)
@@ -73,6 +110,8 @@ class LabelledData:
     # series windows: each row's period (HISTORY / BEFORE / AFTER) and its [start, end] on the clock
     period: np.ndarray | None = None
     span: np.ndarray | None = None
+    # series: each entity's labelled test part in the stored series (scored as a stream)
+    streams: StreamParts | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim < 2 or len(self.x) == 0:

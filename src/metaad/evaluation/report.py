@@ -66,6 +66,8 @@ def print_summary(results: RunResults, run_dir: Path, console: Console | None = 
     console.print(table)
     if results.threshold:
         print_threshold(results.threshold, console)
+    if results.stream is not None:
+        print_stream(results, console)
     learner = results.test["auroc"]
     for baseline, value in results.baselines.items():
         gap = learner.mean - value["auroc"].mean
@@ -77,3 +79,43 @@ def print_summary(results: RunResults, run_dir: Path, console: Console | None = 
     if (run_dir / "tensorboard").is_dir():  # not with logger=none
         command = f"tensorboard --logdir {shlex.quote(str(run_dir / 'tensorboard'))}"
         console.print(command, soft_wrap=True, markup=False, highlight=False)
+
+
+STREAM_COLUMNS = {
+    "auroc": "AUROC",
+    "aupr": "AUPR",
+    "vus_pr": "VUS-PR",
+    "best_f1": "best F1",
+    "f1_support": "F1 at support thr.",
+}
+
+
+def print_stream(results: RunResults, console: Console, shown: int = 3) -> None:
+    """The stream block, short: the learner and the ``shown`` best baselines by VUS-PR; the rest,
+    and every note, are in metrics.json."""
+    stream, name = results.stream, results.learner
+    assert stream is not None
+    baselines = sorted(
+        (d for d in stream.detectors if d != name),
+        key=lambda d: -stream.detectors[d].get("vus_pr", stream.detectors[d]["auroc"]).mean,
+    )
+    rows = ([name] if name in stream.detectors else []) + baselines[:shown]
+    columns = [m for m in STREAM_COLUMNS if any(m in stream.detectors[d] for d in rows)]
+    table = Table(
+        title=f"streams: {len(stream.entities)} held-out entities after the cut, a score a step "
+        "(mean ± 95% CI over entities)"
+    )
+    for column in ("detector", *(STREAM_COLUMNS[m] for m in columns)):
+        table.add_column(column)
+    for detector in rows:
+        values = stream.detectors[detector]
+        label = detector if detector == name else f"baseline: {detector}"
+        table.add_row(
+            label, *(f"{values[m].mean:.3f} ± {values[m].ci95:.3f}" if m in values else "-" for m in columns)
+        )
+    console.print(table)
+    hidden = len(baselines) - shown
+    extra = [f"{hidden} more baseline(s)"] if hidden > 0 else []
+    extra += [f"{len(stream.notes)} note(s)"] if stream.notes else []
+    if extra:
+        console.print(f"{' and '.join(extra)} in metrics.json (stream)")
