@@ -105,7 +105,8 @@ def check_held_out(checkpoint: ckpt.Checkpoint, test_tasks: list[str]) -> None:
 def _evaluate(
     cfg: DictConfig, checkpoint: ckpt.Checkpoint, run_cfg: DictConfig, run_dir: Path, stop: SignalStop
 ) -> RunResults:
-    from metaad.apps.build import build_datamodule, build_trainer, build_training
+    from metaad.apps import model_card
+    from metaad.apps.build import build_datamodule, build_trainer, build_training, plain
     from metaad.apps.tracking import place_loggers, tensorboard_dirs
     from metaad.evaluation.report import print_summary
     from metaad.evaluation.results import RunResults
@@ -136,6 +137,8 @@ def _evaluate(
     )
     if trainer.is_global_zero:
         results.write(run_dir / "metrics.json")
+        kind = model_card.kind_of(getattr(datamodule, "preprocessing", None), datamodule.sample_shape)
+        model_card.write(run_dir, results, plain(run_cfg), kind)
         print_summary(results, run_dir, tensorboard=next((d.parent for d in tensorboard_dirs(cfg)), None))
     return results
 

@@ -85,6 +85,7 @@ def _train(
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from metaad.apps import model_card
     from metaad.apps.build import build_datamodule, build_trainer, build_training, plain
     from metaad.apps.tracking import place_loggers, run_hparams, tensorboard_dirs
     from metaad.evaluation.report import print_summary
@@ -157,6 +158,8 @@ def _train(
     )
     if trainer.is_global_zero:
         results.write(run_dir / "metrics.json")
+        kind = model_card.kind_of(getattr(datamodule, "preprocessing", None), datamodule.sample_shape)
+        model_card.write(run_dir, results, stored, kind)
         print_summary(results, run_dir, tensorboard=next((d.parent for d in tensorboard_dirs(placed)), None))
     return results
 
