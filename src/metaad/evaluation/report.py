@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,26 @@ PHRASES = {
 }
 
 
-def fitted(build: Callable[[list[str]], Table], columns: list[str], width: int) -> tuple[Table, list[str]]:
+FOLDED_WIDTH = 16  # a folding column (free text) is given at least this width before columns are dropped
+
+
+def fitted(
+    build: Callable[[list[str]], Table], columns: list[str], width: int, folding: Sequence[str] = ()
+) -> tuple[Table, list[str]]:
     """The table of as many ``columns`` as fit ``width`` characters, dropped from the last (the
-    first is always kept); the table and the dropped columns' names. Cells never wrap."""
+    first is always kept); the table and the dropped columns' names. Cells never wrap, except in
+    ``folding`` columns (free text), which fold to fit once each has :data:`FOLDED_WIDTH`."""
     wide = Console(width=10_000)
-    dropped: list[str] = []
+    columns, dropped = list(columns), []
     while True:
         table = build(columns)
-        if len(columns) <= 1 or Measurement.get(wide, wide.options, table).maximum <= width:
+        folded = [c for c in table.columns if c.header in folding]
+        for column in folded:
+            column.max_width = FOLDED_WIDTH
+        needed = Measurement.get(wide, wide.options, table).maximum
+        for column in folded:
+            column.max_width = None
+        if len(columns) <= 1 or needed <= width:
             return table, dropped
         dropped.insert(0, columns.pop())
 
