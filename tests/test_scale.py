@@ -31,7 +31,7 @@ from metaad.data import DataError, EpisodeDataModule, EpisodeSampler
 from metaad.data.sources import digits
 from metaad.training.distributed import HydraDDPStrategy, check_launch, rank_command
 from metaad.training.resume import load_resume_state, resolve_ckpt_path
-from tests.conftest import run_app
+from tests.conftest import event_dir, run_app
 
 BIN = Path(sys.executable).parent
 
@@ -287,7 +287,7 @@ def test_optuna_study_of_two_trials_maximises_validation_auroc_in_sqlite(tmp_pat
 
 
 def tensorboard_curve(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(event_dir(run_dir)), size_guidance={"scalars": 0})
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
