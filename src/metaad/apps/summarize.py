@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -155,7 +156,13 @@ def show(rows: list[dict], sweep: Path, console: Console) -> None:
     that still do not fit are dropped and named; every path and command on one line."""
 
     def build(columns: list[str]) -> Table:
-        table = Table(title=f"{len(rows)} jobs, best validation AUROC first", title_justify="left")
+        table = Table(
+            title=f"{len(rows)} jobs, best validation AUROC first",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+        )
         for column in columns:
             folds = column in FOLDING
             justify = "left" if folds else "right"
@@ -170,7 +177,7 @@ def show(rows: list[dict], sweep: Path, console: Console) -> None:
     one_line(console, f"sweep: {sweep}")
     console.print(table)
     if dropped:
-        console.print(f"(not shown at this width: {', '.join(dropped)}; all in sweep_summary.csv)")
+        console.print(f"(not shown at this width: {', '.join(dropped)}; see sweep_summary.csv)")
     best = rows[0]
     if best["status"] == "done":
         console.print(

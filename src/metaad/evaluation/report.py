@@ -104,7 +104,7 @@ def print_summary(
     table, dropped = fitted(build, ["detector", *metrics], console.width)
     console.print(table)
     if dropped:
-        console.print(f"(not shown at this width: {', '.join(dropped)}; all in metrics.json)")
+        console.print(f"(not shown at this width: {', '.join(dropped)}; see metrics.json)")
     if results.threshold:
         print_threshold(results.threshold, console)
     learner = results.test["auroc"]
