@@ -48,6 +48,11 @@ def test_the_card_holds_the_runs_numbers_verdicts_and_threshold(run):
         gap = learner.mean - auroc.mean
         line = f"| baseline {name} | {auroc.mean:.3f} ± {auroc.ci95:.3f} |"
         assert line in card and f"protonet {word} it ({gap:+.3f}) |" in card, name
+    verdicts = [verdict(learner, m["auroc"]) for m in on_disk.baselines.values()]
+    counts = ", ".join(
+        f"{model_card.WORDS[w]} {verdicts.count(w)}" for w in model_card.WORDS if w in verdicts
+    )
+    assert f"**Verdict**: protonet {counts} of the {len(verdicts)} baselines" in card
     below = [b for b, m in on_disk.baselines.items() if verdict(learner, m["auroc"]) == "below"]
     assert ("Below the baselines on this data" in card) == bool(below)
     assert f"threshold {on_disk.threshold['value']:.4g}" in card and "fitted on the validation" in card

@@ -171,13 +171,14 @@ def render(results: RunResults, config: dict[str, Any], checkpoint: Path, kind: 
     data = config.get("dataset") or {}
     learner = results.test.get("auroc")
     rows = [(name, results.test, "")]
+    verdicts = []
     for baseline, metrics in results.baselines.items():
         word = verdict(learner, metrics["auroc"]) if learner else ""
         gap = learner.mean - metrics["auroc"].mean if learner else math.nan
         rows.append((f"baseline {baseline}", metrics, f"{name} {WORDS[word]} it ({gap:+.3f})"))
+        verdicts.append(word)
     cmd = commands(checkpoint, kind)
-    counts = {w: sum(1 for r in rows[1:] if r[2].startswith(f"{name} {WORDS[w]} ")) for w in WORDS}
-    summary = ", ".join(f"{WORDS[w]} {n}" for w, n in counts.items() if n)
+    counts = ", ".join(f"{WORDS[w]} {verdicts.count(w)}" for w in WORDS if w in verdicts)
     lines = [
         f"# Model card: {name} on {dataset} (K={results.k_shot})",
         "",
@@ -219,9 +220,12 @@ def render(results: RunResults, config: dict[str, Any], checkpoint: Path, kind: 
             f"| {label} | {_num(metrics.get('auroc'))} | {_num(metrics.get('aupr'))} | "
             f"{_num(metrics.get('f1'))} | {word or '(the learner)'} |"
         )
-    lines += ["", f"**Verdict**: {name} {summary or 'has no baselines to compare with'}."]
-    if results.baselines:
-        lines[-1] = f"**Verdict**: of {len(results.baselines)} baselines, {name} {summary}."
+    verdict_line = (
+        f"{name} {counts} of the {len(verdicts)} baselines (test AUROC, 95% CIs apart or not)"
+        if verdicts
+        else f"{name} has no baselines to compare with"
+    )
+    lines += ["", f"**Verdict**: {verdict_line}."]
     lines += ["", "## Threshold", "", *_threshold(results), "", "## Known limits", ""]
     lines += [f"- {limit}" for limit in limits(results, config)]
     lines += [
