@@ -102,3 +102,37 @@ def test_a_sweeps_jobs_are_named_by_their_swept_overrides_with_real_hp_metrics(t
         "sweep_summary.md",
         "tensorboard",
     ]
+
+
+def as_sweep_job(cfg, sweep: Path, num: int, sweep_overrides: list[str] | None) -> None:
+    """Make ``cfg`` (composed in-process) look like job ``num`` of a sweep in ``sweep``, as Hydra sets it."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.sweep.dir = str(sweep)
+        cfg.hydra.job.num = num
+    HydraConfig.instance().set_config(cfg)
+    if sweep_overrides is not None:
+        sweep.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save({"hydra": {"overrides": {"task": sweep_overrides}}}, sweep / "multirun.yaml")
+
+
+def test_a_sweep_job_is_named_by_what_the_sweep_varies_and_a_taken_name_gets_its_job_number(tmp_path):
+    from metaad.apps.tracking import place_loggers, run_hparams, tensorboard_dirs
+
+    sweep = tmp_path / "sweep"
+    cfg = compose_in(tmp_path / "sweep" / "3", ["model=siamese", "seed=1", "dataset.k_shot=2"], quick=False)
+    as_sweep_job(cfg, sweep, 3, ["model=protonet,siamese", "seed=1", "dataset.k_shot=range(1,3)"])
+    (folder,) = tensorboard_dirs(place_loggers(cfg, Path(cfg.paths.output_dir)))
+    assert folder == sweep / "tensorboard" / "model=siamese,dataset.k_shot=2", "seed=1 is every job's"
+    assert list(run_hparams(cfg))[:2] == ["model", "dataset.k_shot"]
+    folder.mkdir(parents=True)  # an Optuna study may draw one configuration twice
+    (again,) = tensorboard_dirs(place_loggers(cfg, Path(cfg.paths.output_dir)))
+    assert again == sweep / "tensorboard" / "model=siamese,dataset.k_shot=2_job3"
+    # a resumed run continues in the folder its checkpoint names
+    (resumed,) = tensorboard_dirs(place_loggers(cfg, Path(cfg.paths.output_dir), str(folder)))
+    assert resumed == folder
