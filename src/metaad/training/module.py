@@ -16,7 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from metaad import checkpoint as ckpt
@@ -41,7 +41,9 @@ def log_run(loggers: Iterable[Any], params: dict[str, Any]) -> None:
     :data:`HP_METRICS`, without values (no placeholder at step 0: the values come when known)."""
     for logger in loggers:
         if not isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(params)
+            logger.log_hyperparams(params)  # rank 0 only, as Lightning's loggers do
+            continue
+        if rank_zero_only.rank != 0:  # the other ranks' TensorBoard writes nothing
             continue
         from torch.utils.tensorboard.summary import hparams
 
