@@ -62,6 +62,7 @@ def test_the_card_holds_the_runs_numbers_verdicts_and_threshold(run):
     assert f"{learner.n_episodes} test" in card
 
 
+@pytest.mark.slow
 def test_the_cards_commands_run_against_its_checkpoint(run, tmp_path):
     cfg, results, card = run
     best = Path(results.checkpoint).absolute()
