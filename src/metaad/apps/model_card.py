@@ -201,7 +201,8 @@ def render(results: RunResults, config: dict[str, Any], checkpoint: Path, kind: 
         "## Protocol",
         "",
         f"- K = {results.k_shot} normal support samples per episode; {data.get('n_query', '?')} queries "
-        f"per episode ({_share(data.get('anomaly_ratio'))} anomalies{_anomalies(data)})" + _query_sizes(data),
+        f"per episode, {_share(data.get('anomaly_ratio'))} of them anomalies{_anomalies(data)}"
+        + _query_sizes(data),
         f"- episodes: {data.get('train_episodes', '?')} meta-training per epoch, "
         f"{data.get('val_episodes', '?')} validation, {_test_episodes(results)} test",
         f"- 95% CIs over {config.get('ci_over') or 'episode'}s; seed {results.seed}",
@@ -221,7 +222,8 @@ def render(results: RunResults, config: dict[str, Any], checkpoint: Path, kind: 
             f"{_num(metrics.get('f1'))} | {word or '(the learner)'} |"
         )
     verdict_line = (
-        f"{name} {counts} of the {len(verdicts)} baselines (test AUROC, 95% CIs apart or not)"
+        f"{name} {counts} of the {len(verdicts)} baselines (test AUROC; beats or is below: the 95% "
+        "CIs do not overlap)"
         if verdicts
         else f"{name} has no baselines to compare with"
     )
@@ -287,7 +289,7 @@ def kind_of(preprocessing: Any, sample_shape: tuple[int, ...]) -> str:
 
 def _anomalies(data: dict[str, Any]) -> str:
     source = {
-        "split": "the other tasks of the same split (one-vs-rest)",
+        "split": "the other tasks of the same split, one-vs-rest",
         "source_test": "the source's own test rows no other split uses",
     }
     given = data.get("anomalies_from")
