@@ -41,6 +41,13 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 BIN = Path(sys.executable).parent
 
 
+def event_dir(run_dir: Path) -> Path:
+    """The folder of a single run's TensorBoard events: ``<run folder>/tensorboard/<run_name>``."""
+    folders = sorted({p.parent for p in (Path(run_dir) / "tensorboard").rglob("events.out.tfevents.*")})
+    assert len(folders) == 1, f"one TensorBoard run expected under {run_dir}, found {folders}"
+    return folders[0]
+
+
 def run_app(app: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """An installed app (``metaad-train`` ...) as a user runs it: one thread, no traceback switch,
     no DDP variables of an enclosing run."""

@@ -91,11 +91,24 @@ def learner_name(cfg: DictConfig) -> str:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list = ()) -> Any:
+    from metaad.training.callbacks import ProgressBar, SummaryToLogFile
+
     check_trainer(cfg.trainer)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # the model summary goes to the run's log file, not the console
+    if cfg.trainer.get("enable_model_summary", True):
+        configured.append(SummaryToLogFile())
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+        type(c).__name__.endswith("ProgressBar") for c in configured
+    ):
+        configured.append(ProgressBar())
     return instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=[*configured, *callbacks], **TRAINER_INVARIANTS
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=[*configured, *callbacks],
+        enable_model_summary=False,
+        **TRAINER_INVARIANTS,
     )
 
 

@@ -107,7 +107,9 @@ def check_held_out(checkpoint: ckpt.Checkpoint, test_tasks: list[str]) -> None:
 def _evaluate(
     cfg: DictConfig, checkpoint: ckpt.Checkpoint, run_cfg: DictConfig, run_dir: Path, stop: SignalStop
 ) -> RunResults:
-    from metaad.apps.build import build_datamodule, build_trainer, build_training
+    from metaad.apps import model_card
+    from metaad.apps.build import build_datamodule, build_trainer, build_training, plain
+    from metaad.apps.tracking import place_loggers, tensorboard_dirs
     from metaad.evaluation.report import print_summary
     from metaad.evaluation.results import RunResults
     from metaad.training.callbacks import StopOnSignal
@@ -115,6 +117,7 @@ def _evaluate(
     from metaad.training.module import quiet_lightning
 
     quiet_lightning()
+    cfg = place_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, [StopOnSignal(stop)])
     check_launch(trainer)  # before any data is read or any process started
     datamodule = build_datamodule(run_cfg)
@@ -136,7 +139,9 @@ def _evaluate(
     )
     if trainer.is_global_zero:
         results.write(run_dir / "metrics.json")
-        print_summary(results, run_dir)
+        kind = model_card.kind_of(getattr(datamodule, "preprocessing", None), datamodule.sample_shape)
+        model_card.write(run_dir, results, plain(run_cfg), kind)
+        print_summary(results, run_dir, tensorboard=next((d.parent for d in tensorboard_dirs(cfg)), None))
     return results
 
 
