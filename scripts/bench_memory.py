@@ -30,8 +30,20 @@ BIN = Path(sys.executable).parent
 EXPERIMENTS: dict[str, list[str]] = {
     "default": [],
     "digits": ["experiment=digits", "trainer.max_epochs=1", "dataset.train_episodes=80"],
-    "mt_mnist": ["experiment=mt_mnist", "trainer.max_epochs=1", "dataset.train_episodes=16"],
-    "fashion_mnist": ["experiment=fashion_mnist", "trainer.max_epochs=1", "dataset.train_episodes=64"],
+    "mt_mnist": [
+        "experiment=mt_mnist",
+        "trainer.max_epochs=1",
+        "dataset.train_episodes=16",
+        "dataset.val_episodes=4",
+        "dataset.test_episodes=4",
+    ],
+    "fashion_mnist": [
+        "experiment=fashion_mnist",
+        "trainer.max_epochs=1",
+        "dataset.train_episodes=64",
+        "dataset.val_episodes=8",
+        "dataset.test_episodes=8",
+    ],
     "omniglot": [
         "experiment=omniglot",
         "trainer.max_epochs=1",
