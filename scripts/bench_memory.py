@@ -81,6 +81,8 @@ def measured(cmd: list[str], run_dir: Path, log_file: Path) -> dict:
         "test_auroc": metrics["test"]["auroc"]["mean"],
         "data": metrics.get("data"),
         **config,
+        "model": metrics["model"],
+        "dataset": metrics["dataset"],
     }
 
 
@@ -90,9 +92,8 @@ import json, yaml
 c = yaml.safe_load(open("{run_dir}/.hydra/config.yaml"))
 d = c["dataset"]
 q = d.get("test_n_query") or d["n_query"]
-print(json.dumps({{"backbone": c["backbone"]["_target_"].rsplit(".", 1)[-1], "model": c["names"]["model"],
-    "dataset": c["names"]["dataset"], "test_query": q, "eval_batch": d["eval_batch_size"],
-    "k_shot": d["k_shot"]}}))
+print(json.dumps({{"backbone": c["backbone"]["_target_"].rsplit(".", 1)[-1], "test_query": q,
+    "eval_batch": d["eval_batch_size"], "k_shot": d["k_shot"]}}))
 """
 
 
@@ -117,7 +118,11 @@ def main() -> None:
     parser.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     parser.add_argument("--chunks", nargs="+", default=["1024", "null"], help="score_chunk values")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--table", type=Path, help="only print the table of a memory.json written before")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     out = args.out or Path("outputs/memory") / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="metaad-memory-"))
@@ -128,7 +133,7 @@ def main() -> None:
             cmd = [str(BIN / "metaad-train"), *EXPERIMENTS[name], f"score_chunk={chunk}", "logger=none"]
             cmd += ["trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"]
             row = {"experiment": name, "score_chunk": None if chunk == "null" else int(chunk)}
-            row |= measured(cmd, run_dir, out / f"{run_dir.name}.log")
+            row |= measured(cmd, run_dir, out / f"{run_dir.name}.log") | {"run_dir": str(run_dir)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     stamp = time.strftime("%Y-%m-%d %H:%M")

@@ -65,8 +65,9 @@ def score_in_chunks(detector: Detector, state: Any, query: Tensor, chunk_size: i
     batch, through the detector at once (at least one per episode); ``None``: the whole query.
 
     A detector scores each query sample on its own (nothing transductive; the generic tests check
-    every learner and baseline), so the scores are those of the whole query while memory is bounded
-    by the setting, not by the query size: a 4,000-image query through a conv net is gigabytes.
+    every learner and baseline), so the scores are those of the whole query (bitwise for most; to
+    float32 rounding where a batched matmul sums in another order for fewer rows) while memory is
+    bounded by the setting, not by the query size: a 4,000-image query through a conv net is gigabytes.
     """
     if chunk_size is None:
         return detector.score(state, query)
