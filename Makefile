@@ -45,7 +45,7 @@ sweep: $(STAMP) ## grid sweep + table of each job's val/test AUROC (SWEEP="model
 benchmark: $(STAMP) ## every experiment at CPU length, each learner vs every baseline (preset=cpu)
 	$(BIN)/metaad-benchmark preset=cpu $(ARGS)
 
-benchmark-quick: $(STAMP) ## the benchmark's whole pipeline in a few minutes (smoke test, not numbers to quote)
+benchmark-quick: $(STAMP) ## the benchmark's whole pipeline, one epoch a suite (smoke test, not numbers to quote)
 	$(BIN)/metaad-benchmark preset=quick $(ARGS)
 
 speed: $(STAMP) ## throughput of each learner; MAML beside TorchOpt and higher (pip install -e .[peers]); scoring start-up

@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 
 from metaad.apps.build import compose_config
 
-# Every stage of a real experiment in seconds (conf/debug/quick.yaml).
-QUICK = ["debug=quick"]
+# Every stage of a real experiment in seconds (conf/debug/quick.yaml), on the 8x8 digits with ProtoNet
+# (experiment=digits, the default run before MNIST's; a test's own experiment= or model= replaces it).
+QUICK = ["experiment=digits", "debug=quick"]
 # Every learner is one config in conf/model/: the generic tests run each of them.
 LEARNERS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "model").glob("*.yaml"))
 

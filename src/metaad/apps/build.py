@@ -71,8 +71,9 @@ def build_threshold(cfg: DictConfig, key: str = "threshold") -> Threshold | None
     return instantiate(cfg[key]) if cfg.get(key) else None
 
 
-def build_training(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Any:
-    """The LightningModule that meta-trains the configured learner, with its evaluator."""
+def build_training(cfg: DictConfig, sample_shape: tuple[int, ...], score_chunk: int | None = None) -> Any:
+    """The LightningModule that meta-trains the configured learner, with its evaluator, which scores
+    ``score_chunk`` query samples at a time (default: the config's ``score_chunk``)."""
     from metaad.training.module import MetaTraining
 
     evaluator = Evaluator(
@@ -81,6 +82,7 @@ def build_training(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Any:
         build_threshold(cfg, "baseline_threshold"),
         ci_over=cfg.get("ci_over") or "episode",
         learner=learner_name(cfg),
+        score_chunk=score_chunk if score_chunk is not None else cfg.get("score_chunk"),
     )
     return MetaTraining(build_learner(cfg, sample_shape), instantiate(cfg.model.optimizer), evaluator)
 

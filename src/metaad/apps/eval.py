@@ -21,6 +21,7 @@ from metaad import checkpoint as ckpt
 from metaad.apps.checks import (
     check_dataset,
     check_processes,
+    check_score_chunk,
     check_settings_of,
     check_threshold,
     check_trainer,
@@ -43,6 +44,7 @@ def evaluate(cfg: DictConfig) -> RunResults:
     _refuse_stored_only(cfg)
     check_settings_of(cfg, "eval")
     check_trainer(cfg.trainer)
+    check_score_chunk(cfg)
     checkpoint = ckpt.load(cfg.ckpt_path)
     run_cfg = checkpoint.config
     run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, cfg.dataset)
@@ -121,7 +123,7 @@ def _evaluate(
     trainer = build_trainer(cfg, [StopOnSignal(stop)])
     check_launch(trainer)  # before any data is read or any process started
     datamodule = build_datamodule(run_cfg)
-    model = build_training(run_cfg, datamodule.sample_shape)
+    model = build_training(run_cfg, datamodule.sample_shape, cfg.get("score_chunk"))
     tasks = datamodule.task_names()
     check_held_out(checkpoint, tasks["test"])
     model.restore(checkpoint)
