@@ -454,6 +454,7 @@ def evaluation(
         done = subprocess.run(
             [
                 str(BIN / "metaad-train"),
+                "experiment=digits",
                 "debug=quick",
                 "logger=none",
                 "baselines=none",
@@ -550,7 +551,8 @@ def evaluation(
         "",
         f"`metaad-eval ckpt_path=<best.ckpt> logger=none +dataset.test_episodes={test_episodes} "
         f"+dataset.eval_batch_size={batch_size}` and the same with `trainer=ddp trainer.devices=2`, on "
-        "checkpoints trained here with `metaad-train debug=quick logger=none baselines=none model=<model>` "
+        "checkpoints trained here with `metaad-train experiment=digits debug=quick logger=none "
+        "baselines=none model=<model>` "
         "(digits; no baselines, so the learner's adapt + score is the work). Test loop: `on_test_start` to "
         "`on_test_end` (the validation episodes for thresholds, then the test episodes, gathered), the "
         "slowest rank; scoring steps: the time inside `test_step` (adapt + score), summed; the rest of "

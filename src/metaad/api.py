@@ -50,7 +50,7 @@ from torch import Tensor
 
 from metaad.data.tasks import DataError
 from metaad.data.values import column_label, magnitude_limit, refuse_extreme
-from metaad.detectors.base import Detector
+from metaad.detectors.base import SCORE_CHUNK, Detector, score_in_chunks
 from metaad.errors import CheckpointError
 from metaad.evaluation.thresholds import NonFiniteScores, Threshold, leave_one_out_scores
 
@@ -461,7 +461,7 @@ class FewShotDetector:
             return self._series_scores(X)
         query = self._inputs(X, fitting=False)[None]
         with torch.no_grad():
-            scores = self.detector.score(self.state_, query).detach().float()
+            scores = score_in_chunks(self.detector, self.state_, query, SCORE_CHUNK).detach().float()
         self._require_finite(scores, query[0], "score")
         return scores
 

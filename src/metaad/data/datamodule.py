@@ -4,16 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from metaad.data.episodes import EpisodeDataset, EpisodeSampler, check_episode_settings, collate_episodes
+from metaad.data.episodes import (
+    EpisodeDataset,
+    EpisodeSampler,
+    Stream,
+    check_episode_settings,
+    collate_episodes,
+)
 from metaad.data.preprocessing import Preprocessing
-from metaad.data.tasks import DataError, LabelledData, TaskPool, asked_tasks, entity_folds, split_tasks
+from metaad.data.tasks import (
+    DataError,
+    LabelledData,
+    StreamParts,
+    TaskPool,
+    asked_tasks,
+    entity_folds,
+    split_tasks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +195,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.datasets: dict[str, EpisodeDataset] = {}
         self._preprocessing: Preprocessing | None = None
         self._data_name: str | None = None
+        self._streams: StreamParts | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Load the source and check every split can supply its episodes (idempotent)."""
@@ -199,6 +214,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             )
         self.pools = split_tasks(data, **args)
         self._preprocessing, self._data_name = data.preprocessing, data.name
+        self._streams = data.streams
         if data.preprocessing.is_series:  # the scaling rule travels with the model's windows
             self._preprocessing = dataclasses.replace(
                 data.preprocessing,
@@ -265,6 +281,15 @@ class EpisodeDataModule(pl.LightningDataModule):
             pool = self.pools[split]
             named[split] = [str(t) for t in pool.tasks[: len(pool.tasks) // (1 + len(pool.rotations))]]
         return named
+
+    def test_streams(self) -> Iterator[Stream | str] | None:
+        """Each held-out entity's test part after the cut, one at a time (:meth:`EpisodeDataset.streams`;
+        a line where one cannot be measured); None for data that is not a series of entities."""
+        if not self.datasets:
+            raise RuntimeError("call setup() before asking for test_streams")
+        if self._streams is None:
+            return None
+        return self.datasets["test"].streams(self._streams)
 
     @property
     def preprocessing(self) -> Preprocessing:

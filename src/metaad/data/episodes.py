@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from metaad.data.tasks import DataError, TaskPool
+from metaad.data.tasks import DataError, StreamParts, TaskPool
 
 log = logging.getLogger(__name__)
 
@@ -241,12 +241,7 @@ class EpisodeDataset(Dataset):
             support_rows, normals = normals[: self.k_shot], normals[self.k_shot :]
             anomalies = pool.draw_anomalies(rng, task, self.n_anomalies, replace=pool.lenient)
         else:  # series: the support from the entity's history, queries from its own period
-            history = pool.support_rows[task]
-            support_rows = (
-                history[: self.k_shot]
-                if self.support_draw == "first"
-                else rng.choice(history, self.k_shot, replace=False)
-            )
+            support_rows = self._history_support(rng, task)
             own = pool.normal_rows[task]
             repeat = pool.lenient and len(own) < self.n_normals
             normals = rng.choice(own, self.n_normals, replace=repeat)
@@ -268,6 +263,59 @@ class EpisodeDataset(Dataset):
             index=torch.tensor(i),
             query_masks=None if masks is None else torch.from_numpy(masks),
         )
+
+    def _history_support(self, rng: np.random.Generator, task: str) -> np.ndarray:
+        history = self.pool.support_rows[task]
+        if self.support_draw == "first":
+            return history[: self.k_shot]
+        return rng.choice(history, self.k_shot, replace=False)
+
+    def streams(self, parts: StreamParts) -> Iterator[Stream | str]:
+        """Each entity's test part from the time cut on, as a :class:`Stream`, one at a time.
+
+        The ``W - 1`` steps before the cut are context (so the window ending at the cut's first
+        step is scored); the support is the one of the entity's first episode here (the same draw,
+        ``support_draw`` included) and the series is scaled by it as its episodes are. A part that
+        cannot be measured (shorter than a window, or only normal or only anomalous steps from
+        the cut on) gives a line saying so instead.
+        """
+        pool, values = self.pool, self.pool.x
+        window = int(values.shape[1])
+        names = {pool.task_id[t]: t for t in pool.tasks}
+        for p in range(len(parts.entity)):
+            task = names.get(int(parts.entity[p]))
+            if task is None:  # not an entity of this split (or left out of it)
+                continue
+            first = max(int(parts.start[p]), int(parts.cut[p]) - (window - 1))
+            stop = int(parts.stop[p])
+            if stop - first < window:
+                yield f"{task}: {stop - first} step(s) from the cut on (with context), fewer than a window"
+                continue
+            labels = parts.labels(first + window - 1, stop)
+            if labels.all() or not labels.any():
+                kind = "anomalous" if labels.all() else "normal"
+                yield f"{task}: every step from the cut on is {kind}; a stream metric needs both"
+                continue
+            i = pool.tasks.index(task)  # evaluation cycles the tasks: episode i is entity i's first
+            rng = np.random.default_rng([self.seed, SPLIT_ID[self.split], 0, i])
+            support, series = pool.take(self._history_support(rng, task)), values.steps(first, stop)
+            if self.scaling == "support":
+                mean, spread = support_statistics(support)
+                support = scale_with(support, mean, spread, self.scale_clip)
+                series = scale_with(series, mean, spread, self.scale_clip)
+            yield Stream(task, support, series, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """One entity's series to score step by step: ``support`` ``(K, W, D)`` (what the detector adapts
+    to), ``series`` ``(T, D)`` whose first ``W - 1`` steps are context, ``labels`` ``(T - W + 1,)``
+    0/1 of the steps that get a score (the last of each window)."""
+
+    entity: str
+    support: np.ndarray
+    series: np.ndarray
+    labels: np.ndarray
 
 
 def scale_by_support(

@@ -37,6 +37,7 @@ from metaad.data.values import refuse_extreme
 __all__ = [
     "DataError",
     "LabelledData",
+    "StreamParts",
     "TaskPool",
     "asked_tasks",
     "check_category_leaks",
@@ -55,6 +56,35 @@ PARTITIONS = ("train", "test")
 _EIGHT_BIT = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
 ROTATIONS = (90, 180, 270)
 _CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class StreamParts:
+    """Where each entity's labelled test part lies in the stored series, to score it as a stream.
+
+    One row per contiguous test part (one per entity for per-entity files, possibly several for a
+    long table): ``entity`` its task code, ``start`` / ``cut`` / ``stop`` storage steps (its first
+    step, its first step on or after the time cut, one past its last). ``anomalous`` holds the
+    storage ``[start, stop)`` runs of labelled anomalous steps, sorted: a few numbers a segment,
+    never a label per step kept in memory.
+    """
+
+    entity: np.ndarray  # (P,) int
+    start: np.ndarray  # (P,) int64
+    cut: np.ndarray  # (P,) int64
+    stop: np.ndarray  # (P,) int64
+    anomalous: np.ndarray  # (S, 2) int64
+
+    def labels(self, start: int, stop: int) -> np.ndarray:
+        """0/1 per storage step in ``[start, stop)``."""
+        out = np.zeros(stop - start, np.int64)
+        runs = self.anomalous
+        first = int(np.searchsorted(runs[:, 1], start, side="right")) if len(runs) else 0
+        for a, b in runs[first:]:
+            if a >= stop:
+                break
+            out[max(a, start) - start : min(b, stop) - start] = 1
+        return out
 
 
 @dataclass(frozen=True)
@@ -96,6 +126,8 @@ class LabelledData:
     masks: np.ndarray | None = None  # (N, H, W) bool defect maps, or None
     made_from: np.ndarray | None = None  # (N,) int64: the row a synthetic row was made from, or -1
     support_partition: str | None = None
+    # series: each entity's labelled test part in the stored series (scored as a stream)
+    streams: StreamParts | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim < 2 or len(self.x) == 0:

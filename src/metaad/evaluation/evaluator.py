@@ -90,6 +90,7 @@ class Evaluator:
 
     ``ci_over``: ``episode`` (each episode one value) or ``task`` (episodes of one task, e.g. one
     entity of a series dataset, averaged first; the CI is over tasks, ``n_groups`` of them).
+    ``score_chunk``: query samples of a batch scored at once (None: all), which bounds memory.
     """
 
     def __init__(
@@ -99,10 +100,12 @@ class Evaluator:
         baseline_threshold: Threshold | None = None,
         ci_over: str = "episode",
         learner: str = "learner",
+        score_chunk: int | None = None,
     ):
         if ci_over not in CI_OVER:
             raise ValueError(f"ci_over must be one of {CI_OVER}, got {ci_over!r}")
         self.ci_over = ci_over
+        self.score_chunk = score_chunk
         self.baselines = dict(baselines or {})
         if learner in self.baselines:
             raise ValueError(
@@ -144,7 +147,8 @@ class Evaluator:
                 batch.index if batch.index is not None else torch.arange(self._seen[key], self._seen[key] + n)
             )
             self._seen[key] += n
-            scored = score_episodes(detector, batch.support, batch.query, self.threshold_of(name))
+            threshold = self.threshold_of(name)
+            scored = score_episodes(detector, batch.support, batch.query, threshold, self.score_chunk)
             self.records.setdefault(key, Records()).add(
                 ids, scored, batch.label, batch.support.shape[1], batch.task
             )
