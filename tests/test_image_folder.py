@@ -341,7 +341,12 @@ def test_the_datamodule_makes_synthetic_defects_of_training_categories_only(two_
 def test_real_mtd_and_piped_through_the_experiment(tmp_path, compose_cfg):
     from metaad.apps.build import build_datamodule
 
-    overrides = ["experiment=mtd_piped", f"paths.data_dir={SHARED.parent}", "dataset.source.size=32"]
+    overrides = [
+        "experiment=mtd_piped",
+        "backbone=mlp",
+        f"paths.data_dir={SHARED.parent}",
+        "dataset.source.size=32",
+    ]
     cfg = compose_cfg([*overrides, "dataset.train_anomalies=real"])
     dm = build_datamodule(cfg)
     data_tasks = dm.task_names()
