@@ -54,7 +54,7 @@ def test_a_single_run_is_named_by_its_run_name_with_its_overrides_then_the_defin
     folder = event_dir(Path(cfg.paths.output_dir))
     assert folder.relative_to(Path(cfg.paths.output_dir)) == Path("tensorboard/protonet_digits")
     columns, values, metrics = hparams_of(folder)
-    assert columns == ["debug", "model.distance", "baselines", *DEFINING]
+    assert columns == ["experiment", "debug", "model.distance", "baselines", *DEFINING]
     assert values["model.distance"] == "cosine" and values["model"] == "protonet"
     assert values["dataset.k_shot"] == 5 and values["model.optimizer.lr"] == pytest.approx(1e-3)
     assert not [key for key, value in values.items() if "_target_" in key or "_target_" in str(value)]
