@@ -72,6 +72,21 @@ def baseline_configs() -> dict[str, dict[str, Any]]:
     return read("all")
 
 
+def every_baseline_config() -> dict[str, dict[str, Any]]:
+    """Every baseline of every file in ``conf/baselines/`` by name (``baselines=all``'s first, then
+    the others': the patch detectors of ``patch.yaml``, the series ones), as :func:`baseline` finds
+    them; one whose settings come from a run's other sections (an interpolation) is left out."""
+    folder = resources.files("metaad.conf") / "baselines"
+    found = baseline_configs()
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            node = yaml.safe_load(entry.read_text()) or {}
+            for name, conf in node.items():
+                if name != "defaults" and name not in found and "${" not in str(conf):
+                    found[name] = conf
+    return found
+
+
 @dataclass(frozen=True)
 class Parts:
     """What a detector's parameters build: the model, its preprocessing and threshold rule."""
@@ -577,7 +592,7 @@ class BaselineDetector(FewShotDetector):
 
             detector = PyOD(self.baseline.removeprefix(PYOD), **settings)
         else:
-            configs = baseline_configs()
+            configs = every_baseline_config()
             if self.baseline not in configs:
                 raise ValueError(
                     f"metaad.baseline: unknown baseline {self.baseline!r}; choose one of {sorted(configs)} "
