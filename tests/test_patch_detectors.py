@@ -14,7 +14,6 @@ from PIL import Image
 from sklearn.covariance import empirical_covariance, ledoit_wolf_shrinkage
 
 import metaad
-from metaad.data.episodes import Episode
 from metaad.detectors.base import anomaly_scores, leave_one_out_scores
 from metaad.detectors.patch import PaDiM, PatchKNN, aggregate, greedy_coreset
 from metaad.detectors.patch_adapter import PatchAdapter
