@@ -293,3 +293,82 @@ def test_the_adapter_loss_decreases_on_real_features_with_masks() -> None:
     anomalous, normal = adapter.patch_labels(batch.query_masks, batch.label, (8, 8))
     assert anomalous[:, :6].sum() == 0 and normal[:, :6].all()  # normal queries: every patch normal
     assert anomalous[:, 6:].any() and not (anomalous & normal).any()
+
+
+@needs_piped
+def test_the_evaluator_reports_pixel_metrics_beside_image_auroc_for_detectors_with_maps() -> None:
+    from metaad.detectors.baselines import NearestNeighbourDistance
+    from metaad.evaluation.evaluator import Evaluator
+    from metaad.evaluation.pixel_metrics import pixel_auroc, pro_score, upsample_maps
+
+    batch = piped_episodes(TRAIN[:2], k=4, n=4)
+    evaluator = Evaluator({"knn": PatchKNN(), "flat": NearestNeighbourDistance()})
+    with torch.no_grad():
+        evaluator.add("test", evaluator.detectors(PatchAdapter((24, 8, 8)), with_baselines=True), batch)
+    test = evaluator.finish().metrics["test"]
+    assert "pixel_auroc" not in test["flat"] and "pro" not in test["flat"]  # no maps: image metrics only
+    knn = PatchKNN()
+    maps = upsample_maps(knn.score_maps(knn.adapt(batch.support), batch.query), SIZE)
+    for metric, f in (("pixel_auroc", pixel_auroc), ("pro", pro_score)):
+        per_episode = [f(maps[b], batch.query_masks[b]) for b in range(2)]
+        assert test["knn"][metric]["mean"] == pytest.approx(np.mean(per_episode))
+        assert test["knn"][metric]["n_episodes"] == 2 and test["knn"][metric]["ci95"] > 0
+        # the untrained adapter is patch kNN: the same maps
+        assert test["model"][metric]["mean"] == pytest.approx(test["knn"][metric]["mean"], abs=1e-6)
+    # an episode whose masks hold no defect pixel has no pixel metrics; the others still count
+    empty = batch._replace(query_masks=batch.query_masks.clone())
+    empty.query_masks[0] = False
+    evaluator.reset()
+    with torch.no_grad():
+        evaluator.add("test", {"knn": knn}, empty)
+    summary = evaluator.finish().metrics["test"]["knn"]
+    assert summary["pro"]["n_episodes"] == 1 and summary["auroc"]["n_episodes"] == 2
+
+
+# --- heat maps: metaad-score's pictures, never over the user's files ------------------------------
+def planted_images(n: int = 4, size: int = 24) -> np.ndarray:
+    """Grey images with mild noise; image 1 has a bright square at rows 4-7, columns 14-17."""
+    rng = np.random.default_rng(0)
+    images = 100 + 5 * rng.normal(size=(n, 3, size, size))
+    images[1, :, 4:8, 14:18] = 250
+    return images.astype(np.float32)
+
+
+def test_heat_maps_are_written_one_per_image_hot_where_the_defect_is(tmp_path) -> None:
+    from metaad.apps.score import check_maps_folder, heat_map_name, write_heat_maps
+
+    support, query = planted_images(6)[2:], planted_images(2)
+    det = metaad.baseline("patch_knn").fit(support)  # each pixel a patch of 3 values
+    maps = tmp_path / "maps"
+    check_maps_folder(maps)
+    write_heat_maps(det, ["a.jpg", "b.png"], query, maps, sigma=0.0)
+    assert sorted(p.name for p in maps.iterdir()) == [".metaad-score-maps", "a.jpg.map.png", "b.png.map.png"]
+    picture = np.asarray(Image.open(maps / heat_map_name("b.png")))
+    assert picture.shape == (24, 24, 3) and picture.dtype == np.uint8
+    heat = picture.astype(float).sum(-1)
+    y, x = np.unravel_index(heat.argmax(), heat.shape)
+    assert 4 <= y < 8 and 14 <= x < 18
+    amap = det.anomaly_maps(query, size=(48, 48))
+    assert amap.shape == (2, 48, 48) and amap[1].max() > amap[0].max()
+    check_maps_folder(maps)  # a folder metaad-score made: its maps may be replaced
+    write_heat_maps(det, ["a.jpg", "b.png"], query, maps, sigma=1.0)
+
+
+def test_heat_maps_never_go_among_the_users_files(tmp_path) -> None:
+    from metaad.apps.score import check_maps_folder
+    from metaad.data.tasks import DataError
+
+    mine = tmp_path / "photos"
+    mine.mkdir()
+    (mine / "keep.jpg").write_bytes(b"not ours")
+    with pytest.raises(DataError, match="holds files metaad-score did not write"):
+        check_maps_folder(mine)
+    with pytest.raises(DataError, match="is a file"):
+        check_maps_folder(mine / "keep.jpg")
+    assert (mine / "keep.jpg").read_bytes() == b"not ours"
+
+
+def test_a_detector_without_maps_says_which_have_them() -> None:
+    det = metaad.baseline("nn_euclidean").fit(np.random.default_rng(0).normal(size=(4, 5)))
+    with pytest.raises(TypeError, match="patch_knn"):
+        det.anomaly_maps(np.zeros((2, 5)))

@@ -308,6 +308,29 @@ class FewShotDetector:
         step from the first full window on, ``T - W + 1`` of them (see :meth:`scored_steps`)."""
         return self._scores(X).double().numpy()[0]
 
+    def anomaly_maps(
+        self, X: Any, size: int | tuple[int, int] | None = None, sigma: float = 0.0
+    ) -> np.ndarray:
+        """Where each sample is anomalous: a patch detector's patch scores (higher = more anomalous),
+        ``(N, h, w)`` on its patch grid, or upsampled bilinearly to ``size`` (an image's ``(H, W)``)
+        and blurred by a Gaussian of ``sigma`` pixels unless 0. The image score
+        (:meth:`decision_function`) is taken from these patch scores (their maximum or top mean)."""
+        from metaad.evaluation.pixel_metrics import upsample_maps
+
+        self._require_fit()
+        if not callable(getattr(self.detector, "score_maps", None)):
+            raise TypeError(
+                f"{self.name} scores whole samples and has no anomaly maps; the patch detectors have them "
+                "(metaad.baseline('patch_knn'), 'padim', or a patch learner such as model=patch_adapter)"
+            )
+        query = self._inputs(X, fitting=False)[None]
+        with torch.no_grad():
+            maps = self.detector.score_maps(self.state_, query)[0].detach().float()
+        self._require_finite(maps.flatten(1).amax(1, keepdim=True).T, query[0], "anomaly map")
+        if size is not None:
+            maps = upsample_maps(maps, size, sigma)
+        return maps.double().numpy()
+
     def normalised_scores(self, X: Any) -> np.ndarray:
         """The scores on the threshold's scale (z-scores with ``normalise=zscore``)."""
         self._require_threshold()
@@ -621,7 +644,7 @@ def load(path: str | Path, threshold: Threshold | None = None) -> LoadedDetector
 def baseline(
     name: str, threshold: Threshold | str | None = "support_quantile", **settings: Any
 ) -> BaselineDetector:
-    """A no-learning baseline by name (:func:`baseline_configs`, as ``metaad-train`` scores it), behind
+    """A no-learning baseline by name (:func:`every_baseline_config`, as ``metaad-train`` scores it), behind
     the same API; ``settings`` replace its configured ones. ``pyod:<Name>`` is any PyOD detector
     (``pip install pyod``), fitted on the support set, ``settings`` its constructor's arguments.
 

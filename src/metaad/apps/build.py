@@ -47,6 +47,7 @@ def build_training(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Any:
         build_threshold(cfg),
         build_threshold(cfg, "baseline_threshold"),
         ci_over=cfg.get("ci_over") or "episode",
+        map_sigma=cfg.get("map_sigma") or 0.0,
     )
     return MetaTraining(build_learner(cfg, sample_shape), instantiate(cfg.model.optimizer), evaluator)
 

@@ -291,6 +291,8 @@ def score(cfg: DictConfig) -> Any:
     if blocking is not None:
         raise DataError(f"output={output}: {blocking} is a file, so the folder to write in cannot be made")
     check_output(output, [Path(cfg[role]) for role in ("ckpt_path", *PAIRS[kind])], cfg.get("overwrite"))
+    if kind == "samples" and (maps := maps_folder(cfg, output)) is not None:
+        check_maps_folder(maps)
     check_threshold(cfg.get("threshold"))
     threshold = instantiate(cfg.threshold) if cfg.get("threshold") is not None else None
     detector = load(cfg.ckpt_path, threshold=threshold)
@@ -328,12 +330,70 @@ def _score_samples(cfg: DictConfig, detector: Any, output: Path) -> Any:
     is_anomaly = (normalised > detector.threshold_).astype(int)
     table = pd.DataFrame(dict(zip(COLUMNS, (query_ids, scores, normalised, is_anomaly), strict=True)))
     write_atomically(output, lambda path: table.to_csv(path, index=False))
+    maps = maps_folder(cfg, output)
+    written = ""
+    if maps is not None and callable(getattr(detector.detector, "score_maps", None)):
+        write_heat_maps(detector, query_ids, query, maps, float(cfg.get("map_sigma") or 0.0))
+        written = f", a heat map per image -> {maps}"
     print(
         f"{len(table)} query samples scored against {len(support_ids)} normal support samples: "
         f"{int(is_anomaly.sum())} anomalies at threshold {detector.threshold_rule.rule} = "
-        f"{detector.threshold_:.4g} (normalise={detector.threshold_rule.normalise}) -> {output}"
+        f"{detector.threshold_:.4g} (normalise={detector.threshold_rule.normalise}) -> {output}{written}"
     )
     return table
+
+
+MAPS_MARK = ".metaad-score-maps"  # in a maps folder metaad-score made: its PNGs may be replaced
+
+
+def maps_folder(cfg: DictConfig, output: Path) -> Path | None:
+    """Where the heat maps of a folder of query images go: ``maps_dir``, or beside the scores table
+    (``<output stem>_maps/``); None when the query is not a folder of images or ``maps_dir=false``."""
+    if cfg.get("maps_dir") is False or not Path(cfg.query).is_dir():
+        return None
+    given = cfg.get("maps_dir")
+    if given is not None and (not isinstance(given, str) or not given):
+        raise ConfigError(
+            f"maps_dir must be the path of a folder, null (beside output) or false, got {given!r}"
+        )
+    sigma = cfg.get("map_sigma") or 0.0
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or sigma < 0:
+        raise ConfigError(f"map_sigma must be a number of pixels >= 0, got {sigma!r}")
+    return Path(given) if given else output.with_name(f"{output.stem}_maps")
+
+
+def check_maps_folder(folder: Path) -> None:
+    """The heat maps go into a new or empty folder, or one metaad-score made: never among the user's files."""
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"maps_dir={folder} is a file; give a folder for the heat maps")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MAPS_MARK).is_file():
+        raise DataError(
+            f"maps_dir={folder} holds files metaad-score did not write; the heat maps go into a new or empty "
+            "folder (or one an earlier metaad-score made): give another maps_dir"
+        )
+
+
+def heat_map_name(image_id: str) -> str:
+    """``<image file name>.map.png``: one per input file, whatever its extension."""
+    return f"{Path(image_id).name}.map.png"
+
+
+def write_heat_maps(detector: Any, ids: list[str], images: np.ndarray, folder: Path, sigma: float) -> None:
+    """Each query image with its anomaly map over it (upsampled to the image), one PNG per image, every
+    map on one colour scale (the lowest to the highest patch score of these images)."""
+    from PIL import Image
+
+    from metaad.evaluation.pictures import heat_map_overlay
+
+    size = images.shape[-2:]
+    maps = detector.anomaly_maps(images, size=tuple(size), sigma=sigma)
+    low, high = float(maps.min()), float(maps.max())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MAPS_MARK).write_text("heat maps written by metaad-score; it may replace its *.map.png here\n")
+    for image_id, image, amap in zip(ids, images, maps, strict=True):
+        pixels = image.transpose(1, 2, 0) if image.ndim == 3 else image
+        picture = Image.fromarray(heat_map_overlay(pixels, amap, low, high))
+        write_atomically(folder / heat_map_name(image_id), lambda path, p=picture: p.save(path, format="PNG"))
 
 
 def _score_series(cfg: DictConfig, detector: Any, output: Path) -> Any:

@@ -25,6 +25,7 @@ from scipy import ndimage
 from torch import Tensor
 
 PRO_LIMIT = 0.3
+PIXEL_METRICS = ("pixel_auroc", "pro")
 
 
 def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
@@ -127,3 +128,19 @@ def pro_score(maps: Tensor, masks: Tensor, limit: float = PRO_LIMIT) -> float:
         at_limit = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
         area += (limit - x0) * (y0 + at_limit) / 2
     return area / limit
+
+
+def episode_pixel_metrics(maps: Tensor, masks: Tensor, sigma: float = 0.0) -> dict[str, Tensor]:
+    """Pixel AUROC and PRO of each episode: patch maps (B, Q, h, w), masks (B, Q, S, S) -> name: (B,),
+    the maps upsampled to the masks' size; NaN for an episode without a defect pixel."""
+    maps = maps.detach().float().cpu()
+    masks = masks.cpu().bool()
+    auroc, pro = [], []
+    for m, gt in zip(maps, masks):
+        full = upsample_maps(m, tuple(gt.shape[-2:]), sigma)
+        auroc.append(pixel_auroc(full, gt))
+        pro.append(pro_score(full, gt))
+    return {
+        "pixel_auroc": torch.tensor(auroc, dtype=torch.float64),
+        "pro": torch.tensor(pro, dtype=torch.float64),
+    }
