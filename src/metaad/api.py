@@ -56,9 +56,10 @@ from metaad.evaluation.thresholds import NonFiniteScores, Threshold, leave_one_o
 PYOD = "pyod:"  # metaad.baseline("pyod:IForest"): a PyOD detector by its class name
 
 
-def baseline_configs() -> dict[str, dict[str, Any]]:
-    """Every baseline ``baselines=all`` scores beside a learner, by name: the one registry is
-    ``conf/baselines/`` (a file's ``defaults`` are read first, as Hydra composes them)."""
+def baseline_configs(file: str = "all") -> dict[str, dict[str, Any]]:
+    """Every baseline one file of ``conf/baselines/`` names (``all``: those ``baselines=all`` scores
+    beside a learner), by name: the one registry is that folder (a file's ``defaults`` are read
+    first, as Hydra composes them)."""
     folder = resources.files("metaad.conf") / "baselines"
 
     def read(name: str) -> dict[str, Any]:
@@ -69,21 +70,19 @@ def baseline_configs() -> dict[str, dict[str, Any]]:
                 merged |= read(entry)
         return merged | {key: value for key, value in node.items() if key != "defaults"}
 
-    return read("all")
+    return read(file)
 
 
-def every_baseline_config() -> dict[str, dict[str, Any]]:
-    """Every baseline of every file in ``conf/baselines/`` by name (``baselines=all``'s first, then
-    the others': the patch detectors of ``patch.yaml``, the series ones), as :func:`baseline` finds
-    them; one whose settings come from a run's other sections (an interpolation) is left out."""
-    folder = resources.files("metaad.conf") / "baselines"
-    found = baseline_configs()
-    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".yaml"):
-            node = yaml.safe_load(entry.read_text()) or {}
-            for name, conf in node.items():
-                if name != "defaults" and name not in found and "${" not in str(conf):
-                    found[name] = conf
+# The files whose baselines metaad.baseline(name) builds: the sample baselines and the patch ones
+# (on patch features (C, h, w), with anomaly maps).
+API_BASELINES = ("all", "patch")
+
+
+def api_baseline_configs() -> dict[str, dict[str, Any]]:
+    """The baselines :func:`baseline` finds by name (:data:`API_BASELINES`)."""
+    found: dict[str, dict[str, Any]] = {}
+    for file in API_BASELINES:
+        found |= baseline_configs(file)
     return found
 
 
@@ -615,7 +614,7 @@ class BaselineDetector(FewShotDetector):
 
             detector = PyOD(self.baseline.removeprefix(PYOD), **settings)
         else:
-            configs = every_baseline_config()
+            configs = api_baseline_configs()
             if self.baseline not in configs:
                 raise ValueError(
                     f"metaad.baseline: unknown baseline {self.baseline!r}; choose one of {sorted(configs)} "
@@ -644,7 +643,7 @@ def load(path: str | Path, threshold: Threshold | None = None) -> LoadedDetector
 def baseline(
     name: str, threshold: Threshold | str | None = "support_quantile", **settings: Any
 ) -> BaselineDetector:
-    """A no-learning baseline by name (:func:`every_baseline_config`, as ``metaad-train`` scores it), behind
+    """A no-learning baseline by name (:func:`api_baseline_configs`, as ``metaad-train`` scores it), behind
     the same API; ``settings`` replace its configured ones. ``pyod:<Name>`` is any PyOD detector
     (``pip install pyod``), fitted on the support set, ``settings`` its constructor's arguments.
 
