@@ -372,3 +372,30 @@ def test_a_detector_without_maps_says_which_have_them() -> None:
     det = metaad.baseline("nn_euclidean").fit(np.random.default_rng(0).normal(size=(4, 5)))
     with pytest.raises(TypeError, match="patch_knn"):
         det.anomaly_maps(np.zeros((2, 5)))
+
+
+def test_the_benchmark_judges_an_images_suite_against_its_named_baseline_and_lists_pixel_metrics() -> None:
+    from metaad.apps.benchmark import pixel_table, table_rows
+
+    def row(detector, metric, mean, ci=0.01):
+        return {"suite": "images", "k_shot": 4, "detector": detector, "metric": metric, "mean": mean} | {
+            "ci95": ci,
+            "n_episodes": 10,
+        }
+
+    rows = [
+        row("patch_adapter", "auroc", 0.80),
+        row("baseline:patch_knn", "auroc", 0.75),
+        row("baseline:padim", "auroc", 0.85),
+        row("patch_adapter", "pixel_auroc", 0.9),
+        row("patch_adapter", "pro", 0.7),
+        row("baseline:patch_knn", "pixel_auroc", 0.88),
+    ]
+    best = {r["detector"]: r for r in table_rows(rows, {})}["patch_adapter"]
+    assert best["best_baseline"] == "padim" and best["verdict"] == "below"
+    judged = {r["detector"]: r for r in table_rows(rows, {}, {"images": "patch_knn"})}["patch_adapter"]
+    assert judged["best_baseline"] == "patch_knn" and judged["verdict"] == "beats"
+    lines = pixel_table(rows)
+    assert "| images | 4 | patch_adapter | 0.900 ± 0.010 | 0.700 ± 0.010 | 10 |" in lines
+    assert "| images | 4 | baseline:patch_knn | 0.880 ± 0.010 |  | 10 |" in lines
+    assert pixel_table(rows[:3]) == []

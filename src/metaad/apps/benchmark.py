@@ -325,8 +325,10 @@ def _collect(collected: dict, suite: str, k: int, model: str, metrics: dict) -> 
             collected[(suite, k, detector, metric)].append(summary)
 
 
-def table_rows(rows: list[dict], references: DictConfig) -> list[dict]:
-    """One row per (suite, K, detector) with AUROC and AUPR side by side, best AUROC first."""
+def table_rows(rows: list[dict], references: DictConfig, against: dict[str, str] | None = None) -> list[dict]:
+    """One row per (suite, K, detector) with AUROC and AUPR side by side, best AUROC first.
+    ``against`` (suite -> baseline): that suite's learners are judged against that baseline (its
+    ``verdict_against``, e.g. patch kNN on images) rather than the best one."""
     by_key: dict[tuple, dict] = {}
     for row in rows:
         entry = by_key.setdefault((row["suite"], row["k_shot"], row["detector"]), {})
@@ -350,6 +352,9 @@ def table_rows(rows: list[dict], references: DictConfig) -> list[dict]:
             ),
             default=(float("nan"), ""),
         )[1]
+        chosen = f"baseline:{(against or {}).get(suite)}"
+        if (suite, k, chosen) in by_key:
+            best_name, best_baseline = chosen, by_key[(suite, k, chosen)]["auroc"]["mean"]
         best_ci = by_key[(suite, k, best_name)]["auroc"]["ci95"] if best_name else float("nan")
         out.append(
             {
@@ -422,7 +427,10 @@ def what_ran(
                 if done["reused"]
                 else ""
             )
-            lines.append(f"- `{name}`: experiment `{suite.experiment}`; length: {note}{reused}")
+            judged = (
+                f"; verdicts against baseline {suite.verdict_against}" if suite.get("verdict_against") else ""
+            )
+            lines.append(f"- `{name}`: experiment `{suite.experiment}`; length: {note}{judged}{reused}")
     return lines
 
 
@@ -457,6 +465,29 @@ def compared(rows: list[dict], preset: DictConfig) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     return header + lines
+
+
+def pixel_table(rows: list[dict]) -> list[str]:
+    """Pixel AUROC and PRO (anomaly maps against defect masks) of every detector that has them."""
+    by: dict[tuple, dict] = defaultdict(dict)
+    for row in rows:
+        if row["metric"] in ("pixel_auroc", "pro"):
+            by[(row["suite"], row["k_shot"], row["detector"])][row["metric"]] = row
+    if not by:
+        return []
+    lines = [
+        "",
+        "Anomaly maps against the defect masks (pixel AUROC; PRO: area under the per-region overlap "
+        "curve to FPR 0.3, normalised), mean ± 95% CI over episodes:",
+        "",
+        "| suite | K | detector | pixel AUROC | PRO | episodes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (suite, k, detector), m in sorted(by.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])):
+        cells = [f"{m[x]['mean']:.3f} ± {m[x]['ci95']:.3f}" if x in m else "" for x in ("pixel_auroc", "pro")]
+        n = max(v["n_episodes"] for v in m.values())
+        lines.append(f"| {suite} | {k} | {detector} | {cells[0]} | {cells[1]} | {n} |")
+    return lines
 
 
 def write_tables(rows: list[dict], out_dir: Path, footer: list[str] = ()) -> str:
@@ -527,9 +558,11 @@ def main(cfg: DictConfig) -> None:
     preset_name = HydraConfig.get().runtime.choices.get("preset", "?")
     only = list(cfg.suites) if cfg.get("suites") else None
     rows, counts = run(cfg.preset, out_dir, list(cfg.overrides), only, preset_name)
-    rows = table_rows(rows, cfg.preset.get("references", {}))
+    pixels = pixel_table(rows)
+    against = {name: s.verdict_against for name, s in cfg.preset.suites.items() if s.get("verdict_against")}
+    rows = table_rows(rows, cfg.preset.get("references", {}), against)
     markdown = write_tables(
-        rows, out_dir, [*compared(rows, cfg.preset), *what_ran(cfg.preset, only, command, counts)]
+        rows, out_dir, [*pixels, *compared(rows, cfg.preset), *what_ran(cfg.preset, only, command, counts)]
     )
     print_table(rows)
     print(markdown)
