@@ -399,3 +399,17 @@ def test_the_benchmark_judges_an_images_suite_against_its_named_baseline_and_lis
     assert "| images | 4 | patch_adapter | 0.900 ± 0.010 | 0.700 ± 0.010 | 10 |" in lines
     assert "| images | 4 | baseline:patch_knn | 0.880 ± 0.010 |  | 10 |" in lines
     assert pixel_table(rows[:3]) == []
+
+
+@needs_piped
+def test_tensorboard_gets_maps_of_anomalous_test_queries_beside_their_masks() -> None:
+    from metaad.evaluation.pictures import episode_maps
+
+    batch = piped_episodes(TRAIN[:1], k=4, n=3)
+    figure = episode_maps(PatchKNN(), batch, n_examples=2)
+    assert len(figure.axes) == 4  # two anomalous queries: map and mask each
+    shown = figure.axes[1].images[0].get_array()
+    assert np.array_equal(
+        np.asarray(shown) > 0.5, batch.query_masks[0, 3].numpy()
+    )  # the first anomaly's mask
+    assert episode_maps(PatchKNN(), batch._replace(query_masks=None)) is None
