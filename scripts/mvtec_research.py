@@ -162,12 +162,12 @@ def report(results, learned, categories, args) -> None:
         print(f"  {'detector':26s} {'AUROC':>16s}   {'gap to best baseline':>22s}  categories won")
         for name, values in per_episode.items():
             s = summarize(values)
-            line = f"  {name:26s} {s['mean']:.4f} ± {s['ci95']:.4f}"
+            line = f"  {name:26s} {s.mean:.4f} ± {s.ci95:.4f}"
             if name not in BASELINES or name == best:
                 gap = summarize(values - per_episode[best])
                 folds = zip(by_detector[name], by_detector[best], strict=True)
                 wins = sum((a.mean() > b.mean()).item() for a, b in folds)
-                line += f"   {gap['mean']:+.4f} ± {gap['ci95']:.4f}   {wins:2d}/{len(categories)}"
+                line += f"   {gap.mean:+.4f} ± {gap.ci95:.4f}   {wins:2d}/{len(categories)}"
             print(line)
         if args.per_category:
             header = " ".join(f"{name.split('/')[-1][:10]:>10s}" for name in by_detector)

@@ -60,7 +60,7 @@ def quick_run(tmp_path_factory) -> tuple[DictConfig, dict, Path]:
 
     overrides = ["threshold=f1_optimal", "threshold.normalise=zscore", "baselines=none", "logger=none"]
     cfg = compose_in(tmp_path_factory.mktemp("quick_run") / "run", overrides)
-    metrics = train(cfg)
+    metrics = train(cfg).to_json()
     return cfg, metrics, Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
 
 

@@ -846,7 +846,7 @@ def test_a_checkpoint_continued_in_a_fresh_folder_gets_its_config_files(trained,
     cfg = compose_in(
         tmp_path / "fresh", [*overrides, f"ckpt_path={last}", "test=false", "trainer.max_epochs=2"]
     )
-    assert train(cfg)["global_step"] == 8  # the second epoch of the run, after its checkpoint's 4 steps
+    assert train(cfg).global_step == 8  # the second epoch of the run, after its checkpoint's 4 steps
     assert (tmp_path / "fresh" / ".hydra" / "config.yaml").is_file()
     assert "ckpt_path=" in (tmp_path / "fresh" / ".hydra" / "overrides.yaml").read_text()
 
@@ -858,7 +858,7 @@ def test_a_run_continued_after_its_best_checkpoint_was_deleted_tests_the_last_we
     (tmp_path / "old" / "checkpoints" / "best.ckpt").unlink()
     last = tmp_path / "old" / "checkpoints" / "last.ckpt"
     with caplog.at_level(logging.WARNING, logger="metaad.apps.train"):
-        metrics = train(compose_in(tmp_path / "fresh", [*overrides, f"ckpt_path={last}"]))
+        metrics = train(compose_in(tmp_path / "fresh", [*overrides, f"ckpt_path={last}"])).to_json()
     assert "best checkpoint" in caplog.text and "is gone: testing the last weights" in caplog.text
     assert metrics["checkpoint"] == "" and metrics["test"]["auroc"]["n_episodes"] > 0
 

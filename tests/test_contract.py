@@ -285,7 +285,7 @@ def test_metaad_train_scores_pyod_baselines_beside_the_learner(tmp_path):
     from metaad.evaluation.metrics import EpisodeMetrics
 
     cfg = compose_in(tmp_path / "run", ["baselines=pyod", "logger=none"])
-    metrics = train(cfg)
+    metrics = train(cfg).to_json()
     assert {"pyod_ecod", "pyod_iforest", "mahalanobis"} <= set(metrics["baselines"])
     collected = EpisodeMetrics()
     for batch in build_datamodule(cfg).evaluation_loader("test"):
@@ -294,7 +294,7 @@ def test_metaad_train_scores_pyod_baselines_beside_the_learner(tmp_path):
             for s, q in zip(batch.support, batch.query)
         ]
         collected.update(torch.tensor(np.stack(scores)), batch.label)
-    expected = collected.compute()["auroc"]["mean"]
+    expected = collected.compute()["auroc"].mean
     assert metrics["baselines"]["pyod_ecod"]["auroc"]["mean"] == pytest.approx(expected, abs=1e-6)
 
 

@@ -206,7 +206,7 @@ def test_covariance_learner_through_hydra_on_task_files(compose_cfg, tmp_path: P
         np.savez(folder / f"task{t}.npz", X=data.x[rows], y=data.anomalous[rows].astype(np.int64))
     overrides = [f"dataset.source.root={folder}", "dataset.test_tasks=[task0]", "dataset.val_tasks=[task1]"]
     cfg = compose_cfg(["model=covariance", "dataset=mvtec", "dataset.k_shot=2", *overrides])
-    metrics = train(cfg)
+    metrics = train(cfg).to_json()
     on_disk = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert on_disk["model"] == "covariance" and on_disk["test"]["auroc"]["n_episodes"] == 40
     assert metrics["test"]["auroc"]["mean"] > metrics["baselines"]["mahalanobis"]["auroc"]["mean"] + 0.1

@@ -113,7 +113,7 @@ def test_siamese_bad_settings_name_the_field(kwargs: dict, field: str) -> None:
 )
 def test_learner_runs_end_to_end_and_writes_metrics(model: str, compose_cfg) -> None:
     cfg = compose_cfg([f"model={model}", "backbone.hidden=[32]", "backbone.embed_dim=16"])
-    metrics = train(cfg)
+    metrics = train(cfg).to_json()
     on_disk = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert on_disk["model"] == model and on_disk["test"]["auroc"]["n_episodes"] == 40
     assert 0.0 <= on_disk["test"]["auroc"]["mean"] <= 1.0

@@ -36,7 +36,7 @@ def test_metrics_are_per_episode_not_pooled():
     labels = torch.tensor([[0, 1], [0, 1]])
     metrics = EpisodeMetrics()
     metrics.update(scores, labels)
-    assert metrics.compute()["auroc"]["mean"] == 1.0
+    assert metrics.compute()["auroc"].mean == 1.0
     pooled = roc_auc_score(labels.flatten(), scores.flatten())
     assert pooled < 1.0
 
@@ -44,6 +44,6 @@ def test_metrics_are_per_episode_not_pooled():
 def test_summary_mean_and_confidence_interval():
     summary = summarize(torch.tensor([0.5, 0.7, 0.9, 0.7]))
     sd = torch.tensor([0.5, 0.7, 0.9, 0.7]).std().item()
-    assert summary["mean"] == pytest.approx(0.7)
-    assert summary["ci95"] == pytest.approx(1.96 * sd / math.sqrt(4))
-    assert summary["n_episodes"] == 4
+    assert summary.mean == pytest.approx(0.7)
+    assert summary.ci95 == pytest.approx(1.96 * sd / math.sqrt(4))
+    assert summary.n_episodes == 4

@@ -311,10 +311,10 @@ def test_the_evaluator_reports_pixel_metrics_beside_image_auroc_for_detectors_wi
     maps = upsample_maps(knn.score_maps(knn.adapt(batch.support), batch.query), SIZE)
     for metric, f in (("pixel_auroc", pixel_auroc), ("pro", pro_score)):
         per_episode = [f(maps[b], batch.query_masks[b]) for b in range(2)]
-        assert test["knn"][metric]["mean"] == pytest.approx(np.mean(per_episode))
-        assert test["knn"][metric]["n_episodes"] == 2 and test["knn"][metric]["ci95"] > 0
+        assert test["knn"][metric].mean == pytest.approx(np.mean(per_episode))
+        assert test["knn"][metric].n_episodes == 2 and test["knn"][metric].ci95 > 0
         # the untrained adapter is patch kNN: the same maps
-        assert test["model"][metric]["mean"] == pytest.approx(test["knn"][metric]["mean"], abs=1e-6)
+        assert test[evaluator.learner][metric].mean == pytest.approx(test["knn"][metric].mean, abs=1e-6)
     # an episode whose masks hold no defect pixel has no pixel metrics; the others still count
     empty = batch._replace(query_masks=batch.query_masks.clone())
     empty.query_masks[0] = False
@@ -322,7 +322,7 @@ def test_the_evaluator_reports_pixel_metrics_beside_image_auroc_for_detectors_wi
     with torch.no_grad():
         evaluator.add("test", {"knn": knn}, empty)
     summary = evaluator.finish().metrics["test"]["knn"]
-    assert summary["pro"]["n_episodes"] == 1 and summary["auroc"]["n_episodes"] == 2
+    assert summary["pro"].n_episodes == 1 and summary["auroc"].n_episodes == 2
 
 
 # --- heat maps: metaad-score's pictures, never over the user's files ------------------------------
@@ -376,29 +376,28 @@ def test_a_detector_without_maps_says_which_have_them() -> None:
 
 def test_the_benchmark_judges_an_images_suite_against_its_named_baseline_and_lists_pixel_metrics() -> None:
     from metaad.apps.benchmark import pixel_table, table_rows
+    from metaad.evaluation.results import Summary
 
-    def row(detector, metric, mean, ci=0.01):
-        return {"suite": "images", "k_shot": 4, "detector": detector, "metric": metric, "mean": mean} | {
-            "ci95": ci,
-            "n_episodes": 10,
-        }
+    def summary(mean):
+        return Summary(mean, 0.01, 10)
 
-    rows = [
-        row("patch_adapter", "auroc", 0.80),
-        row("baseline:patch_knn", "auroc", 0.75),
-        row("baseline:padim", "auroc", 0.85),
-        row("patch_adapter", "pixel_auroc", 0.9),
-        row("patch_adapter", "pro", 0.7),
-        row("baseline:patch_knn", "pixel_auroc", 0.88),
-    ]
-    best = {r["detector"]: r for r in table_rows(rows, {})}["patch_adapter"]
+    pooled = {
+        ("images", 4, "patch_adapter"): {
+            "auroc": summary(0.80),
+            "pixel_auroc": summary(0.9),
+            "pro": summary(0.7),
+        },
+        ("images", 4, "baseline:patch_knn"): {"auroc": summary(0.75), "pixel_auroc": summary(0.88)},
+        ("images", 4, "baseline:padim"): {"auroc": summary(0.85)},
+    }
+    best = {r["detector"]: r for r in table_rows(pooled, {})}["patch_adapter"]
     assert best["best_baseline"] == "padim" and best["verdict"] == "below"
-    judged = {r["detector"]: r for r in table_rows(rows, {}, {"images": "patch_knn"})}["patch_adapter"]
+    judged = {r["detector"]: r for r in table_rows(pooled, {}, {"images": "patch_knn"})}["patch_adapter"]
     assert judged["best_baseline"] == "patch_knn" and judged["verdict"] == "beats"
-    lines = pixel_table(rows)
+    lines = pixel_table(pooled)
     assert "| images | 4 | patch_adapter | 0.900 ± 0.010 | 0.700 ± 0.010 | 10 |" in lines
     assert "| images | 4 | baseline:patch_knn | 0.880 ± 0.010 |  | 10 |" in lines
-    assert pixel_table(rows[:3]) == []
+    assert pixel_table({("images", 4, "baseline:padim"): {"auroc": summary(0.85)}}) == []
 
 
 @needs_piped

@@ -25,7 +25,7 @@ def run(tmp_path_factory):
         "+baselines.mean._target_=metaad.detectors.baselines.SupportMeanDistance",
     ]
     cfg = compose_in(tmp_path_factory.mktemp("pictures"), overrides)
-    metrics = train(cfg)
+    metrics = train(cfg).to_json()
     logdir = Path(cfg.paths.output_dir) / "tensorboard"
     events = EventAccumulator(str(logdir), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
     events.Reload()

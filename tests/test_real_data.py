@@ -77,7 +77,7 @@ def test_mvtec_nearest_neighbour_reproduces_the_reference_figure():
         detector, metrics = NearestNeighbourDistance("cosine"), EpisodeMetrics()
         for batch in datamodule.evaluation_loader("test"):
             metrics.update(detector.score(detector.adapt(batch.support), batch.query), batch.label)
-        means.append(metrics.compute()["auroc"]["mean"])
+        means.append(metrics.compute()["auroc"].mean)
     assert sum(means) / 15 == pytest.approx(0.725, abs=0.015)
 
 
@@ -94,7 +94,7 @@ def test_mvtec_nearest_neighbour_reproduces_the_reference_figure():
 def test_each_real_dataset_trains_and_tests_beside_the_baselines(compose_cfg, dataset, extra, n_baselines):
     from metaad.apps.train import train
 
-    metrics = train(compose_cfg([f"dataset={dataset}", AT_DATA, *extra]))
+    metrics = train(compose_cfg([f"dataset={dataset}", AT_DATA, *extra])).to_json()
     assert metrics["dataset"] == dataset and metrics["test"]["auroc"]["n_episodes"] == 40
     assert len(metrics["baselines"]) == n_baselines
     for result in (metrics["test"], *metrics["baselines"].values()):

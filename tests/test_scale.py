@@ -161,7 +161,8 @@ def write_job(sweep: Path, num: int, overrides: list[str], val: float | None, te
     (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if val is not None:
         auroc = {"mean": test, "ci95": 0.01, "n_episodes": 40}
-        metrics = {"val_auroc_best": val, "global_step": 8, "test": {"auroc": auroc}, "baselines": {}}
+        metrics = {"model": "protonet", "k_shot": 1, "seed": 0, "val_auroc_best": val, "global_step": 8}
+        metrics |= {"test": {"auroc": auroc}, "baselines": {}}
         (job / "metrics.json").write_text(json.dumps(metrics))
 
 
@@ -213,8 +214,8 @@ def test_two_process_ddp_trains_and_evaluates_like_one_process(tmp_path):
     assert m2["val_auroc_best"] == pytest.approx(m1["val_auroc_best"], abs=1e-4)
     for metric in ("auroc", "aupr"):
         assert m2["test"][metric]["mean"] == pytest.approx(m1["test"][metric]["mean"], abs=1e-4), metric
-        assert m2["val"]["model"][metric]["mean"] == pytest.approx(
-            m1["val"]["model"][metric]["mean"], abs=1e-4
+        assert m2["val"][m2["model"]][metric]["mean"] == pytest.approx(
+            m1["val"][m1["model"]][metric]["mean"], abs=1e-4
         )
     assert m2["threshold"]["value"] == pytest.approx(m1["threshold"]["value"], rel=1e-4)
     assert m2["baselines"] == m1["baselines"]

@@ -114,7 +114,8 @@ def test_checkpoint_keeps_the_threshold_and_eval_reproduces_the_decisions(traine
     assert metrics["threshold"]["value"] == checkpoint["metaad_threshold"]["value"]
     for name in ("auroc", "f1", "precision", "recall", "balanced_accuracy"):
         assert 0.0 <= metrics["test"][name]["mean"] <= 1.0 and metrics["test"][name]["n_episodes"] == 40
-    evaluated = evaluate(compose_cfg([f"ckpt_path={ckpt}", "logger=none"], config_name="eval", quick=False))
+    eval_cfg = compose_cfg([f"ckpt_path={ckpt}", "logger=none"], config_name="eval", quick=False)
+    evaluated = evaluate(eval_cfg).to_json()
     for name in ("f1", "balanced_accuracy"):
         assert evaluated["test"][name]["mean"] == pytest.approx(metrics["test"][name]["mean"], abs=1e-9)
     assert evaluated["threshold"] == metrics["threshold"]

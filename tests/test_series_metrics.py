@@ -188,9 +188,9 @@ def test_summarize_averages_within_a_group_first():
     groups = torch.tensor([7, 7, 2, 5, 5, 5])  # means: entity 7 -> 2, entity 2 -> 10, entity 5 -> 0
     out = summarize(values, groups)
     means = torch.tensor([2.0, 10.0, 0.0], dtype=torch.float64)
-    assert out["mean"] == pytest.approx(4.0) and out["n_groups"] == 3 and out["n_episodes"] == 6
-    assert out["ci95"] == pytest.approx(1.96 * means.std().item() / math.sqrt(3))
-    assert summarize(values)["ci95"] == pytest.approx(1.96 * values.double().std().item() / math.sqrt(6))
+    assert out.mean == pytest.approx(4.0) and out.n_groups == 3 and out.n_episodes == 6
+    assert out.ci95 == pytest.approx(1.96 * means.std().item() / math.sqrt(3))
+    assert summarize(values).ci95 == pytest.approx(1.96 * values.double().std().item() / math.sqrt(6))
     with pytest.raises(ValueError, match="5 group keys for 6"):
         summarize(values, groups[:5])
 
@@ -205,14 +205,14 @@ def test_evaluator_gives_cis_over_tasks_when_asked():
     per = {}
     for ci_over in ("episode", "task"):
         evaluator = Evaluator(ci_over=ci_over)
-        evaluator.add("test", {"model": SupportMeanDistance("euclidean")}, batch)
-        per[ci_over] = evaluator.finish().metrics["test"]["model"]["auroc"]
+        evaluator.add("test", {evaluator.learner: SupportMeanDistance("euclidean")}, batch)
+        per[ci_over] = evaluator.finish().metrics["test"]["learner"]["auroc"]
     scores = SupportMeanDistance("euclidean").score(SupportMeanDistance("euclidean").adapt(support), query)
     from metaad.evaluation.metrics import episode_auroc
 
     expected = summarize(episode_auroc(scores, label), task)
-    assert per["task"] == pytest.approx(expected) and per["task"]["n_groups"] == 3
-    assert "n_groups" not in per["episode"] and per["episode"]["n_episodes"] == 6
+    assert per["task"] == expected and per["task"].n_groups == 3
+    assert per["episode"].n_groups is None and per["episode"].n_episodes == 6
     with pytest.raises(ValueError, match="ci_over must be one of"):
         Evaluator(ci_over="entity")
 
@@ -237,5 +237,5 @@ def test_evaluate_stream_scores_after_the_context_and_fits_the_threshold_on_the_
     threshold = support_threshold(leave_one_out_scores(detector, support[None])[0])
     assert out.f1_support == f1_at(scores, labels[w - 1 :], threshold)["f1"]
     summary = summarize_streams([out, out])
-    assert summary["auroc"]["mean"] == pytest.approx(out.auroc) and summary["f1_support"]["n_episodes"] == 2
+    assert summary["auroc"].mean == pytest.approx(out.auroc) and summary["f1_support"].n_episodes == 2
     assert "f1_support" not in summarize_streams([expected])  # no support threshold, no F1 at it

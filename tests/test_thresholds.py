@@ -197,7 +197,7 @@ def test_too_few_shots_for_a_z_score_reports_ranking_metrics_and_says_why(tmp_pa
         tmp_path, ["dataset.k_shot=2", "threshold.normalise=zscore", "baselines=none", "logger=none"]
     )
     with pytest.warns(UserWarning, match="k_shot=2"):
-        metrics = train(cfg)
+        metrics = train(cfg).to_json()
     assert "auroc" in metrics["test"] and "f1" not in metrics["test"]
     assert (
         metrics["threshold"]["rule"] == "f1_optimal" and "needs at least 3" in metrics["threshold"]["skipped"]
@@ -210,6 +210,6 @@ def test_raw_scores_decide_from_one_shot(tmp_path: Path):
     cfg = compose_in(
         tmp_path, ["dataset.k_shot=1", "threshold.normalise=none", "baselines=none", "logger=none"]
     )
-    metrics = train(cfg)
+    metrics = train(cfg).to_json()
     assert 0.0 < metrics["test"]["balanced_accuracy"]["mean"] <= 1.0 and "skipped" not in metrics["threshold"]
     assert metrics["threshold"]["normalise"] == "none" and metrics["threshold"]["value"] is not None

@@ -17,6 +17,7 @@ from metaad.data import DataError
 from metaad.detectors.baselines import SupportMeanDistance
 from metaad.errors import ConfigError
 from metaad.evaluation.metrics import EpisodeMetrics
+from metaad.evaluation.results import RunResults
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,8 @@ def trained(tmp_path_factory):
 def test_run_writes_metrics_json_with_learner_and_baselines(trained):
     cfg, metrics = trained
     on_disk = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    assert on_disk == json.loads(json.dumps(metrics))
+    assert on_disk == json.loads(json.dumps(metrics.to_json()))
+    assert RunResults.read(Path(cfg.paths.output_dir) / "metrics.json") == metrics
     assert on_disk["model"] == "protonet" and on_disk["dataset"] == "digits" and on_disk["k_shot"] == 5
     for block in (on_disk["test"], *on_disk["baselines"].values()):
         assert 0.0 <= block["auroc"]["mean"] <= 1.0 and block["auroc"]["ci95"] > 0
@@ -46,8 +48,8 @@ def test_baseline_numbers_are_computed_on_the_fixed_test_episodes(trained):
     baseline, collected = SupportMeanDistance("euclidean"), EpisodeMetrics()
     for batch in datamodule.evaluation_loader("test"):
         collected.update(baseline.score(baseline.adapt(batch.support), batch.query), batch.label)
-    expected = collected.compute()["auroc"]["mean"]
-    assert metrics["baselines"]["mean_euclidean"]["auroc"]["mean"] == pytest.approx(expected, abs=1e-9)
+    expected = collected.compute()["auroc"].mean
+    assert metrics.baselines["mean_euclidean"]["auroc"].mean == pytest.approx(expected, abs=1e-9)
 
 
 def test_tensorboard_has_the_curves_and_real_hparams(trained):
@@ -59,9 +61,9 @@ def test_tensorboard_has_the_curves_and_real_hparams(trained):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     assert "test/baseline/mean_euclidean/auroc" in tags
     test_auroc = events.Scalars("test/auroc")[-1].value
-    assert test_auroc == pytest.approx(metrics["test"]["auroc"]["mean"], abs=1e-6)
+    assert test_auroc == pytest.approx(metrics.test["auroc"].mean, abs=1e-6)
     hp = events.Scalars("hp/val_auroc")[-1].value
-    assert hp == pytest.approx(metrics["val_auroc_best"], abs=1e-6) and hp > 0
+    assert hp == pytest.approx(metrics.val_auroc_best, abs=1e-6) and hp > 0
 
 
 def test_checkpoints_hold_plain_config_and_eval_reproduces_the_test(trained, compose_cfg):
@@ -72,7 +74,7 @@ def test_checkpoints_hold_plain_config_and_eval_reproduces_the_test(trained, com
     assert checkpoint["metaad_config"]["dataset"]["k_shot"] == 5
     eval_cfg = compose_cfg([f"ckpt_path={ckpt_dir / 'best.ckpt'}"], config_name="eval", quick=False)
     evaluated = evaluate(eval_cfg)
-    assert evaluated["test"]["auroc"]["mean"] == pytest.approx(metrics["test"]["auroc"]["mean"], abs=1e-6)
+    assert evaluated.test["auroc"].mean == pytest.approx(metrics.test["auroc"].mean, abs=1e-6)
     assert (Path(eval_cfg.paths.output_dir) / "metrics.json").is_file()
 
 
@@ -81,9 +83,9 @@ def test_same_seed_same_numbers_and_another_seed_differs(trained, tmp_path):
 
     cfg, metrics = trained
     again = train(compose_in(tmp_path / "again", []))
-    assert again["test"]["auroc"]["mean"] == pytest.approx(metrics["test"]["auroc"]["mean"], abs=1e-6)
+    assert again.test == metrics.test and again.baselines == metrics.baselines
     other = train(compose_in(tmp_path / "other", ["seed=1"]))
-    assert other["test"]["auroc"]["mean"] != pytest.approx(metrics["test"]["auroc"]["mean"], abs=1e-6)
+    assert other.test["auroc"].mean != pytest.approx(metrics.test["auroc"].mean, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -118,4 +120,4 @@ def test_debug_overfit_trains_on_the_same_episodes_every_epoch(compose_cfg):
     assert torch.equal(first.support, later.support) and torch.equal(first.query, later.query)
     fresh = build_datamodule(compose_cfg(["logger=none"])).datasets["train"]
     assert not torch.equal(fresh[(0, 3)].support, fresh[(7, 3)].support)  # normal runs: new episodes
-    assert train(cfg)["global_step"] == 2
+    assert train(cfg).global_step == 2

@@ -176,11 +176,11 @@ def test_the_evaluator_reports_no_decisions_where_scores_are_nan(rule):
     labels = torch.tensor([[0, 0, 0, 1, 1, 1]] * 4)
     batch = Episode(support, query, labels, torch.arange(4), torch.zeros(4, 6, dtype=torch.long))
     evaluator = Evaluator(threshold=rule)
-    evaluator.add("val", {"model": Overflowing()}, batch)
-    evaluator.add("test", {"model": Overflowing()}, batch)
+    evaluator.add("val", {"learner": Overflowing()}, batch)
+    evaluator.add("test", {"learner": Overflowing()}, batch)
     report = evaluator.finish()
-    assert "NaN or infinite" in report.notes["model"]
-    assert "f1" not in report.metrics["test"]["model"]
+    assert "NaN or infinite" in report.notes["learner"]
+    assert "f1" not in report.metrics["test"]["learner"]
 
 
 # --- frames are matched by label ----------------------------------------------------------------

@@ -40,7 +40,7 @@ def trained(tmp_path_factory):
         "logger=none",
     ]
     cfg = compose_in(tmp_path_factory.mktemp("train"), overrides)
-    metrics = train(cfg)
+    metrics = train(cfg).to_json()
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
     return metrics, ckpt, torch.load(ckpt, weights_only=True)
 
@@ -229,7 +229,7 @@ def test_train_and_eval_record_the_task_lists(trained, tmp_path):
     assert metrics["tasks"]["train"] == ["0", "1", "2", "3", "4", "5"]  # train_tasks null: all the others
     assert trained[2]["metaad_tasks"] == metrics["tasks"]
     cfg = compose_in(tmp_path / "run", [f"ckpt_path={trained[1]}", "logger=none"], "eval", quick=False)
-    evaluated = evaluate(cfg)
+    evaluated = evaluate(cfg).to_json()
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written["tasks"]["trained_on"] == metrics["tasks"] and evaluated["tasks"]["test"] == ["6", "7"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import resource
 import shlex
@@ -27,7 +28,8 @@ from rich.console import Console
 from metaad.apps.runs import LOCK, claim
 from metaad.apps.train import train
 from metaad.errors import ConfigError, RunFolderError, TrainingError
-from metaad.evaluation.report import print_summary, write_metrics
+from metaad.evaluation.report import print_summary
+from metaad.evaluation.results import write_json
 from tests.conftest import compose_in
 from tests.test_bad_inputs import UNSAFE, one_block, run_app
 
@@ -53,7 +55,7 @@ def test_validation_that_never_ran_is_null_with_a_reason_and_a_warning(tmp_path,
         returned = train(cfg)
     metrics = strict_json(tmp_path / "run" / "metrics.json")
     why = metrics["null_reasons"]["val_auroc_best"]
-    assert metrics["val_auroc_best"] is None and returned["val_auroc_best"] is None
+    assert metrics["val_auroc_best"] is None and math.isnan(returned.val_auroc_best)
     assert "trainer.check_val_every_n_epoch=5" in why and "the test scored the last weights (step 4)" in why
     assert metrics["checkpoint"] == "" and metrics["test"]["auroc"]["n_episodes"] == 40
     assert "validation never ran" in caplog.text
@@ -69,7 +71,7 @@ def test_validation_that_never_ran_is_null_with_a_reason_and_a_warning(tmp_path,
     ids=["nan", "inf", "in-a-list"],
 )
 def test_a_non_finite_metric_is_written_as_null_with_its_reason(tmp_path, metrics, key):
-    write_metrics(tmp_path / "metrics.json", metrics)
+    write_json(tmp_path / "metrics.json", metrics)
     written = strict_json(tmp_path / "metrics.json")
     assert "not a finite number" in written["null_reasons"][key]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
@@ -93,7 +95,7 @@ def test_metrics_json_on_a_full_disk_is_named_and_never_half_written(tmp_path, f
         path.write_text(before)
     metrics = {"test": {f"detector{i}": {"auroc": {"mean": 0.5, "ci95": 0.1}} for i in range(200)}}
     with pytest.raises(RunFolderError) as error:
-        write_metrics(path, metrics)
+        write_json(path, metrics)
     assert f"{tmp_path}: cannot write metrics.json: no space left" in str(error.value)
     assert (path.read_text() if path.exists() else None) == before  # the old file, or none: never half
     assert [p.name for p in tmp_path.iterdir()] == ([] if before is None else ["metrics.json"])
@@ -125,7 +127,7 @@ def test_a_sweep_summary_lists_a_job_that_never_validated_and_quotes_its_tensorb
         (job / ".hydra").mkdir(parents=True)
         (job / ".hydra" / "overrides.yaml").write_text(f"- seed={num}\n")
         test = {"auroc": {"mean": 0.7, "ci95": 0.1, "n_episodes": 40}}
-        write_metrics(job / "metrics.json", {"val_auroc_best": val, "global_step": 4, "test": test})
+        write_json(job / "metrics.json", {"val_auroc_best": val, "global_step": 4, "test": test})
     rows = summarize_sweep(sweep)
     assert [row["job"] for row in rows] == ["0", "1"], "the job with no validation AUROC last, not dropped"
     hint = next(line for line in capsys.readouterr().out.splitlines() if "tensorboard --logdir" in line)

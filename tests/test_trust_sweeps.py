@@ -151,7 +151,8 @@ def write_job(sweep: Path, num: int, overrides: list[str], metrics: str | None) 
 
 def metrics_text(val, test: float = 0.8) -> str:
     auroc = {"mean": test, "ci95": 0.01, "n_episodes": 40}
-    return json.dumps({"val_auroc_best": val, "global_step": 8, "test": {"auroc": auroc}, "baselines": {}})
+    metrics = {"model": "protonet", "k_shot": 5, "seed": 0, "val_auroc_best": val, "global_step": 8}
+    return json.dumps(metrics | {"test": {"auroc": auroc}, "baselines": {}})
 
 
 @pytest.mark.parametrize(
@@ -159,7 +160,7 @@ def metrics_text(val, test: float = 0.8) -> str:
     [
         (metrics_text(0.7)[:60], r"unreadable .*1/metrics.json: not valid JSON"),
         ("", r"unreadable .*1/metrics.json: not valid JSON"),
-        (json.dumps({"val_auroc_best": 0.7}), r"unreadable .*1/metrics.json: no 'test' in it"),
+        (json.dumps({"val_auroc_best": 0.7}), r"unreadable .*1/metrics.json: not the .*no 'test'"),
         (json.dumps({"val_auroc_best": "high", "test": {"auroc": {"mean": 1, "ci95": 0}}}), r"unreadable"),
         (json.dumps([1, 2]), r"unreadable .*1/metrics.json"),
     ],
@@ -262,8 +263,8 @@ def test_the_benchmark_reuses_an_evaluation_only_when_its_full_config_matches(tm
     out = tmp_path / "bench"
     ckpt = out / "runs" / "digits" / "fold0" / "seed0" / "protonet_k5" / "train" / "checkpoints" / "best.ckpt"
 
-    def episodes(rows: list[dict]) -> int:
-        return next(r["n_episodes"] for r in rows if r["detector"] == "protonet" and r["metric"] == "auroc")
+    def episodes(pooled: dict) -> int:
+        return pooled[("digits", 5, "protonet")]["auroc"].n_episodes
 
     rows, counts = run(tiny_preset(), out, ["dataset.test_episodes=20"], None, "tiny")
     assert episodes(rows) == 20 and counts["digits"] == {"run": 1}

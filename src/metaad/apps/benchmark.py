@@ -42,6 +42,7 @@ from metaad.apps.cli import app
 from metaad.apps.eval import evaluate
 from metaad.apps.train import train
 from metaad.errors import ConfigError
+from metaad.evaluation.results import RunResults, Summary, verdict
 from metaad.training.resume import _differences
 
 console = Console()
@@ -66,19 +67,6 @@ def folds_of(suite: DictConfig) -> list[list[str]]:
             for i, t in enumerate(tasks)
         ]
     return [list(fold) for fold in suite.get("folds", [[]])]
-
-
-def merge_summaries(parts: list[dict]) -> dict:
-    """Pool per-fold (mean, ci95, n) into the summary of all their episodes, exactly."""
-    n = sum(p["n_episodes"] for p in parts)
-    mean = sum(p["mean"] * p["n_episodes"] for p in parts) / n
-    # Sum of squares from each part's sd (ci95 = 1.96 sd / sqrt(n)).
-    ss = 0.0
-    for p in parts:
-        sd = p["ci95"] * math.sqrt(p["n_episodes"]) / 1.96 if p["n_episodes"] > 1 else 0.0
-        ss += (p["n_episodes"] - 1) * sd**2 + p["n_episodes"] * (p["mean"] - mean) ** 2
-    sd = math.sqrt(ss / (n - 1)) if n > 1 else float("nan")
-    return {"mean": mean, "ci95": 1.96 * sd / math.sqrt(n), "n_episodes": n}
 
 
 def per_k(suite: DictConfig, model: str) -> bool:
@@ -185,15 +173,18 @@ def check_jobs(jobs: list[Job], extra: list[str]) -> list[dict]:
     return configs
 
 
+Pooled = dict[tuple[str, int, str], dict[str, Summary]]  # (suite, K, detector) -> metric -> summary
+
+
 def run(
     preset: DictConfig, out_dir: Path, extra: list[str], only: list[str] | None, preset_name: str = "?"
-) -> tuple[list[dict], dict[str, Counter]]:
-    """Every job's results, pooled per (suite, K, detector, metric); and per suite, how many
-    evaluations were reused from an earlier run into this folder and how many ran now."""
+) -> tuple[Pooled, dict[str, Counter]]:
+    """Every job's results, pooled per (suite, K, detector) over folds and seeds; and per suite, how
+    many evaluations were reused from an earlier run into this folder and how many ran now."""
     check_preset(preset, preset_name, only)
     jobs = jobs_of(preset, out_dir, only)
     configs = check_jobs(jobs, extra)
-    collected: dict[tuple, list[dict]] = defaultdict(list)  # (suite, K, detector, metric) -> per-fold
+    collected: dict[tuple, list[Summary]] = defaultdict(list)  # (suite, K, detector, metric) -> per-fold
     counts: dict[str, Counter] = defaultdict(Counter)
     progress = Progress(
         TextColumn("{task.description}"),
@@ -215,7 +206,7 @@ def run(
             for k in job.ks:
                 folder = evals[k]
                 if reusable[k]:  # the same full config: what an earlier run finished is reused
-                    metrics = json.loads((folder / "metrics.json").read_text())
+                    results = RunResults.read(folder / "metrics.json")
                     counts[name]["reused"] += 1
                     progress.console.print(f"reused: {job.label}, evaluated at K={k} (same config)")
                 else:
@@ -225,16 +216,15 @@ def run(
                         progress.console.print(
                             f"rerun: {job.label}, evaluated at K={k}: {why} (kept as {kept.name})"
                         )
-                    metrics = evaluate(_eval_config(job, k))
+                    results = evaluate(_eval_config(job, k))
                     _write_record(folder, wanted[k])
                     counts[name]["run"] += 1
-                _collect(collected, name, k, model, metrics)
+                _collect(collected, name, k, model, results)
             progress.advance(bar)
-    rows = [
-        {"suite": name, "k_shot": k, "detector": detector, "metric": metric, **merge_summaries(parts)}
-        for (name, k, detector, metric), parts in collected.items()
-    ]
-    return rows, counts
+    pooled: Pooled = defaultdict(dict)
+    for (name, k, detector, metric), parts in collected.items():
+        pooled[(name, k, detector)][metric] = Summary.pooled(parts)
+    return dict(pooled), counts
 
 
 def _eval_config(job: Job, k: int, create: bool = True) -> DictConfig:
@@ -318,75 +308,50 @@ def _set_aside(folder: Path) -> Path:
     return kept
 
 
-def _collect(collected: dict, suite: str, k: int, model: str, metrics: dict) -> None:
-    detectors = {model: metrics["test"], **{f"baseline:{b}": v for b, v in metrics["baselines"].items()}}
+def _collect(collected: dict, suite: str, k: int, model: str, results: RunResults) -> None:
+    detectors = {model: results.test, **{f"baseline:{b}": v for b, v in results.baselines.items()}}
     for detector, values in detectors.items():
         for metric, summary in values.items():
             collected[(suite, k, detector, metric)].append(summary)
 
 
-def table_rows(rows: list[dict], references: DictConfig, against: dict[str, str] | None = None) -> list[dict]:
-    """One row per (suite, K, detector) with AUROC and AUPR side by side, best AUROC first.
-    ``against`` (suite -> baseline): that suite's learners are judged against that baseline (its
-    ``verdict_against``, e.g. patch kNN on images) rather than the best one."""
-    by_key: dict[tuple, dict] = {}
-    for row in rows:
-        entry = by_key.setdefault((row["suite"], row["k_shot"], row["detector"]), {})
-        entry[row["metric"]] = row
+def table_rows(pooled: Pooled, references: DictConfig, against: dict[str, str] | None = None) -> list[dict]:
+    """One row per (suite, K, detector) with AUROC and AUPR side by side, best AUROC first; each
+    with its verdict against the best baseline of its suite and K, or against the baseline
+    ``against`` names for its suite (its ``verdict_against``: patch kNN on images)."""
+    nan = Summary(math.nan, math.nan, 0)
     out = []
-    for (suite, k, detector), metrics in by_key.items():
-        best_baseline = max(
-            (
-                m["auroc"]["mean"]
-                for (s, kk, d), m in by_key.items()
-                if s == suite and kk == k and d.startswith("baseline:")
-            ),
-            default=float("nan"),
-        )
+    for (suite, k, detector), metrics in pooled.items():
+        baselines = {
+            d: m["auroc"]
+            for (s, kk, d), m in pooled.items()
+            if s == suite and kk == k and d.startswith("baseline:")
+        }
+        best_name = max(baselines, key=lambda d: baselines[d].mean, default="")
+        if f"baseline:{(against or {}).get(suite)}" in baselines:
+            best_name = f"baseline:{against[suite]}"
+        best = baselines.get(best_name, nan)
         auroc = metrics["auroc"]
-        best_name = max(
-            (
-                (m["auroc"]["mean"], d)
-                for (s, kk, d), m in by_key.items()
-                if s == suite and kk == k and d.startswith("baseline:")
-            ),
-            default=(float("nan"), ""),
-        )[1]
-        chosen = f"baseline:{(against or {}).get(suite)}"
-        if (suite, k, chosen) in by_key:
-            best_name, best_baseline = chosen, by_key[(suite, k, chosen)]["auroc"]["mean"]
-        best_ci = by_key[(suite, k, best_name)]["auroc"]["ci95"] if best_name else float("nan")
         out.append(
             {
                 "suite": suite,
                 "k_shot": k,
                 "detector": detector,
-                "auroc": auroc["mean"],
-                "auroc_ci95": auroc["ci95"],
-                "aupr": metrics.get("aupr", {}).get("mean", float("nan")),
-                "aupr_ci95": metrics.get("aupr", {}).get("ci95", float("nan")),
+                "auroc": auroc.mean,
+                "auroc_ci95": auroc.ci95,
+                "aupr": metrics.get("aupr", nan).mean,
+                "aupr_ci95": metrics.get("aupr", nan).ci95,
                 # at the run's threshold (learners only; baselines decide only with threshold.baselines)
-                "balanced_accuracy": metrics.get("balanced_accuracy", {}).get("mean", float("nan")),
-                "n_episodes": auroc["n_episodes"],
-                "vs_best_baseline": auroc["mean"] - best_baseline,
+                "balanced_accuracy": metrics.get("balanced_accuracy", nan).mean,
+                "n_episodes": auroc.n_episodes,
+                "vs_best_baseline": auroc.mean - best.mean,
                 "best_baseline": best_name.removeprefix("baseline:"),
-                "verdict": verdict(auroc["mean"], auroc["ci95"], best_baseline, best_ci),
+                "verdict": verdict(auroc, best),
                 "reference": references.get(suite, {}).get(str(k), ""),
             }
         )
     out.sort(key=lambda r: (r["suite"], r["k_shot"], -r["auroc"]))
     return out
-
-
-def verdict(mean: float, ci: float, base_mean: float, base_ci: float) -> str:
-    """``beats`` / ``below`` when the 95% CIs do not overlap, else ``within CIs``."""
-    if math.isnan(base_mean):
-        return ""
-    if mean - ci > base_mean + base_ci:
-        return "beats"
-    if mean + ci < base_mean - base_ci:
-        return "below"
-    return "within CIs"
 
 
 def headline(rows: list[dict]) -> list[str]:
@@ -467,13 +432,10 @@ def compared(rows: list[dict], preset: DictConfig) -> list[str]:
     return header + lines
 
 
-def pixel_table(rows: list[dict]) -> list[str]:
+def pixel_table(pooled: Pooled) -> list[str]:
     """Pixel AUROC and PRO (anomaly maps against defect masks) of every detector that has them."""
-    by: dict[tuple, dict] = defaultdict(dict)
-    for row in rows:
-        if row["metric"] in ("pixel_auroc", "pro"):
-            by[(row["suite"], row["k_shot"], row["detector"])][row["metric"]] = row
-    if not by:
+    found = {key: m for key, m in sorted(pooled.items()) if "pixel_auroc" in m or "pro" in m}
+    if not found:
         return []
     lines = [
         "",
@@ -483,9 +445,9 @@ def pixel_table(rows: list[dict]) -> list[str]:
         "| suite | K | detector | pixel AUROC | PRO | episodes |",
         "|---|---|---|---|---|---|",
     ]
-    for (suite, k, detector), m in sorted(by.items(), key=lambda item: (item[0][0], item[0][1], item[0][2])):
-        cells = [f"{m[x]['mean']:.3f} ± {m[x]['ci95']:.3f}" if x in m else "" for x in ("pixel_auroc", "pro")]
-        n = max(v["n_episodes"] for v in m.values())
+    for (suite, k, detector), m in found.items():
+        cells = [f"{m[x].mean:.3f} ± {m[x].ci95:.3f}" if x in m else "" for x in ("pixel_auroc", "pro")]
+        n = max(m[x].n_episodes for x in ("pixel_auroc", "pro") if x in m)
         lines.append(f"| {suite} | {k} | {detector} | {cells[0]} | {cells[1]} | {n} |")
     return lines
 
@@ -557,12 +519,13 @@ def main(cfg: DictConfig) -> None:
     OmegaConf.save(cfg.preset, out_dir / "preset.yaml")
     preset_name = HydraConfig.get().runtime.choices.get("preset", "?")
     only = list(cfg.suites) if cfg.get("suites") else None
-    rows, counts = run(cfg.preset, out_dir, list(cfg.overrides), only, preset_name)
-    pixels = pixel_table(rows)
+    pooled, counts = run(cfg.preset, out_dir, list(cfg.overrides), only, preset_name)
     against = {name: s.verdict_against for name, s in cfg.preset.suites.items() if s.get("verdict_against")}
-    rows = table_rows(rows, cfg.preset.get("references", {}), against)
+    rows = table_rows(pooled, cfg.preset.get("references", {}), against)
     markdown = write_tables(
-        rows, out_dir, [*pixels, *compared(rows, cfg.preset), *what_ran(cfg.preset, only, command, counts)]
+        rows,
+        out_dir,
+        [*pixel_table(pooled), *compared(rows, cfg.preset), *what_ran(cfg.preset, only, command, counts)],
     )
     print_table(rows)
     print(markdown)

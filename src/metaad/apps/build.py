@@ -47,9 +47,15 @@ def build_training(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Any:
         build_threshold(cfg),
         build_threshold(cfg, "baseline_threshold"),
         ci_over=cfg.get("ci_over") or "episode",
+        learner=learner_name(cfg),
         map_sigma=cfg.get("map_sigma") or 0.0,
     )
     return MetaTraining(build_learner(cfg, sample_shape), instantiate(cfg.model.optimizer), evaluator)
+
+
+def learner_name(cfg: DictConfig) -> str:
+    """The learner's name in results: its run name (``names.model``: the model config's name)."""
+    return str(OmegaConf.select(cfg, "names.model", default=None) or "learner")
 
 
 def build_trainer(cfg: DictConfig, callbacks: list = ()) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,13 +28,16 @@ from metaad.apps.runs import claim
 from metaad.errors import ConfigError, Interrupted
 from metaad.training.resume import SignalStop, command_line
 
+if TYPE_CHECKING:
+    from metaad.evaluation.results import RunResults
+
 log = logging.getLogger(__name__)
 
 # Settings a checkpoint fixes: given to metaad-eval they would be ignored, so they are refused.
 STORED_ONLY = {"model": "model", "backbone": "backbone", "seed": "seed", "names": "run names"}
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
+def evaluate(cfg: DictConfig) -> RunResults:
     _refuse_stored_only(cfg)
     check_settings_of(cfg, "eval")
     check_trainer(cfg.trainer)
@@ -101,9 +104,10 @@ def check_held_out(checkpoint: ckpt.Checkpoint, test_tasks: list[str]) -> None:
 
 def _evaluate(
     cfg: DictConfig, checkpoint: ckpt.Checkpoint, run_cfg: DictConfig, run_dir: Path, stop: SignalStop
-) -> dict[str, Any]:
+) -> RunResults:
     from metaad.apps.build import build_datamodule, build_trainer, build_training
-    from metaad.evaluation.report import print_summary, results, write_metrics
+    from metaad.evaluation.report import print_summary
+    from metaad.evaluation.results import RunResults
     from metaad.training.callbacks import StopOnSignal
     from metaad.training.distributed import check_launch, job_scope
     from metaad.training.module import quiet_lightning
@@ -119,19 +123,19 @@ def _evaluate(
     model.on_load_checkpoint(checkpoint.contents)
     with job_scope():
         trainer.test(model, datamodule=datamodule, verbose=False)
-    metrics = {
-        **run_cfg.names,
-        "k_shot": run_cfg.dataset.k_shot,
-        "seed": run_cfg.seed,
-        "data": getattr(datamodule, "data_name", None),
-        "checkpoint": str(cfg.ckpt_path),
-        "tasks": {"trained_on": checkpoint.tasks, **tasks},
-        **results(model.report),
-    }
+    results = RunResults.from_report(
+        model.report,
+        names=dict(run_cfg.names),
+        k_shot=run_cfg.dataset.k_shot,
+        seed=run_cfg.seed,
+        data=getattr(datamodule, "data_name", None),
+        checkpoint=str(cfg.ckpt_path),
+        tasks={"trained_on": checkpoint.tasks, **tasks},
+    )
     if trainer.is_global_zero:
-        write_metrics(run_dir / "metrics.json", metrics)
-        print_summary(metrics, run_dir)
-    return metrics
+        results.write(run_dir / "metrics.json")
+        print_summary(results, run_dir)
+    return results
 
 
 @app("eval")

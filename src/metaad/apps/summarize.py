@@ -12,7 +12,6 @@ start-up (``refused_jobs.yaml``), never started, or an unreadable ``metrics.json
 from __future__ import annotations
 
 import csv
-import json
 import math
 import shlex
 from pathlib import Path
@@ -25,6 +24,8 @@ from rich.table import Table
 
 from metaad.apps.cli import app
 from metaad.apps.sweeps import expected_jobs, refused_jobs
+from metaad.errors import RunFolderError
+from metaad.evaluation.results import RunResults
 
 # jobs without metrics named one per line below the table, at most this many
 SHOWN = 10
@@ -102,28 +103,20 @@ def _metrics_row(path: Path) -> dict:
     if not path.is_file():
         return {"status": "no metrics.json"}
     try:
-        metrics = json.loads(path.read_text())
-        auroc = metrics["test"]["auroc"]
-        values = {
-            "val/auroc": _number(metrics["val_auroc_best"]),
-            "test/auroc": _number(auroc["mean"]),
-            "test ci95": _number(auroc["ci95"]),
-        }
-    except (OSError, ValueError) as error:
-        reason = f"not valid JSON ({error})" if isinstance(error, ValueError) else error.strerror
-        return {"status": f"unreadable {path}: {reason}"}
-    except (KeyError, TypeError) as error:
-        return {"status": f"unreadable {path}: no {error} in it"}
-    return values | {"steps": metrics.get("global_step", ""), "status": "done"}
-
-
-def _number(value) -> float:
-    """A metric as a float; null (validation never ran) is NaN, shown as such, never a score."""
-    if value is None:
-        return math.nan
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(repr(value))
-    return float(value)
+        results = RunResults.read(path)
+    except RunFolderError as error:
+        return {"status": f"unreadable {error}"}
+    auroc = results.test.get("auroc")
+    if auroc is None:
+        return {"status": f"unreadable {path}: no test AUROC in it"}
+    best = results.val_auroc_best
+    return {
+        "val/auroc": math.nan if best is None else float(best),
+        "test/auroc": auroc.mean,
+        "test ci95": auroc.ci95,
+        "steps": "" if results.global_step is None else results.global_step,
+        "status": "done",
+    }
 
 
 def _fmt(value) -> str:

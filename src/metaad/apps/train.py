@@ -9,8 +9,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -21,13 +22,16 @@ from metaad.checkpoint import stored_config
 from metaad.errors import Interrupted
 from metaad.training.resume import SignalStop, command_line, load_resume_state, resolve_ckpt_path
 
+if TYPE_CHECKING:
+    from metaad.evaluation.results import RunResults
+
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment; returns the metrics written to ``metrics.json``.
+def train(cfg: DictConfig) -> RunResults:
+    """Run one experiment; returns its results, as written to ``metrics.json``.
 
-    With ``test=false`` nothing is written and only ``val_auroc_best`` and ``global_step`` return.
+    With ``test=false`` nothing is written and the results hold no test metrics.
     A SIGTERM or SIGINT stops it at the next step's end with ``last.ckpt`` saved there, as
     :class:`~metaad.errors.Interrupted` saying how to resume.
     """
@@ -77,12 +81,13 @@ def _train(
     ckpt_path: Path | None,
     resumed: dict | None,
     stop: SignalStop,
-) -> dict[str, Any]:
+) -> RunResults:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from metaad.apps.build import build_datamodule, build_trainer, build_training, plain
-    from metaad.evaluation.report import finite, print_summary, results, write_metrics
+    from metaad.evaluation.report import print_summary
+    from metaad.evaluation.results import RunResults
     from metaad.training.callbacks import StopOnSignal, StoreConfig
     from metaad.training.distributed import check_launch, job_scope
     from metaad.training.module import quiet_lightning
@@ -109,10 +114,21 @@ def _train(
             trainer.global_step,
             json.dumps({key: hparams[key] for key in ("backbone", "model")}),
         )
-        trained = {"val_auroc_best": model.val_auroc_best, "global_step": trainer.global_step}
-        reasons = _never_validated(cfg, model, trainer)
+        best_val = model.val_auroc_best
+        results = RunResults(
+            names=dict(cfg.names),
+            k_shot=cfg.dataset.k_shot,
+            seed=cfg.seed,
+            data=getattr(datamodule, "data_name", None),
+            checkpoint="",
+            tasks=datamodule.task_names(),
+            test={},
+            val_auroc_best=best_val if best_val != float("-inf") else float("nan"),
+            global_step=trainer.global_step,
+            null_reasons=_never_validated(cfg, model, trainer),
+        )
         if not cfg.test:
-            return finite(trained, reasons)
+            return results
         tracks_best = [
             cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor
         ]
@@ -131,20 +147,18 @@ def _train(
             weights_only=True,
             verbose=False,
         )
-    metrics = {
-        **cfg.names,
-        "k_shot": cfg.dataset.k_shot,
-        "seed": cfg.seed,
-        "data": getattr(datamodule, "data_name", None),
-        **trained,
-        "checkpoint": best,
-        "tasks": datamodule.task_names(),
-        **results(model.report),
-    }
+    results = RunResults.from_report(
+        model.report,
+        **{f: getattr(results, f) for f in ("names", "k_shot", "seed", "data", "tasks")},
+        checkpoint=best,
+        val_auroc_best=results.val_auroc_best,
+        global_step=results.global_step,
+        null_reasons=results.null_reasons,
+    )
     if trainer.is_global_zero:
-        write_metrics(run_dir / "metrics.json", metrics, reasons)
-        print_summary(metrics, run_dir)
-    return finite(metrics, reasons)
+        results.write(run_dir / "metrics.json")
+        print_summary(results, run_dir)
+    return results
 
 
 def _never_validated(cfg: DictConfig, model: Any, trainer: Any) -> dict[str, str]:
@@ -180,8 +194,8 @@ def _continue_curves(cfg: DictConfig, step: int) -> DictConfig:
 def main(cfg: DictConfig) -> float:
     """Returns the best validation AUROC: the value a Hydra sweeper (Optuna) maximises (-inf for a
     run that never validated)."""
-    best = train(cfg)["val_auroc_best"]
-    return float("-inf") if best is None else best
+    best = train(cfg).val_auroc_best
+    return float("-inf") if best is None or math.isnan(best) else best
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ tensors, so the shares of several processes are gathered into exactly the one-pr
 (:meth:`Evaluator.gather`). :meth:`Evaluator.finish` then fits each threshold that learns from
 validation on the validation records it already holds, turns scores into decisions and
 summarises every metric over episodes (mean and 95% CI). It never asks a detector what it is:
-``"model"`` is only the name the training module gives its learner.
+the learner is the detector named ``learner`` (its config name: ``protonet``, ``maml``, ...), the one
+the run's own threshold decides for.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from metaad.data.episodes import Episode
 from metaad.detectors.base import Detector
 from metaad.evaluation.metrics import EpisodeMetrics
 from metaad.evaluation.pixel_metrics import PIXEL_METRICS, episode_pixel_metrics
+from metaad.evaluation.results import Summary
 from metaad.evaluation.thresholds import NonFiniteScores, Scored, Threshold, score_episodes
 
 FIELDS = ("index", "scores", "labels", "normalised", "support_normalised", "task", *PIXEL_METRICS)
@@ -78,7 +80,8 @@ class Records:
 class Report:
     """Every detector's metrics per split, and the thresholds behind the decisions."""
 
-    metrics: dict[str, dict[str, dict[str, dict[str, float]]]]  # split -> detector -> metric -> summary
+    learner: str  # the learner's name among the detectors
+    metrics: dict[str, dict[str, dict[str, Summary]]]  # split -> detector -> metric -> summary
     thresholds: dict[str, Threshold]  # detector -> its (fitted) rule
     per_episode_thresholds: dict[tuple[str, str], Tensor]  # (split, detector) -> (E,) thresholds
     notes: dict[str, str]  # detector -> why its threshold could not decide
@@ -108,6 +111,7 @@ class Evaluator:
         threshold: Threshold | None = None,
         baseline_threshold: Threshold | None = None,
         ci_over: str = "episode",
+        learner: str = "learner",
         map_sigma: float = 0.0,
     ):
         if ci_over not in CI_OVER:
@@ -119,6 +123,11 @@ class Evaluator:
         self.ci_over = ci_over
         self.map_sigma = float(map_sigma)
         self.baselines = dict(baselines or {})
+        if learner in self.baselines:
+            raise ValueError(
+                f"the learner {learner!r} has the name of a baseline; rename one (names.model=...)"
+            )
+        self.learner = learner
         self.threshold = threshold
         if baseline_threshold is None and threshold is not None and threshold.baselines:
             baseline_threshold = threshold
@@ -131,10 +140,10 @@ class Evaluator:
         self._seen: dict[tuple[str, str], int] = defaultdict(int)
 
     def detectors(self, learner: Detector, with_baselines: bool) -> dict[str, Detector]:
-        return {"model": learner, **(self.baselines if with_baselines else {})}
+        return {self.learner: learner, **(self.baselines if with_baselines else {})}
 
     def threshold_of(self, name: str) -> Threshold | None:
-        if name == "model":
+        if name == self.learner:
             return self.threshold
         rule = self.baseline_threshold
         if rule is None:
@@ -182,7 +191,7 @@ class Evaluator:
         metrics: dict[str, dict[str, Any]] = defaultdict(dict)
         per_episode: dict[tuple[str, str], Tensor] = {}
         thresholds, notes = {}, {}
-        names = sorted({name for _, name in self.records}, key=lambda n: (n != "model", n))
+        names = sorted({name for _, name in self.records}, key=lambda n: (n != self.learner, n))
         for name in names:
             threshold = self.threshold_of(name)
             validation = self.records.get(("val", name))
@@ -217,4 +226,4 @@ class Evaluator:
                 metrics[split][name] = summary.compute(
                     records.get("task") if self.ci_over == "task" else None
                 )
-        return Report(dict(metrics), thresholds, per_episode, notes, dict(self.records))
+        return Report(self.learner, dict(metrics), thresholds, per_episode, notes, dict(self.records))

@@ -14,6 +14,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from metaad.evaluation.results import Summary
+
 
 def episode_auroc(scores: Tensor, labels: Tensor) -> Tensor:
     """AUROC of each episode: P(anomaly scores above normal) with ties counted half. (B, Q) -> (B,)."""
@@ -68,8 +70,8 @@ def episode_decision_metrics(is_anomaly: Tensor, labels: Tensor) -> dict[str, Te
     )
 
 
-def summarize(values: Tensor, groups: Tensor | None = None) -> dict[str, float]:
-    """Mean and 95% CI half-width (1.96 sd / sqrt(n)) over episodes, or over ``groups``.
+def summarize(values: Tensor, groups: Tensor | None = None) -> Summary:
+    """Mean and 95% CI half-width over episodes, or over ``groups``.
 
     ``groups`` (one key per episode, e.g. its entity): episodes of one group are averaged first and
     the CI is taken over the group means (``n_groups`` of them). Draws of one entity are not
@@ -77,7 +79,7 @@ def summarize(values: Tensor, groups: Tensor | None = None) -> dict[str, float]:
     """
     values = values.double().flatten()
     n_episodes = values.numel()
-    extra: dict[str, float] = {}
+    n_groups = None
     if groups is not None:
         groups = groups.flatten()
         if groups.numel() != n_episodes:
@@ -85,10 +87,10 @@ def summarize(values: Tensor, groups: Tensor | None = None) -> dict[str, float]:
         _, inverse = groups.unique(return_inverse=True)
         counts = torch.bincount(inverse).double()
         values = torch.zeros_like(counts).index_add_(0, inverse, values) / counts
-        extra = {"n_groups": values.numel()}
+        n_groups = values.numel()
     n = values.numel()
     sd = values.std(unbiased=True).item() if n > 1 else float("nan")
-    return {"mean": values.mean().item(), "ci95": 1.96 * sd / math.sqrt(n), "n_episodes": n_episodes, **extra}
+    return Summary(values.mean().item(), 1.96 * sd / math.sqrt(n), n_episodes, n_groups)
 
 
 class EpisodeMetrics:
@@ -113,7 +115,7 @@ class EpisodeMetrics:
     def per_episode(self) -> dict[str, Tensor]:
         return {name: torch.cat(chunks) for name, chunks in self.values.items()}
 
-    def compute(self, groups: Tensor | None = None) -> dict[str, dict[str, float]]:
+    def compute(self, groups: Tensor | None = None) -> dict[str, Summary]:
         """Each metric's summary; with ``groups`` (E,) episodes are averaged within a group first.
         Episodes where a metric is undefined (NaN: a pixel metric without a defect pixel) are left
         out of that metric's summary; one defined nowhere is not reported."""

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from metaad.detectors.base import Detector, leave_one_out_scores, score_stream
 from metaad.evaluation.metrics import summarize
+from metaad.evaluation.results import Summary
 from metaad.evaluation.thresholds import EPS
 
 
@@ -260,9 +261,7 @@ def evaluate_stream(
     return stream_metrics(scores, aligned, window if max_buffer is None else max_buffer, threshold)
 
 
-def summarize_streams(
-    results: list[StreamMetrics], groups: Tensor | None = None
-) -> dict[str, dict[str, float]]:
+def summarize_streams(results: list[StreamMetrics], groups: Tensor | None = None) -> dict[str, Summary]:
     """Each stream metric's mean and 95% CI over streams (entities), or over ``groups`` of them."""
     out = {}
     for name in StreamMetrics.__dataclass_fields__:

@@ -100,25 +100,26 @@ class MetaTraining(pl.LightningModule):
         self.evaluator.reset()
 
     def validation_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.evaluator.add("val", {"model": self.learner}, batch)
+        self.evaluator.add("val", {self.evaluator.learner: self.learner}, batch)
 
     def on_validation_epoch_end(self) -> None:
         self.evaluator.gather()
         report = self.evaluator.finish()
-        summary = report.metrics["val"]["model"]
-        auroc = summary["auroc"]["mean"]
+        name = report.learner
+        summary = report.metrics["val"][name]
+        auroc = summary["auroc"].mean
         if not self.trainer.sanity_checking:
             self.val_auroc_best = max(self.val_auroc_best, auroc)
         best = max(self.val_auroc_best, auroc)
         # every rank holds the gathered records, so these are equal on all ranks
         self.log("val/auroc", auroc, prog_bar=True, sync_dist=True)
-        logged = {"val/aupr": summary["aupr"]["mean"], "val/auroc_best": best, "hp/val_auroc": best}
-        logged |= {f"val/{m}": summary[m]["mean"] for m in DECISION_METRICS if m in summary}
-        values = report.per_episode_thresholds.get(("val", "model"))
+        logged = {"val/aupr": summary["aupr"].mean, "val/auroc_best": best, "hp/val_auroc": best}
+        logged |= {f"val/{m}": summary[m].mean for m in DECISION_METRICS if m in summary}
+        values = report.per_episode_thresholds.get(("val", name))
         if values is not None:
             logged["val/threshold"] = values.mean().item()
-        if "model" in report.notes and not self.trainer.sanity_checking:
-            rank_zero_warn(f"validation: no decision metrics: {report.notes['model']}")
+        if name in report.notes and not self.trainer.sanity_checking:
+            rank_zero_warn(f"validation: no decision metrics: {report.notes[name]}")
         self.log_dict(logged, sync_dist=True)
         if not self.trainer.sanity_checking:
             self._log_pictures("val", report)
@@ -141,7 +142,7 @@ class MetaTraining(pl.LightningModule):
         shares = {
             split: int(records.get("index").numel())
             for (split, name), records in self.evaluator.records.items()
-            if name == "model"
+            if name == self.evaluator.learner
         }
         (log.info if self.trainer.world_size > 1 else log.debug)(
             "rank %d/%d scored its share of the episodes: %s",
@@ -151,17 +152,18 @@ class MetaTraining(pl.LightningModule):
         )
         self.evaluator.gather()
         self.report = report = self.evaluator.finish()
-        if "model" in report.notes:
-            rank_zero_warn(f"test: no decision metrics: {report.notes['model']}")
+        learner = report.learner
+        if learner in report.notes:
+            rank_zero_warn(f"test: no decision metrics: {report.notes[learner]}")
         test = report.metrics["test"]
-        logged = {f"test/{metric}": value["mean"] for metric, value in test["model"].items()}
-        logged["hp/test_auroc"] = test["model"]["auroc"]["mean"]
-        values = report.per_episode_thresholds.get(("test", "model"))
+        logged = {f"test/{metric}": value.mean for metric, value in test[learner].items()}
+        logged["hp/test_auroc"] = test[learner]["auroc"].mean
+        values = report.per_episode_thresholds.get(("test", learner))
         if values is not None:
             logged["test/threshold"] = values.mean().item()
         for name, result in test.items():
-            if name != "model":
-                logged.update({f"test/baseline/{name}/{m}": v["mean"] for m, v in result.items()})
+            if name != learner:
+                logged.update({f"test/baseline/{name}/{m}": v.mean for m, v in result.items()})
         self.log_dict(logged, sync_dist=True)
         self._log_pictures("test", report)
 
@@ -170,8 +172,8 @@ class MetaTraining(pl.LightningModule):
         writer = next((lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)), None)
         if writer is None or not self.trainer.is_global_zero:
             return
-        records = report.records[(split, "model")]
-        thresholds = report.per_episode_thresholds.get((split, "model"))
+        records = report.records[(split, report.learner)]
+        thresholds = report.per_episode_thresholds.get((split, report.learner))
         threshold = self.evaluator.threshold
         pictures.log_evaluation(
             writer,
