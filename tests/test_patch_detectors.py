@@ -140,13 +140,15 @@ def test_coreset_keeps_the_farthest_points_first() -> None:
     assert sorted(groups[i] for i in chosen) == ["a", "b", "c"]
 
 
-def test_untrained_adapter_is_patch_knn() -> None:
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_untrained_adapter_is_patch_knn(distance) -> None:
     support, query = features(2, 3), features(2, 4, seed=1)
-    adapter = PatchAdapter((6, 5, 4))
+    adapter, knn = PatchAdapter((6, 5, 4), distance=distance), PatchKNN(distance=distance)
     with torch.no_grad():
         torch.testing.assert_close(
-            adapter.anomaly_scores(support, query), anomaly_scores(PatchKNN(), support, query)
+            adapter.anomaly_scores(support, query), anomaly_scores(knn, support, query)
         )
+        torch.testing.assert_close(leave_one_out_scores(adapter, support), leave_one_out_scores(knn, support))
 
 
 @pytest.mark.parametrize(

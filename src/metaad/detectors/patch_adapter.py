@@ -3,8 +3,9 @@
 A small map of each patch's features (a linear projection, started at the identity, plus a
 residual 1x1 MLP whose output starts at zero) is learned on the training categories; a query
 patch's score is its distance to the nearest support patch in that space, the image score the
-mean of the top patch scores (:func:`~metaad.detectors.patch.aggregate`). Untrained, it *is*
-patch kNN on the frozen features: meta-training can only move it from that baseline.
+mean of the top patch scores (:func:`~metaad.detectors.patch.aggregate`), the distance Euclidean
+or cosine (``distance``). Untrained, it *is* patch kNN (of that distance) on the frozen features:
+meta-training can only move it from that baseline.
 
 The loss, within each episode, ranks every anomaly above every normal (a smooth 1 - AUROC):
 
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
 from metaad.detectors.base import Learner, ranking_loss
-from metaad.detectors.patch import aggregate, check_reduce, nearest_distances, patch_grid, patches
+from metaad.detectors.patch import DISTANCES, aggregate, check_reduce, nearest_distances, patch_grid, patches
 
 
 class PatchAdapter(Learner):
@@ -36,6 +37,7 @@ class PatchAdapter(Learner):
         hidden: int = 128,
         reduce: str = "top",
         top: float = 0.01,
+        distance: str = "euclidean",
         patch_weight: float = 1.0,
         mask_fraction: float = 0.25,
         patch_pairs: int = 512,
@@ -44,6 +46,9 @@ class PatchAdapter(Learner):
     ) -> None:
         super().__init__()
         check_reduce(reduce, top, "model")
+        if distance not in DISTANCES:
+            raise ValueError(f"model.distance must be one of {DISTANCES}, got {distance!r}")
+        self.distance = distance
         channels = int(sample_shape[0])
         dim = channels if dim is None else int(dim)
         if dim < 1 or hidden < 0:
@@ -78,7 +83,12 @@ class PatchAdapter(Learner):
                 f"of shape {tuple(x.shape[2:])} ({p.shape[-1]} features)"
             )
         out = self.projection(p)
-        return out + self.residual(p) if self.residual is not None else out
+        out = out + self.residual(p) if self.residual is not None else out
+        return F.normalize(out, dim=-1) if self.distance == "cosine" else out
+
+    def _nearest(self, query: Tensor, bank: Tensor, exclude: Tensor | None = None) -> Tensor:
+        d = nearest_distances(query, bank, exclude)
+        return d.pow(2) / 2 if self.distance == "cosine" else d  # cosine: 1 - cos of unit vectors
 
     def adapt(self, support: Tensor) -> Tensor:
         return self.embed(support).flatten(1, 2)  # (B, K P, D): the memory bank
@@ -86,7 +96,7 @@ class PatchAdapter(Learner):
     def patch_scores(self, state: Tensor, query: Tensor) -> Tensor:
         q = self.embed(query)
         b, nq, p, d = q.shape
-        return nearest_distances(q.reshape(b, nq * p, d), state).view(b, nq, p)
+        return self._nearest(q.reshape(b, nq * p, d), state).view(b, nq, p)
 
     def score_maps(self, state: Tensor, query: Tensor) -> Tensor:
         return self.patch_scores(state, query).unflatten(-1, patch_grid(query))
@@ -101,7 +111,7 @@ class PatchAdapter(Learner):
         image = torch.arange(k, device=support.device).repeat_interleave(p)
         exclude = (image[:, None] == image[None, :]).expand(b, -1, -1)
         flat = e.reshape(b, k * p, d)
-        return aggregate(nearest_distances(flat, flat, exclude).view(b, k, p), self.reduce, self.top)
+        return aggregate(self._nearest(flat, flat, exclude).view(b, k, p), self.reduce, self.top)
 
     def loss(self, batch: Episode) -> Tensor:
         patch_scores = self.patch_scores(self.adapt(batch.support), batch.query) / self.log_temperature.exp()
