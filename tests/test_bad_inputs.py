@@ -738,7 +738,7 @@ def object_npz(path: Path) -> None:
 @pytest.mark.parametrize(
     "name, make, named",
     [
-        ("bin.csv", lambda p: p.write_bytes(bytes(range(256)) * 4), ["query=", "not UTF-8 text"]),
+        ("bin.csv", lambda p: p.write_bytes(bytes(range(256)) * 4), ["query=", "not a UTF-8 text table"]),
         (
             "long.csv",
             lambda p: p.write_text("a,b\n1,2,3\n4,5,6\n"),

@@ -196,7 +196,7 @@ def test_a_header_of_column_positions_is_a_header_not_a_sample(tmp_path):
 
 def test_a_repeated_column_name_is_refused(tmp_path):
     (tmp_path / "twice.csv").write_text("a,b,a\n1,2,3\n4,5,6\n")
-    with pytest.raises(DataError, match=r"names column\(s\) \['a'\] more than once"):
+    with pytest.raises(DataError, match=r"names the column\(s\) \['a'\] more than once"):
         read_samples(tmp_path / "twice.csv", "query")
 
 

@@ -62,9 +62,10 @@ def read_samples(path: str | Path, role: str, channels: int = 1) -> tuple[list[s
 def _read_csv(path: Path, role: str) -> tuple[list[str], Any]:
     import pandas as pd
 
-    from metaad.data.sources import all_numbers
+    from metaad.data.sources import all_numbers, csv_header, refuse_repeated
 
-    _check_header(path, role)
+    where = f"{role}={path}"
+    refuse_repeated(where, csv_header(path, where=where))
     try:
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError:
@@ -97,20 +98,6 @@ def _read_csv(path: Path, role: str) -> tuple[list[str], Any]:
             "columns and optionally an `id` column"
         )
     return ids, frame
-
-
-def _check_header(path: Path, role: str) -> None:
-    """pandas renames a repeated column ``a`` to ``a.1``: refuse instead, so no column is guessed."""
-    import csv
-
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as file:
-            names = next(csv.reader(file), [])
-    except (UnicodeDecodeError, csv.Error) as error:
-        raise DataError(f"{role}={path}: cannot read it as a CSV: not UTF-8 text ({error})") from None
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise DataError(f"{role}={path}: the header names column(s) {repeated} more than once")
 
 
 def _read_numpy(path: Path, role: str) -> tuple[list[str], np.ndarray]:

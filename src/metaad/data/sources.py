@@ -585,7 +585,7 @@ class _TableReader:
         self.rows: int | None = None  # a CSV's row count is known only once read
         try:
             if suffix in self.DELIMITERS:
-                _refuse_repeated(path, _header(path, self.DELIMITERS[suffix]))
+                refuse_repeated(path, csv_header(path, self.DELIMITERS[suffix]))
                 header = pd.read_csv(path, sep=self.DELIMITERS[suffix], nrows=0)
                 self.columns = [str(c) for c in header.columns]
             else:
@@ -597,7 +597,7 @@ class _TableReader:
             raise
         except (OSError, ValueError, pd.errors.ParserError) as error:
             raise DataError(f"{path}: cannot read the table ({error})") from error
-        _refuse_repeated(path, self.columns)
+        refuse_repeated(path, self.columns)
 
     def _parquet(self):
         try:
@@ -670,22 +670,25 @@ def all_numbers(names: Sequence) -> bool:
     return True
 
 
-def _header(path: Path, delimiter: str) -> list[str]:
-    """The raw first row of a delimited file, as written (pandas renames a repeated name ``a.1``)."""
+def csv_header(path: Path, delimiter: str = ",", where: object = None) -> list[str]:
+    """The raw first row of a delimited file, as written (pandas renames a repeated name ``a.1``:
+    read here instead, so no column is guessed); ``where`` names the file in messages."""
     import csv
 
+    where = path if where is None else where
     try:
         with open(path, newline="", encoding="utf-8-sig") as file:
             return next(csv.reader(file, delimiter=delimiter), [])
     except (UnicodeDecodeError, csv.Error) as error:
-        raise DataError(f"{path}: cannot read the table: not a UTF-8 text table ({error})") from None
+        raise DataError(f"{where}: cannot read the table: not a UTF-8 text table ({error})") from None
 
 
-def _refuse_repeated(path: Path, names: Sequence[str]) -> None:
+def refuse_repeated(where: object, names: Sequence[str]) -> None:
+    """A header naming a column twice is refused: a repeated label column would be read as a feature."""
     repeated = sorted({str(n) for n in names if list(names).count(n) > 1})
     if repeated:
         raise DataError(
-            f"{path}: the header names the column(s) {repeated} more than once; give every column its "
+            f"{where}: the header names the column(s) {repeated} more than once; give every column its "
             "own name (a repeated label column would otherwise be read as a feature)"
         )
 

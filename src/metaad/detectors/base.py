@@ -161,13 +161,22 @@ def windowed_stream_scores(
     return torch.cat(parts, 1)
 
 
-def ranking_loss(scores: Tensor, label: Tensor) -> Tensor:
+def ranking_loss(scores: Tensor, label: Tensor, per_episode: bool = False) -> Tensor:
     """Pairwise logistic loss within each episode, every anomaly above every normal: a smooth
-    1 - AUROC, the metric reported. ``scores``/``label`` (B, Q) -> a scalar over all pairs."""
+    1 - AUROC, the metric reported. ``scores``/``label`` (B, Q) -> a scalar over all pairs, or
+    with ``per_episode`` (B,), each episode's mean over its own pairs."""
     anomaly, normal = label.bool(), ~label.bool()
     margin = scores.unsqueeze(1) - scores.unsqueeze(2)  # [b, i, j] = s_j - s_i: normal i, anomaly j
     pairs = normal.unsqueeze(2) & anomaly.unsqueeze(1)
-    return (torch.nn.functional.softplus(-margin) * pairs).sum() / pairs.sum().clamp(min=1)
+    losses = torch.nn.functional.softplus(-margin) * pairs
+    if per_episode:
+        return losses.sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)
+    return losses.sum() / pairs.sum().clamp(min=1)
+
+
+def embed_tasks(backbone: nn.Module, x: Tensor) -> Tensor:
+    """``backbone`` over every sample of a batch of tasks at once: (B, N, *x) -> (B, N, d)."""
+    return backbone(x.flatten(0, 1)).unflatten(0, x.shape[:2])
 
 
 def pairwise_distance(a: Tensor, b: Tensor, distance: str) -> Tensor:

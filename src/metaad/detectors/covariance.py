@@ -45,11 +45,10 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
-from metaad.detectors.base import Learner
+from metaad.detectors.base import Learner, ranking_loss
 
 LOSSES = ("ranking", "likelihood")
 
@@ -230,10 +229,7 @@ class CovariancePrior(Learner):
     def _ranking_loss(self, distance: Tensor, label: Tensor) -> Tensor:
         """Per episode: mean over (normal, anomaly) pairs of softplus(-(log d_a - log d_n) / T)."""
         scores = distance.clamp(min=torch.finfo(distance.dtype).tiny).log() / self.log_temperature.exp()
-        anomaly, normal = label.bool(), ~label.bool()
-        margin = scores.unsqueeze(1) - scores.unsqueeze(2)  # [b, i, j] = s_j - s_i: normal i, anomaly j
-        pairs = normal.unsqueeze(2) & anomaly.unsqueeze(1)
-        return (F.softplus(-margin) * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)
+        return ranking_loss(scores, label, per_episode=True)
 
     def _likelihood_loss(self, state: CovarianceState, distance: Tensor, label: Tensor) -> Tensor:
         """Per episode: Gaussian NLL per dimension of the normal queries under N(m, (1 + 1/K) Sigma),

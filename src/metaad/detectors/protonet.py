@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
-from metaad.detectors.base import Learner, check_distance, pairwise_distance, windowed_stream_scores
+from metaad.detectors.base import (
+    Learner,
+    check_distance,
+    embed_tasks,
+    pairwise_distance,
+    ranking_loss,
+    windowed_stream_scores,
+)
 
 
 class ProtoNet(Learner):
@@ -41,7 +48,7 @@ class ProtoNet(Learner):
 
     def embed(self, x: Tensor) -> Tensor:
         """(B, N, *x) -> (B, N, D)."""
-        return self.backbone(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return embed_tasks(self.backbone, x)
 
     def adapt(self, support: Tensor) -> Tensor:
         return self.embed(support).mean(1, keepdim=True)  # (B, 1, D) prototype
@@ -62,10 +69,7 @@ class ProtoNet(Learner):
 
     def _one_class_loss(self, batch: Episode) -> Tensor:
         scores = self.anomaly_scores(batch.support, batch.query) / self.log_temperature.exp()
-        anomaly, normal = batch.label.bool(), ~batch.label.bool()
-        margin = scores.unsqueeze(1) - scores.unsqueeze(2)  # [b, i, j] = s_j - s_i: normal i, anomaly j
-        pairs = normal.unsqueeze(2) & anomaly.unsqueeze(1)
-        return (F.softplus(-margin) * pairs).sum() / pairs.sum()
+        return ranking_loss(scores, batch.label)
 
     def _nway_loss(self, batch: Episode) -> Tensor:
         tasks, episode_class = batch.task.unique(return_inverse=True)  # (N,), (B,)

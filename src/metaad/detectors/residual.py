@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
-from metaad.detectors.base import Learner, ranking_loss, sliding_windows
+from metaad.detectors.base import Learner, embed_tasks, ranking_loss, sliding_windows
 from metaad.detectors.series_baselines import BaselineScores
 
 
@@ -47,7 +47,7 @@ class ResidualLearner(Learner):
 
     def embed(self, x: Tensor) -> Tensor:
         """(B, N, *x) -> (B, N, E)."""
-        return self.backbone(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return embed_tasks(self.backbone, x)
 
     def adapt(self, support: Tensor) -> tuple[Any, Tensor]:
         return self.baselines.adapt(support), self.embed(support).mean(1, keepdim=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaad.data.episodes import Episode
-from metaad.detectors.base import Learner, pairwise_distance, windowed_stream_scores
+from metaad.detectors.base import Learner, embed_tasks, pairwise_distance, windowed_stream_scores
 
 DISTANCES = ("euclidean", "cosine", "learned")
 AGGREGATIONS = ("min", "mean", "knn")
@@ -53,7 +53,7 @@ class Siamese(Learner):
 
     def embed(self, x: Tensor) -> Tensor:
         """(B, N, *x) -> (B, N, D)."""
-        return self.backbone(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return embed_tasks(self.backbone, x)
 
     def pair_distance(self, a: Tensor, b: Tensor) -> Tensor:
         """Distances between embeddings ``a`` (B, N, D) and ``b`` (B, M, D) -> (B, N, M), all >= 0."""
