@@ -17,6 +17,7 @@ Either is NaN where it is undefined (no defect pixel, or no normal one), never a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -60,74 +61,89 @@ def upsample_maps(maps: Tensor, size: int | tuple[int, int], sigma: float = 0.0)
     return out.reshape(*lead, *size)
 
 
-def pixel_auroc(maps: Tensor, masks: Tensor) -> float:
-    """AUROC of every pixel: ``maps`` and ``masks`` of one shape ``(..., H, W)``; NaN without both kinds."""
-    scores = maps.reshape(-1).double()
-    truth = masks.reshape(-1).bool()
-    n_pos = int(truth.sum())
-    n_neg = truth.numel() - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    ranks = _average_ranks(scores)
-    return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+@dataclass(frozen=True)
+class PixelCurves:
+    """The ROC and PRO curves of maps against masks, one point per distinct score as threshold
+    (``score >= t``, from the highest), each starting at (0, 0); empty where a curve is undefined."""
+
+    fpr: np.ndarray
+    tpr: np.ndarray
+    pro: np.ndarray
+    has_normal: bool
+    has_defect: bool
 
 
-def _average_ranks(x: Tensor) -> Tensor:
-    """1-based ranks of ``x`` with ties given their mean rank."""
-    values, order = x.sort()
-    _, inverse, counts = torch.unique_consecutive(values, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    mean_rank = ends - (counts.double() - 1) / 2
-    ranks = torch.empty_like(x)
-    ranks[order] = mean_rank[inverse]
-    return ranks
-
-
-def pro_curve(maps: Tensor, masks: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(FPR, PRO) at every distinct score as threshold (``score >= t``), from (0, 0), ascending."""
-    maps = maps.reshape(-1, *maps.shape[-2:]).double().cpu().numpy()
-    masks = masks.reshape(-1, *masks.shape[-2:]).bool().cpu().numpy()
+def pixel_curves(maps: Tensor, masks: Tensor) -> PixelCurves:
+    """One sort of every pixel gives both curves: the ROC of pixels, and PRO, where a pixel of a
+    defect region of ``n`` pixels adds ``1 / (n * regions)`` (regions 8-connected, per image)."""
+    scores = maps.reshape(-1, *maps.shape[-2:]).detach().float().cpu().numpy()
+    truth = masks.reshape(-1, *masks.shape[-2:]).bool().cpu().numpy()
     structure = np.ones((3, 3), dtype=int)
-    fp_change = np.zeros(maps.shape)
-    pro_change = np.zeros(maps.shape)
+    region_share = np.zeros(scores.shape)
     n_regions = 0
-    for i, mask in enumerate(masks):
+    for i, mask in enumerate(truth):
         labelled, n = ndimage.label(mask, structure)
-        n_regions += n
-        fp_change[i][labelled == 0] = 1.0
         if n:
             sizes = np.bincount(labelled.ravel())
             inside = labelled > 0
-            pro_change[i][inside] = 1.0 / sizes[labelled[inside]]
-    n_ok = fp_change.sum()
-    if n_regions == 0 or n_ok == 0:
-        return np.array([0.0]), np.array([0.0])
-    order = np.argsort(-maps.ravel(), kind="stable")
-    scores = maps.ravel()[order]
-    fpr = np.cumsum(fp_change.ravel()[order]) / n_ok
-    pro = np.cumsum(pro_change.ravel()[order]) / n_regions
-    last = np.append(scores[1:] != scores[:-1], True)  # a threshold takes every pixel of its score
-    fpr, pro = np.clip(fpr[last], 0, 1), np.clip(pro[last], 0, 1)
-    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], pro])
+            region_share[i][inside] = 1.0 / sizes[labelled[inside]]
+            n_regions += n
+    flat, defect = scores.ravel(), truth.ravel()
+    n_pos = int(defect.sum())
+    n_neg = defect.size - n_pos
+    order = np.argsort(-flat)
+    ordered = flat[order]
+    last = np.append(ordered[1:] != ordered[:-1], True)  # a threshold takes every pixel of its score
+    zero = np.zeros(1)
+    fpr = np.cumsum(~defect[order])[last] / max(n_neg, 1)
+    tpr = np.cumsum(defect[order])[last] / max(n_pos, 1)
+    pro = np.cumsum(region_share.ravel()[order])[last] / max(n_regions, 1)
+    return PixelCurves(
+        np.concatenate([zero, fpr]),
+        np.concatenate([zero, tpr]),
+        np.clip(np.concatenate([zero, pro]), 0.0, 1.0),
+        n_neg > 0,
+        n_pos > 0,
+    )
+
+
+def _area(x: np.ndarray, y: np.ndarray, limit: float = 1.0) -> float:
+    """Trapezoid area under (x, y), x ascending from 0, up to ``limit`` (the curve interpolated there)."""
+    keep = x <= limit
+    area = float(np.sum((x[keep][1:] - x[keep][:-1]) * (y[keep][1:] + y[keep][:-1]) / 2))
+    after = int(keep.sum())
+    if after < len(x) and x[after - 1] < limit:
+        x0, x1, y0, y1 = x[after - 1], x[after], y[after - 1], y[after]
+        area += (limit - x0) * (y0 + y0 + (y1 - y0) * (limit - x0) / (x1 - x0)) / 2
+    return area
+
+
+def curves_auroc(curves: PixelCurves) -> float:
+    """Pixel AUROC from the curves (ties count half: a tied group is a diagonal step); NaN without
+    both kinds."""
+    if not (curves.has_normal and curves.has_defect):
+        return math.nan
+    return _area(curves.fpr, curves.tpr)
+
+
+def curves_pro(curves: PixelCurves, limit: float = PRO_LIMIT) -> float:
+    """Area under the PRO curve for FPR in [0, ``limit``], divided by ``limit``; NaN without both kinds."""
+    if not 0 < limit <= 1:
+        raise ValueError(f"the PRO integration limit must be in (0, 1], got {limit}")
+    if not (curves.has_normal and curves.has_defect):
+        return math.nan
+    return _area(curves.fpr, curves.pro, limit) / limit
+
+
+def pixel_auroc(maps: Tensor, masks: Tensor) -> float:
+    """AUROC of every pixel: ``maps`` and ``masks`` of one shape ``(..., H, W)``; NaN without both kinds."""
+    return curves_auroc(pixel_curves(maps, masks))
 
 
 def pro_score(maps: Tensor, masks: Tensor, limit: float = PRO_LIMIT) -> float:
-    """Area under the PRO curve for FPR in [0, ``limit``], divided by ``limit`` (in [0, 1]);
-    NaN without a defect region or without a normal pixel."""
-    if not 0 < limit <= 1:
-        raise ValueError(f"the PRO integration limit must be in (0, 1], got {limit}")
-    if not masks.any() or masks.all():
-        return math.nan
-    fpr, pro = pro_curve(maps, masks)
-    keep = fpr <= limit
-    x, y = fpr[keep], pro[keep]
-    area = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
-    after = int(keep.sum())  # the first point beyond the limit: interpolate the curve at the limit
-    if after < len(fpr) and x[-1] < limit:
-        x0, x1, y0, y1 = fpr[after - 1], fpr[after], pro[after - 1], pro[after]
-        at_limit = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
-        area += (limit - x0) * (y0 + at_limit) / 2
-    return area / limit
+    """Area under the PRO curve up to FPR ``limit``, divided by ``limit`` (in [0, 1]); NaN without a
+    defect region or without a normal pixel."""
+    return curves_pro(pixel_curves(maps, masks), limit)
 
 
 def episode_pixel_metrics(maps: Tensor, masks: Tensor, sigma: float = 0.0) -> dict[str, Tensor]:
@@ -137,9 +153,9 @@ def episode_pixel_metrics(maps: Tensor, masks: Tensor, sigma: float = 0.0) -> di
     masks = masks.cpu().bool()
     auroc, pro = [], []
     for m, gt in zip(maps, masks):
-        full = upsample_maps(m, tuple(gt.shape[-2:]), sigma)
-        auroc.append(pixel_auroc(full, gt))
-        pro.append(pro_score(full, gt))
+        curves = pixel_curves(upsample_maps(m, tuple(gt.shape[-2:]), sigma), gt)
+        auroc.append(curves_auroc(curves))
+        pro.append(curves_pro(curves))
     return {
         "pixel_auroc": torch.tensor(auroc, dtype=torch.float64),
         "pro": torch.tensor(pro, dtype=torch.float64),
