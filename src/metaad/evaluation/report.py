@@ -64,6 +64,12 @@ def print_summary(results: RunResults, run_dir: Path, console: Console | None = 
             style="bold green" if auroc.mean == best else None,
         )
     console.print(table)
+    for label, value in rows:  # detectors with anomaly maps, on data with defect masks
+        if "pixel_auroc" in value or "pro" in value:
+            cells = [
+                f"{m} {value[m].mean:.3f} ± {value[m].ci95:.3f}" for m in ("pixel_auroc", "pro") if m in value
+            ]
+            console.print(f"anomaly maps of {label}: {', '.join(cells)}")
     if results.threshold:
         print_threshold(results.threshold, console)
     learner = results.test["auroc"]
