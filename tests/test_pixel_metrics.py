@@ -98,3 +98,29 @@ def test_the_blur_keeps_a_constant_and_spreads_a_peak() -> None:
     blurred = upsample_maps(peak, 15, sigma=1.0)
     assert blurred[0, 7, 7] < 0.5 and blurred[0, 7, 8] > 0 and blurred.sum() == pytest.approx(1.0, abs=1e-4)
     assert blurred[0].argmax() == 7 * 15 + 7
+
+
+def test_the_run_summary_names_pixel_metrics_of_the_detectors_with_maps(tmp_path) -> None:
+    from rich.console import Console
+
+    from metaad.evaluation.report import print_summary
+    from metaad.evaluation.results import RunResults, Summary
+
+    def s(mean):
+        return Summary(mean, 0.02, 10)
+
+    results = RunResults(
+        names={"model": "patch_adapter", "dataset": "image_folder"},
+        k_shot=4,
+        seed=0,
+        data=None,
+        checkpoint="best.ckpt",
+        tasks={},
+        test={"auroc": s(0.8), "aupr": s(0.8), "pixel_auroc": s(0.91), "pro": s(0.75)},
+        baselines={"nn": {"auroc": s(0.7), "aupr": s(0.7)}},
+    )
+    console = Console(record=True, width=200)
+    print_summary(results, tmp_path, console)
+    text = console.export_text()
+    assert "anomaly maps of patch_adapter: pixel_auroc 0.910 ± 0.020, pro 0.750 ± 0.020" in text
+    assert "anomaly maps of baseline: nn" not in text
