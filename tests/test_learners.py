@@ -116,7 +116,7 @@ def test_learner_runs_end_to_end_and_writes_metrics(model: str, compose_cfg) -> 
     metrics = train(cfg).to_json()
     on_disk = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert on_disk["model"] == model and on_disk["test"]["auroc"]["n_episodes"] == 40
-    assert 0.0 <= on_disk["test"]["auroc"]["mean"] <= 1.0
+    assert on_disk["test"]["auroc"]["mean"] > 0.5, "a learner on digits ranks anomalies above chance"
     assert on_disk["test"] == json.loads(json.dumps(metrics["test"]))
     assert on_disk["baselines"]
 

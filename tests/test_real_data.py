@@ -97,5 +97,10 @@ def test_each_real_dataset_trains_and_tests_beside_the_baselines(compose_cfg, da
     metrics = train(compose_cfg([f"dataset={dataset}", AT_DATA, *extra])).to_json()
     assert metrics["dataset"] == dataset and metrics["test"]["auroc"]["n_episodes"] == 40
     assert len(metrics["baselines"]) == n_baselines
-    for result in (metrics["test"], *metrics["baselines"].values()):
-        assert 0.0 <= result["auroc"]["mean"] <= 1.0
+    baselines = dict(metrics["baselines"])
+    if "isolation_forest" in baselines and metrics["k_shot"] == 2:
+        # two samples make trees of depth 1: every query gets the same path length, so no ranking
+        assert baselines.pop("isolation_forest")["auroc"] == {"mean": 0.5, "ci95": 0.0, "n_episodes": 40}
+    for name, result in baselines.items():
+        assert result["auroc"]["mean"] - result["auroc"]["ci95"] > 0.5, f"{name}: above chance on real data"
+    assert metrics["test"]["auroc"]["mean"] > 0.5, "the learner above chance on real data"

@@ -113,7 +113,9 @@ def test_checkpoint_keeps_the_threshold_and_eval_reproduces_the_decisions(traine
     assert checkpoint["metaad_sample_shape"] == [64]
     assert metrics["threshold"]["value"] == checkpoint["metaad_threshold"]["value"]
     for name in ("auroc", "f1", "precision", "recall", "balanced_accuracy"):
-        assert 0.0 <= metrics["test"][name]["mean"] <= 1.0 and metrics["test"][name]["n_episodes"] == 40
+        assert metrics["test"][name]["n_episodes"] == 40
+    # the fitted threshold decides better than chance on unseen digits
+    assert metrics["test"]["balanced_accuracy"]["mean"] - metrics["test"]["balanced_accuracy"]["ci95"] > 0.5
     eval_cfg = compose_cfg([f"ckpt_path={ckpt}", "logger=none"], config_name="eval", quick=False)
     evaluated = evaluate(eval_cfg).to_json()
     for name in ("f1", "balanced_accuracy"):

@@ -198,7 +198,7 @@ def test_metaad_train_runs_a_series_fleet_end_to_end_and_eval_reproduces_it(tmp_
     cfg = compose_in(tmp_path / "train", overrides)
     metrics = train(cfg).to_json()
     on_disk = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
-    assert 0.0 <= on_disk["test"]["auroc"]["mean"] <= 1.0 and on_disk["dataset"] == "series_folders"
+    assert on_disk["dataset"] == "series_folders" and on_disk["test"]["auroc"]["n_episodes"] > 0
     ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
     evaluated = evaluate(compose_cfg([f"ckpt_path={ckpt}"], config_name="eval", quick=False)).to_json()
     assert evaluated["test"]["auroc"]["mean"] == pytest.approx(metrics["test"]["auroc"]["mean"], abs=1e-6)

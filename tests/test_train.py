@@ -36,7 +36,7 @@ def test_run_writes_metrics_json_with_learner_and_baselines(trained):
     assert RunResults.read(Path(cfg.paths.output_dir) / "metrics.json") == metrics
     assert on_disk["model"] == "protonet" and on_disk["dataset"] == "digits" and on_disk["k_shot"] == 5
     for block in (on_disk["test"], *on_disk["baselines"].values()):
-        assert 0.0 <= block["auroc"]["mean"] <= 1.0 and block["auroc"]["ci95"] > 0
+        assert block["auroc"]["mean"] - block["auroc"]["ci95"] > 0.5, "every detector above chance on digits"
         assert block["auroc"]["n_episodes"] == 40
     fast = {"mean_euclidean", "mean_cosine", "nn_euclidean", "nn_cosine", "mahalanobis"}
     assert set(on_disk["baselines"]) == fast

@@ -5,9 +5,9 @@ that keeps a file from running code.
 ``torch.load(weights_only=True)`` only makes unpickling safe; the stored config is then handed to
 ``hydra.utils.instantiate``, which would build whatever ``_target_`` it names. So nothing read from
 a file is built unless every ``_target_`` in it, at any depth, is one metaad itself writes: those of
-its own configs (``conf/``, shipped in the package) and the optimizers it offers. The check runs on
-the whole config before anything is built; a stored config holds no interpolations either (metaad
-stores it resolved), so none can produce a target later.
+its own configs (``conf/``, shipped in the package, the optimizers of ``conf/optimizer`` included).
+The check runs on the whole config before anything is built; a stored config holds no
+interpolations either (metaad stores it resolved), so none can produce a target later.
 """
 
 from __future__ import annotations
@@ -44,15 +44,12 @@ STORED_SECTIONS = (
     "baseline_threshold",
     "ci_over",
 )
-# Optimizers a model config may name beside those in conf/ (all of torch.optim's first-order ones
-# metaad's training loop supports).
-OPTIMIZERS = ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD", "torch.optim.RMSprop")
 # Where in a stored config each kind of component may be named: a target is allowed only in its own
 # section (a logger is not a model), and only if metaad's configs name it.
 SECTION_MODULES = {
     "dataset": ("metaad.data.",),
     "backbone": ("metaad.detectors.backbones.",),
-    "model": ("metaad.detectors.", *OPTIMIZERS),
+    "model": ("metaad.detectors.", "torch.optim."),  # model.optimizer: conf/optimizer
     "baselines": ("metaad.detectors.",),
     "threshold": ("metaad.evaluation.thresholds.",),
     "baseline_threshold": ("metaad.evaluation.thresholds.",),
@@ -73,12 +70,12 @@ CONFIG, SAMPLE_SHAPE, PREPROCESSING, DATA, THRESHOLD, TASKS = (
 
 @functools.cache
 def allowed_targets() -> frozenset[str]:
-    """Every ``_target_`` in metaad's own config tree, plus :data:`OPTIMIZERS`.
+    """Every ``_target_`` in metaad's own config tree (the optimizers are ``conf/optimizer``).
 
     A learner, backbone or source added as one file plus one config in ``conf/`` is allowed by
     that config; nothing a user's file names is.
     """
-    found: set[str] = set(OPTIMIZERS)
+    found: set[str] = set()
 
     def visit(folder: Any) -> None:
         for entry in folder.iterdir():
@@ -129,8 +126,7 @@ def check_targets(
             raise error(
                 f"{origin}: {key}._target_ names {target!r}, which metaad never writes there; metaad "
                 "builds only its own components (the _target_s of its conf/ folder, each in its own "
-                f"section) and the optimizers {', '.join(OPTIMIZERS)}, so this config is refused and "
-                "nothing in it was built"
+                "section), so this config is refused and nothing in it was built"
             )
     for key in [] if resolved else _interpolations(config):
         raise error(

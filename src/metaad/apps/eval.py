@@ -119,8 +119,7 @@ def _evaluate(
     model = build_training(run_cfg, datamodule.sample_shape)
     tasks = datamodule.task_names()
     check_held_out(checkpoint, tasks["test"])
-    checkpoint.load_weights(model.learner)
-    model.on_load_checkpoint(checkpoint.contents)
+    model.restore(checkpoint)
     with job_scope():
         trainer.test(model, datamodule=datamodule, verbose=False)
     results = RunResults.from_report(

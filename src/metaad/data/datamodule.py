@@ -154,6 +154,9 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.n_episodes = {"train": train_episodes, "val": val_episodes, "test": test_episodes}
         self.meta_batch_size, self.eval_batch_size = meta_batch_size, eval_batch_size
         self.num_workers = num_workers
+        # meta-batches the fit loop has trained on in the current epoch: the training layer, which
+        # knows the loop, sets this (metaad.training.module); 0 outside fitting
+        self.batches_done: Callable[[], int] = lambda: 0
         self.pools: dict[str, TaskPool] = {}
         self.datasets: dict[str, EpisodeDataset] = {}
         self._preprocessing: Preprocessing | None = None
@@ -244,12 +247,8 @@ class EpisodeDataModule(pl.LightningDataModule):
             )
         sampler = EpisodeSampler(self.n_episodes["train"], rank, world)
         return self._loader(
-            "train", self.meta_batch_size // world, sampler, batches_done=self._train_batches_done
+            "train", self.meta_batch_size // world, sampler, batches_done=lambda: self.batches_done()
         )
-
-    def _train_batches_done(self) -> int:
-        """Meta-batches the fit loop has trained on in the current epoch (0 outside fitting)."""
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
     def _rank(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

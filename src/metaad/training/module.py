@@ -63,6 +63,16 @@ class MetaTraining(pl.LightningModule):
         self.report: Report | None = None
 
     # --- meta-training -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "batches_done"):
+            # what the training loader's resumable state counts: batches the loop has trained on
+            # (not those it prefetched)
+            datamodule.batches_done = self._batches_trained
+
+    def _batches_trained(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor | None:
         loss = self.learner.loss(batch)
         if loss is not None:
@@ -200,3 +210,9 @@ class MetaTraining(pl.LightningModule):
         self.val_auroc_best = checkpoint.get("val_auroc_best", float("-inf"))
         if self.evaluator.threshold is not None and ckpt.THRESHOLD in checkpoint:
             self.evaluator.threshold.load_state_dict(checkpoint[ckpt.THRESHOLD])
+
+    def restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        """A checkpoint's learner weights and state into this module, outside a Lightning fit
+        (``metaad-eval`` scores a stored learner without resuming its training)."""
+        checkpoint.load_weights(self.learner)
+        self.on_load_checkpoint(checkpoint.contents)
