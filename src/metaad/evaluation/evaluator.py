@@ -99,10 +99,11 @@ class Evaluator:
     ``ci_over``: ``episode`` (each episode one value) or ``task`` (episodes of one task, e.g. one
     entity of a series dataset, averaged first; the CI is over tasks, ``n_groups`` of them).
 
-    Episodes that carry ``query_masks`` (B, Q, S, S) get pixel AUROC and PRO per episode from every
-    detector that answers ``score_maps``, its maps upsampled to (S, S) (blurred by ``map_sigma``
-    pixels unless 0); summarised over episodes like the others (an episode whose anomalies have
-    no defect pixel has none, and is left out of those two).
+    Test episodes that carry ``query_masks`` (B, Q, S, S) get pixel AUROC and PRO per episode from
+    every detector that answers ``score_maps`` (not validation ones: nothing is selected on them),
+    its maps upsampled to (S, S) (blurred by ``map_sigma`` pixels unless 0); summarised over
+    episodes like the others (an episode whose anomalies have
+no defect pixel has none, and is left out of those two).
     """
 
     def __init__(
@@ -166,7 +167,7 @@ class Evaluator:
             scored = score_episodes(detector, batch.support, batch.query, self.threshold_of(name))
             masks = getattr(batch, "query_masks", None)
             pixels = None
-            if masks is not None and callable(getattr(detector, "score_maps", None)):
+            if split == "test" and masks is not None and callable(getattr(detector, "score_maps", None)):
                 maps = detector.score_maps(detector.adapt(batch.support), batch.query)
                 pixels = episode_pixel_metrics(maps, masks, self.map_sigma)
             self.records.setdefault(key, Records()).add(
