@@ -9,7 +9,7 @@ STAMP := $(VENV)/.install.stamp
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train eval score sweep benchmark benchmark-quick speed scale scale-store test test-slow lint format tensorboard clean
+.PHONY: help install train eval score sweep benchmark benchmark-quick speed speed-images scale scale-store test test-slow lint format tensorboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ benchmark-quick: $(STAMP) ## the benchmark's whole pipeline in a few minutes (sm
 
 speed: $(STAMP) ## throughput of each learner; MAML beside TorchOpt and higher (pip install -e .[peers]); scoring start-up
 	$(BIN)/python scripts/bench_speed.py $(ARGS)
+
+speed-images: $(STAMP) ## images/s of the pretrained image extractor on one CPU thread, its FLOPs, scoring against K=8
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/bench_extractors.py $(ARGS)
 
 scale: $(STAMP) ## how setup, meta-training and evaluation costs grow (tables + PNG in outputs/scale/; ARGS=--quick)
 	$(BIN)/python scripts/bench_scale.py $(ARGS)

@@ -423,12 +423,25 @@ def test_score_stream_falls_back_to_windows_for_any_detector():
 
 
 # --- every learner on series windows, with every backbone that takes them ---------------------
-BACKBONES = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "backbone").glob("*.yaml"))
+BACKBONE_CONFIGS = sorted((Path(__file__).parents[1] / "conf" / "backbone").glob("*.yaml"))
+BACKBONES = [p.stem for p in BACKBONE_CONFIGS]
+# conf/backbone also holds the frozen pretrained image extractors (the feature step before the patch
+# detectors): they take no sample_shape and are never a learner's trainable network
+EXTRACTORS = {p.stem for p in BACKBONE_CONFIGS if "metaad.detectors.extractors." in p.read_text()}
+NOT_A_LEARNER_BACKBONE = pytest.mark.skip(
+    reason="a frozen pretrained image feature extractor (metaad.detectors.extractors), not a learner backbone"
+)
 
 
 # Every learner with the temporal backbone in the fast suite; the other backbones under `slow`.
 @pytest.mark.parametrize(
-    "backbone", [b if b == "tcn" else pytest.param(b, marks=pytest.mark.slow) for b in BACKBONES]
+    "backbone",
+    [
+        b
+        if b == "tcn"
+        else pytest.param(b, marks=NOT_A_LEARNER_BACKBONE if b in EXTRACTORS else pytest.mark.slow)
+        for b in BACKBONES
+    ],
 )
 @pytest.mark.parametrize("model", LEARNERS)
 def test_every_learner_trains_scores_and_streams_on_series_windows(model, backbone, compose_cfg):

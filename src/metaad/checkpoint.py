@@ -48,7 +48,7 @@ STORED_SECTIONS = (
 # section (a logger is not a model), and only if metaad's configs name it.
 SECTION_MODULES = {
     "dataset": ("metaad.data.",),
-    "backbone": ("metaad.detectors.backbones.",),
+    "backbone": ("metaad.detectors.backbones.", "metaad.detectors.extractors."),
     "model": ("metaad.detectors.", "torch.optim."),  # model.optimizer: conf/optimizer
     "baselines": ("metaad.detectors.",),
     "threshold": ("metaad.evaluation.thresholds.",),
