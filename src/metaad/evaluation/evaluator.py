@@ -102,8 +102,8 @@ class Evaluator:
     Test episodes that carry ``query_masks`` (B, Q, S, S) get pixel AUROC and PRO per episode from
     every detector that answers ``score_maps`` (not validation ones: nothing is selected on them),
     its maps upsampled to (S, S) (blurred by ``map_sigma`` pixels unless 0); summarised over
-    episodes like the others (an episode whose anomalies have
-no defect pixel has none, and is left out of those two).
+    episodes like the others (an episode whose anomalies have no defect pixel has none, and is left
+    out of those two).
     """
 
     def __init__(
