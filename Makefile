@@ -35,17 +35,17 @@ eval: $(STAMP) ## re-score a checkpoint: make eval ARGS="ckpt_path=outputs/.../b
 score: $(STAMP) ## score your data: make score ARGS="ckpt_path=... support=normal.csv query=new.csv output=scores.csv"
 	$(BIN)/metaad-score $(ARGS)
 
-# make sweep: a grid over SWEEP (Hydra multirun, one folder per job), then the table of every job
+# make sweep: a grid over SWEEP (Hydra multirun, one folder per job); every sweep ends with the
+# table of its jobs (metaad.apps.summarize.SummarizeAtEnd)
 SWEEP ?= model=protonet,siamese dataset.k_shot=1,5
 SWEEP_DIR := outputs/multirun/$(shell date +%Y-%m-%d_%H-%M-%S)_sweep
 sweep: $(STAMP) ## grid sweep + table of each job's val/test AUROC (SWEEP="model=a,b dataset.k_shot=1,5", ARGS=...)
 	$(BIN)/metaad-train -m $(SWEEP) hydra.sweep.dir=$(SWEEP_DIR) $(ARGS)
-	$(BIN)/metaad-summarize sweep_dir=$(SWEEP_DIR)
 
 benchmark: $(STAMP) ## every experiment at CPU length, each learner vs every baseline (preset=cpu)
 	$(BIN)/metaad-benchmark preset=cpu $(ARGS)
 
-benchmark-quick: $(STAMP) ## the benchmark's whole pipeline in a few minutes (smoke test, not numbers to quote)
+benchmark-quick: $(STAMP) ## the benchmark's whole pipeline, one epoch a suite (smoke test, not numbers to quote)
 	$(BIN)/metaad-benchmark preset=quick $(ARGS)
 
 speed: $(STAMP) ## throughput of each learner; MAML beside TorchOpt and higher (pip install -e .[peers]); scoring start-up

@@ -50,7 +50,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch.utils.data import DataLoader
 
-from metaad.data import Episode, EpisodeDataset, LabelledData, split_tasks
+from metaad.data import Episode, EpisodeDataset, LabelledData, collate_episodes, split_tasks
 from metaad.data.sources import digits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -332,7 +332,7 @@ def throughput(
             ds = EpisodeDataset(
                 pool, "train", k, N_QUERY, ANOMALY_RATIO, n_episodes=(rounds + 1) * size, seed=0
             )
-            batches[size, k] = list(DataLoader(ds, batch_size=size))
+            batches[size, k] = list(DataLoader(ds, batch_size=size, collate_fn=collate_episodes))
     learners: dict[str, tuple] = {}
     for name, overrides in [("protonet", ["model=protonet"])] + [
         (f"maml, {s} inner step{'s' * (s > 1)}", ["model=maml", f"model.inner_steps={s}"]) for s in steps_list
@@ -454,6 +454,7 @@ def evaluation(
         done = subprocess.run(
             [
                 str(BIN / "metaad-train"),
+                "experiment=digits",
                 "debug=quick",
                 "logger=none",
                 "baselines=none",
@@ -550,7 +551,8 @@ def evaluation(
         "",
         f"`metaad-eval ckpt_path=<best.ckpt> logger=none +dataset.test_episodes={test_episodes} "
         f"+dataset.eval_batch_size={batch_size}` and the same with `trainer=ddp trainer.devices=2`, on "
-        "checkpoints trained here with `metaad-train debug=quick logger=none baselines=none model=<model>` "
+        "checkpoints trained here with `metaad-train experiment=digits debug=quick logger=none "
+        "baselines=none model=<model>` "
         "(digits; no baselines, so the learner's adapt + score is the work). Test loop: `on_test_start` to "
         "`on_test_end` (the validation episodes for thresholds, then the test episodes, gathered), the "
         "slowest rank; scoring steps: the time inside `test_step` (adapt + score), summed; the rest of "

@@ -53,7 +53,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader
 
 from metaad.apps.build import build_learner, compose_config
-from metaad.data import Episode, EpisodeDataset, split_tasks
+from metaad.data import Episode, EpisodeDataset, collate_episodes, split_tasks
 from metaad.data.sources import digits
 from metaad.detectors.base import Learner, anomaly_scores
 from metaad.detectors.maml import MAML, balanced_bce
@@ -104,7 +104,7 @@ def meta_batches(n_batches: int, size: int, seed: int = 0) -> list[Episode]:
     episodes = EpisodeDataset(
         pool, "train", K_SHOT, N_QUERY, ANOMALY_RATIO, n_episodes=n_batches * size, seed=seed
     )
-    return list(DataLoader(episodes, batch_size=size))
+    return list(DataLoader(episodes, batch_size=size, collate_fn=collate_episodes))
 
 
 def learner_configs() -> list[str]:

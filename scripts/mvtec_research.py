@@ -42,9 +42,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor
-from torch.utils.data import default_collate
 
-from metaad.data.episodes import Episode, EpisodeDataset
+from metaad.data.episodes import Episode, EpisodeDataset, collate_episodes
 from metaad.data.sources import task_files
 from metaad.data.tasks import TaskPool, split_tasks
 from metaad.detectors.baselines import Mahalanobis, NearestNeighbourDistance
@@ -81,7 +80,7 @@ class PooledWhitening:
 
 def episodes(pool: TaskPool, split: str, k: int, n: int, epoch: int = 0) -> Episode:
     dataset = EpisodeDataset(pool, split, k_shot=k, n_query=40, anomaly_ratio=0.5, n_episodes=n, seed=0)
-    return default_collate([dataset[(epoch, i)] for i in range(n)])
+    return collate_episodes([dataset[(epoch, i)] for i in range(n)])
 
 
 def aurocs(detector, batch: Episode) -> Tensor:
@@ -97,7 +96,7 @@ def meta_train(pool: TaskPool, k: int, steps: int, **options) -> CovariancePrior
     optimizer = model.configure_optimizers()
     train = episodes(pool, "train", k, 8 * steps)
     for step in range(steps):
-        batch = Episode(*(field[8 * step : 8 * step + 8] for field in train))
+        batch = Episode(*(None if field is None else field[8 * step : 8 * step + 8] for field in train))
         model.update_prior(batch)
         if model.learn:
             optimizer.zero_grad()

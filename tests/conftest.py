@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 
 from metaad.apps.build import compose_config
 
-# Every stage of a real experiment in seconds (conf/debug/quick.yaml).
-QUICK = ["debug=quick"]
+# Every stage of a real experiment in seconds (conf/debug/quick.yaml), on the 8x8 digits with ProtoNet
+# (experiment=digits, the default run before MNIST's; a test's own experiment= or model= replaces it).
+QUICK = ["experiment=digits", "debug=quick"]
 # Every learner is one config in conf/model/: the generic tests run each of them.
 LEARNERS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "model").glob("*.yaml"))
 
@@ -39,6 +40,13 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
 
 BIN = Path(sys.executable).parent
+
+
+def event_dir(run_dir: Path) -> Path:
+    """The folder of a single run's TensorBoard events: ``<run folder>/tensorboard/<run_name>``."""
+    folders = sorted({p.parent for p in (Path(run_dir) / "tensorboard").rglob("events.out.tfevents.*")})
+    assert len(folders) == 1, f"one TensorBoard run expected under {run_dir}, found {folders}"
+    return folders[0]
 
 
 def run_app(app: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

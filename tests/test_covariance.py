@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from metaad.apps.train import train
-from metaad.data import Episode, EpisodeDataset, LabelledData, split_tasks
+from metaad.data import Episode, EpisodeDataset, LabelledData, collate_episodes, split_tasks
 from metaad.detectors.baselines import Mahalanobis
 from metaad.detectors.covariance import CovariancePrior
 from metaad.evaluation.metrics import episode_auroc
@@ -65,12 +65,18 @@ def trained_on_gaussian_tasks(k_shot: int = 2, **kwargs) -> tuple[CovariancePrio
     shape = dict(k_shot=k_shot, n_query=20, anomaly_ratio=0.5, seed=0)
     training = EpisodeDataset(pools["train"], "train", n_episodes=8 * 40, **shape)
     test = next(
-        iter(DataLoader(EpisodeDataset(pools["test"], "test", n_episodes=100, **shape), batch_size=100))
+        iter(
+            DataLoader(
+                EpisodeDataset(pools["test"], "test", n_episodes=100, **shape),
+                batch_size=100,
+                collate_fn=collate_episodes,
+            )
+        )
     )
     torch.manual_seed(0)
     model = learner(**kwargs)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
-    for batch in DataLoader(training, batch_size=8):
+    for batch in DataLoader(training, batch_size=8, collate_fn=collate_episodes):
         optimizer.zero_grad()
         loss = model.loss(batch)  # takes the batch into the prior first
         assert (loss is None) == (not model.learn)

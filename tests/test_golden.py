@@ -13,10 +13,14 @@ from metaad.apps.train import train
 from tests.conftest import compose_in
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "metrics.json").read_text())
+# "default" is the default run of that time: ProtoNet on the MLP on 8x8 digits (now experiment=digits,
+# which conftest's quick settings name too; the default run is MNIST's since)
+OLD_DEFAULT = ["dataset=digits", "model=protonet", "backbone=mlp", "threshold=f1_optimal"]
+OLD_DEFAULT += ["baselines=default"]
 RUNS = {
-    "default": [],
-    "maml": ["model=maml"],
-    "covariance": ["model=covariance"],
+    "default": OLD_DEFAULT,
+    "maml": [*OLD_DEFAULT, "model=maml"],
+    "covariance": [*OLD_DEFAULT, "model=covariance"],
 }
 
 

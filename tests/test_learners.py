@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from metaad.apps.build import build_learner
 from metaad.apps.train import train
-from metaad.data import Episode, EpisodeDataset, split_tasks
+from metaad.data import Episode, EpisodeDataset, collate_episodes, split_tasks
 from metaad.data.sources import digits
 from metaad.detectors.siamese import Siamese
 from metaad.evaluation.metrics import episode_auroc
@@ -129,7 +129,7 @@ def train_class_episodes() -> tuple[EpisodeDataset, Episode]:
     shape = dict(k_shot=5, n_query=20, anomaly_ratio=0.5)
     training = EpisodeDataset(pool, "train", n_episodes=8 * 60, seed=1, **shape)
     fixed = EpisodeDataset(pool, "val", n_episodes=120, seed=2, **shape)
-    return training, next(iter(DataLoader(fixed, batch_size=120)))
+    return training, next(iter(DataLoader(fixed, batch_size=120, collate_fn=collate_episodes)))
 
 
 # fomaml and ocmaml differ from maml only in flags the gradient tests check (tests/test_maml.py).
@@ -169,7 +169,7 @@ def test_learner_trained_briefly_beats_itself_untrained(
 
     untrained = auroc()
     optimizer = instantiate(cfg.model.optimizer)(model.parameters())
-    for batch in DataLoader(training, batch_size=8):
+    for batch in DataLoader(training, batch_size=8, collate_fn=collate_episodes):
         optimizer.zero_grad()
         loss = model.loss(batch)
         if loss is not None:  # a learner that only gathers statistics (the covariance prior)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from torch.func import grad as func_grad
 
-from metaad.data import Episode, EpisodeDataset, split_tasks
+from metaad.data import Episode, EpisodeDataset, collate_episodes, split_tasks
 from metaad.data.sources import digits
 from metaad.detectors.backbones import MLP
 from metaad.detectors.maml import MAML, _inner_loss, _task_logits, balanced_bce
@@ -23,7 +23,7 @@ def batch() -> Episode:
     episodes = EpisodeDataset(
         pools["train"], "train", k_shot=5, n_query=10, anomaly_ratio=0.3, n_episodes=4, seed=0
     )
-    meta_batch = Episode(*(torch.stack(field) for field in zip(*(episodes[i] for i in range(4)))))
+    meta_batch = collate_episodes([episodes[i] for i in range(4)])
     return meta_batch._replace(support=meta_batch.support.double(), query=meta_batch.query.double())
 
 

@@ -394,7 +394,9 @@ def test_the_benchmark_judges_an_images_suite_against_its_named_baseline_and_lis
     }
     best = {r["detector"]: r for r in table_rows(pooled, {})}["patch_adapter"]
     assert best["best_baseline"] == "padim" and best["verdict"] == "below"
-    judged = {r["detector"]: r for r in table_rows(pooled, {}, {"images": "patch_knn"})}["patch_adapter"]
+    judged = {r["detector"]: r for r in table_rows(pooled, {}, against={"images": "patch_knn"})}[
+        "patch_adapter"
+    ]
     assert judged["best_baseline"] == "patch_knn" and judged["verdict"] == "beats"
     lines = pixel_table(pooled)
     assert "| images | 4 | patch_adapter | 0.900 ± 0.010 | 0.700 ± 0.010 | 10 |" in lines
@@ -414,3 +416,20 @@ def test_tensorboard_gets_maps_of_anomalous_test_queries_beside_their_masks() ->
         np.asarray(shown) > 0.5, batch.query_masks[0, 3].numpy()
     )  # the first anomaly's mask
     assert episode_maps(PatchKNN(), batch._replace(query_masks=None)) is None
+
+
+def test_every_job_of_the_images_preset_composes_and_passes_the_start_up_checks(tmp_path) -> None:
+    """preset=images as metaad-benchmark checks it before the first training: every suite, fold
+    and learner config composes (the patch learner on the extractor's features, patch baselines)."""
+    from omegaconf import OmegaConf
+
+    from metaad.apps.benchmark import check_jobs, check_preset, jobs_of
+
+    preset = OmegaConf.load(Path(__file__).parents[1] / "conf" / "preset" / "images.yaml")
+    check_preset(preset, "images", None)
+    jobs = jobs_of(preset, tmp_path, None)
+    assert {job.suite_name for job in jobs} == {"mtd", "piped", "elpv"} and len(jobs) == 14
+    configs = check_jobs(jobs, [])
+    assert all(c["model"]["_target_"].endswith("PatchAdapter") for c in configs)
+    assert all(c["backbone"]["_target_"].endswith("EfficientNetLite0") for c in configs)
+    assert {s.verdict_against for s in preset.suites.values()} == {"patch_knn"}

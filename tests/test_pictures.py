@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from metaad.apps.train import train
 from metaad.evaluation.pictures import histogram_figure, pr_probabilities, roc_points
-from tests.conftest import compose_in
+from tests.conftest import compose_in, event_dir
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def run(tmp_path_factory):
     ]
     cfg = compose_in(tmp_path_factory.mktemp("pictures"), overrides)
     metrics = train(cfg).to_json()
-    logdir = Path(cfg.paths.output_dir) / "tensorboard"
+    logdir = event_dir(Path(cfg.paths.output_dir))
     events = EventAccumulator(str(logdir), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
     events.Reload()
     return cfg, metrics, events, logdir

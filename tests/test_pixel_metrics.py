@@ -123,4 +123,4 @@ def test_the_run_summary_names_pixel_metrics_of_the_detectors_with_maps(tmp_path
     print_summary(results, tmp_path, console)
     text = console.export_text()
     assert "anomaly maps of patch_adapter: pixel_auroc 0.910 ± 0.020, pro 0.750 ± 0.020" in text
-    assert "anomaly maps of baseline: nn" not in text
+    assert "anomaly maps of nn" not in text

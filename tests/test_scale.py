@@ -31,7 +31,7 @@ from metaad.data import DataError, EpisodeDataModule, EpisodeSampler
 from metaad.data.sources import digits
 from metaad.training.distributed import HydraDDPStrategy, check_launch, rank_command
 from metaad.training.resume import load_resume_state, resolve_ckpt_path
-from tests.conftest import run_app
+from tests.conftest import event_dir, run_app
 
 BIN = Path(sys.executable).parent
 
@@ -250,7 +250,7 @@ def test_sweep_with_two_ddp_processes_per_job_gives_each_job_its_own_hyperparame
         f"hydra.sweep.dir={sweep}",
     ]
     run_ok("metaad-train", args, tmp_path, timeout=400)
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name != "tensorboard")  # the sweep's events
     assert [p.name for p in jobs] == ["0", "1"], "no rank may replay the sweep into more job folders"
     for job, embed_dim in zip(jobs, (16, 32)):
         assert f"backbone.embed_dim={embed_dim}" in yaml.safe_load(
@@ -287,7 +287,7 @@ def test_optuna_study_of_two_trials_maximises_validation_auroc_in_sqlite(tmp_pat
 
 
 def tensorboard_curve(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events = EventAccumulator(str(event_dir(run_dir)), size_guidance={"scalars": 0})
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
 

@@ -209,10 +209,17 @@ def test_command_line(trained, episode, tmp_path):
     out = tmp_path / "scores.csv"
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     cli = [sys.executable, "-m", "metaad.apps.score", f"ckpt_path={trained[2]}", f"support={support}"]
-    done = subprocess.run([*cli, f"query={query}", f"output={out}"], capture_output=True, text=True, env=env)
+    run = {"capture_output": True, "text": True, "env": env, "cwd": tmp_path}
+    done = subprocess.run([*cli, f"query={query}", f"output={out}"], **run)
     assert done.returncode == 0, done.stderr
     assert "anomalies at threshold f1_optimal" in done.stdout
     assert len(pd.read_csv(out)) == len(episode.query)
+    assert not list((tmp_path / "outputs" / "score").iterdir())  # no empty run folder left behind
+    done = subprocess.run([*cli, f"query={query}"], **run)  # the table into the run folder: kept
+    assert done.returncode == 0, done.stderr
+    assert [len(pd.read_csv(p)) for p in (tmp_path / "outputs" / "score").glob("*/scores.csv")] == [
+        len(episode.query)
+    ]
     bad = write_csv(tmp_path / "bad.csv", np.full((5, 64), np.nan))
     failed = subprocess.run(
         [*cli[:-1], f"support={bad}", f"query={query}"], capture_output=True, text=True, env=env

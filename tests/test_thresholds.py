@@ -213,3 +213,14 @@ def test_raw_scores_decide_from_one_shot(tmp_path: Path):
     metrics = train(cfg).to_json()
     assert 0.0 < metrics["test"]["balanced_accuracy"]["mean"] <= 1.0 and "skipped" not in metrics["threshold"]
     assert metrics["threshold"]["normalise"] == "none" and metrics["threshold"]["value"] is not None
+
+
+def test_threshold_logit_is_named_logit_and_decides_at_sigmoid_one_half(compose_cfg):
+    """threshold=logit is OC-MAML's sigmoid(logit) > 0.5: a raw score above 0, reported as `logit`."""
+    from hydra.utils import instantiate
+
+    rule = instantiate(compose_cfg(["threshold=logit"]).threshold)
+    assert rule.state_dict() == {"rule": "logit", "normalise": "none", "value": 0.0}
+    scores = torch.tensor([[-0.1, 0.0, 0.2]])
+    decided, _ = rule.decide(scores, None)
+    assert decided.tolist() == [[False, False, True]]

@@ -18,6 +18,7 @@ from metaad.detectors.baselines import SupportMeanDistance
 from metaad.errors import ConfigError
 from metaad.evaluation.metrics import EpisodeMetrics
 from metaad.evaluation.results import RunResults
+from tests.conftest import event_dir
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,9 @@ def test_baseline_numbers_are_computed_on_the_fixed_test_episodes(trained):
 
 def test_tensorboard_has_the_curves_and_real_hparams(trained):
     cfg, metrics = trained
-    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"))
+    folder = event_dir(Path(cfg.paths.output_dir))
+    assert folder.name == "protonet_digits", "a single run is named by its run_name"
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "val/auroc", "val/auroc_best", "test/auroc", "test/aupr", "hp/val_auroc"):
@@ -62,8 +65,11 @@ def test_tensorboard_has_the_curves_and_real_hparams(trained):
     assert "test/baseline/mean_euclidean/auroc" in tags
     test_auroc = events.Scalars("test/auroc")[-1].value
     assert test_auroc == pytest.approx(metrics.test["auroc"].mean, abs=1e-6)
-    hp = events.Scalars("hp/val_auroc")[-1].value
-    assert hp == pytest.approx(metrics.val_auroc_best, abs=1e-6) and hp > 0
+    # each hp metric once, at the end, with its real value: no placeholder at step 0
+    known = {"hp/val_auroc": metrics.val_auroc_best, "hp/test_auroc": metrics.test["auroc"].mean}
+    for tag, value in known.items():
+        written = events.Scalars(tag)
+        assert [(e.step, e.value) for e in written] == [(metrics.global_step, pytest.approx(value, abs=1e-6))]
 
 
 def test_checkpoints_hold_plain_config_and_eval_reproduces_the_test(trained, compose_cfg):

@@ -230,7 +230,7 @@ def test_a_resumed_optuna_study_runs_new_trials_up_to_n_trials_in_all(tmp_path):
     assert len(resumed) == 2 and resumed[:1] == first
     assert resumed[1] not in first, "the earlier trial drawn again"
     assert "1 complete trial(s), 1 more to reach hydra.sweeper.n_trials=2" in done.stderr
-    assert sorted(p.name for p in (tmp_path / "resumed").iterdir() if p.is_dir()) == ["0"]
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir() if p.is_dir()) == ["0", "tensorboard"]
     done, again = sweep(2, "again")
     assert again == resumed, "a finished study runs no trial more"
     assert "0 more" in done.stderr and (tmp_path / "again" / "optimization_results.yaml").is_file()

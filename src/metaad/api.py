@@ -50,7 +50,8 @@ from torch import Tensor
 
 from metaad.data.tasks import DataError
 from metaad.data.values import column_label, magnitude_limit, refuse_extreme
-from metaad.detectors.base import Detector
+from metaad.detectors.base import SCORE_CHUNK, Detector, score_in_chunks
+from metaad.errors import CheckpointError
 from metaad.evaluation.thresholds import NonFiniteScores, Threshold, leave_one_out_scores
 
 PYOD = "pyod:"  # metaad.baseline("pyod:IForest"): a PyOD detector by its class name
@@ -497,7 +498,7 @@ class FewShotDetector:
             return self._series_scores(X)
         query = self._inputs(X, fitting=False)[None]
         with torch.no_grad():
-            scores = self.detector.score(self.state_, query).detach().float()
+            scores = score_in_chunks(self.detector, self.state_, query, SCORE_CHUNK).detach().float()
         self._require_finite(scores, query[0], "score")
         return scores
 
@@ -581,6 +582,11 @@ class LoadedDetector(FewShotDetector):
             preprocessing = Preprocessing.from_dict(checkpoint.preprocessing)
         else:
             preprocessing = Preprocessing(sample_shape=sample_shape)
+        if preprocessing.extractor is not None:  # patch features: the same frozen extractor again
+            extractor = ckpt.build_extractor(cfg)
+            if extractor is None:
+                raise CheckpointError(f"{path}: a model of patch features whose backbone is no extractor")
+            preprocessing = preprocessing.with_extractor(extractor)
         stored = checkpoint.threshold_state
         if threshold is None and cfg.get("threshold"):
             threshold = instantiate(cfg.threshold)

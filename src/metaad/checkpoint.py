@@ -159,6 +159,18 @@ def build_learner(cfg: DictConfig, sample_shape: tuple[int, ...]) -> torch.nn.Mo
     return instantiate(learner, backbone=instantiate(cfg.backbone, sample_shape=list(sample_shape)))
 
 
+def build_extractor(cfg: DictConfig) -> torch.nn.Module | None:
+    """The frozen feature extractor ``cfg.backbone`` names (a module with ``identity()``, e.g.
+    ``backbone=efficientnet_lite0``), or None when the backbone is a trained one (conv4, mlp ...).
+    With an extractor, the data are its patch features, computed once (``metaad.data.features``)."""
+    backbone = cfg.get("backbone")
+    if not backbone or "_target_" not in backbone:
+        return None
+    if not callable(getattr(get_class(backbone._target_), "identity", None)):
+        return None
+    return instantiate(backbone)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A metaad checkpoint as read: the checked config and the plain data beside the weights."""

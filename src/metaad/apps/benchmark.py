@@ -14,6 +14,12 @@ and its best checkpoint scored at every K; the baselines are scored on the very 
 episodes. Per-episode results of all folds and seeds are pooled into mean ± 95% CI. Writes
 ``results.csv``, ``results.md`` (the headline table with each learner's verdict against the best
 baseline, then every detector) and ``preset.yaml`` into the run folder, and prints the tables.
+Series suites add the stream metrics (each held-out entity's test part after the cut, a score a
+step; ``stream_k_shots`` limits the K values they are measured at) in a table of their own.
+``best_baseline: val`` chooses the baseline of each verdict by its AUROC on the validation tasks
+(``test``, the default kept by the older suites: on the test episodes themselves); ``train_with:
+<suite>`` scores another suite's trained models another way (``eval_dataset``: e.g. the first K
+windows as support) without training them again.
 Every suite and every training's config is checked before the first one trains. Rerun with the
 same ``hydra.run.dir`` after a kill: an evaluation is reused only when the full resolved config it
 ran with (its training's and its own, stored beside it as ``benchmark_config.json``) is the one it
@@ -36,7 +42,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from metaad import files
-from metaad.apps.build import compose_config, plain
+from metaad.apps.build import compose_config, plain, reuse_sources
 from metaad.apps.checks import check_train_config
 from metaad.apps.cli import app
 from metaad.apps.eval import evaluate
@@ -77,7 +83,12 @@ def per_k(suite: DictConfig, model: str) -> bool:
 
 @dataclass
 class Job:
-    """One learner trained once (a suite's fold, seed, model and training K) and scored at ``ks``."""
+    """One learner trained once (a suite's fold, seed, model and training K) and scored at ``ks``.
+
+    ``train_dir`` is where it trains: its own ``run_dir / "train"``, or, for a suite that
+    ``train_with`` another (the same models evaluated another way, e.g. with the first K windows
+    as support), that suite's training of the same fold, seed and model, trained once for both.
+    """
 
     suite_name: str
     suite: DictConfig
@@ -87,6 +98,12 @@ class Job:
     seed: int
     k_train: int
     run_dir: Path
+    train_dir: Path | None = None
+    train_suite: DictConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.train_dir = self.train_dir or self.run_dir / "train"
+        self.train_suite = self.train_suite if self.train_suite is not None else self.suite
 
     @property
     def label(self) -> str:
@@ -98,7 +115,7 @@ class Job:
         return [self.k_train] if per_k(self.suite, self.model) else list(self.suite.k_shots)
 
     def overrides(self, extra: list[str]) -> list[str]:
-        suite, model = self.suite, self.model
+        suite, model = self.train_suite, self.model
         overrides = [f"experiment={suite.experiment}", *self.fold, f"model={model}", f"seed={self.seed}"]
         overrides += [*suite.get("overrides", []), *suite.get("model_overrides", {}).get(model, [])]
         return [*overrides, f"dataset.k_shot={self.k_train}", "test=false", "baselines=none", *extra, *QUIET]
@@ -140,19 +157,102 @@ def check_preset(preset: DictConfig, preset_name: str, only: list[str] | None) -
             raise ConfigError(f"{where}: train_k_shot must be an integer, got {suite.get('train_k_shot')!r}")
         if not folds_of(suite):
             raise ConfigError(f"{where} has no folds (folds: []); leave folds out for one fold")
+        streamed = suite.get("stream_k_shots")
+        if streamed is not None and (not OmegaConf.is_list(streamed) or set(streamed) - set(suite.k_shots)):
+            raise ConfigError(
+                f"{where}: stream_k_shots must list some of its k_shots {list(suite.k_shots)}, "
+                f"got {streamed!r}"
+            )
+        rule = suite.get("best_baseline", "test")
+        if rule not in BEST_BASELINE:
+            raise ConfigError(
+                f"{where}: best_baseline must be one of {list(BEST_BASELINE)} (the split whose AUROC "
+                f"chooses the baseline of a verdict), got {rule!r}"
+            )
+
+
+# how a suite's "best baseline" is chosen: on the validation tasks' AUROC (a choice a user can make
+# before seeing the test tasks) or, as the older suites did, on the test tasks' AUROC itself
+BEST_BASELINE = {
+    "val": "chosen by AUROC on the validation tasks",
+    "test": "chosen by AUROC on the test episodes themselves",
+}
+# what a suite that trains with another takes from it (its own training keys would be ignored)
+TRAINING_KEYS = (
+    "experiment",
+    "folds",
+    "leave_one_out",
+    "models",
+    "seeds",
+    "train_k_shot",
+    "overrides",
+    "model_overrides",
+    "k_shot_models",
+)
+
+
+def resolved(preset: DictConfig, preset_name: str = "?") -> DictConfig:
+    """The preset with each ``train_with`` suite given its training suite's training keys."""
+    suites = preset.get("suites") or {}
+    out = OmegaConf.create({k: v for k, v in preset.items() if k != "suites"})
+    out.suites = {}
+    for name, suite in suites.items():
+        source = suite.get("train_with") if isinstance(suite, DictConfig) else None
+        if source is None:
+            out.suites[name] = suite
+            continue
+        where = f"preset={preset_name}, suite {name}"
+        other = suites.get(source)
+        if not isinstance(other, DictConfig) or other.get("train_with") is not None:
+            raise ConfigError(
+                f"{where}: train_with: {source!r} must name another suite of the preset that trains "
+                f"itself (suites: {list(suites)})"
+            )
+        own = [key for key in TRAINING_KEYS if key in suite]
+        if own:
+            raise ConfigError(
+                f"{where} trains with suite {source} and takes its {own} from there; leave them out"
+            )
+        merged = OmegaConf.merge({k: other[k] for k in TRAINING_KEYS if k in other}, suite)
+        if per_k(merged, merged.models[0]) or merged.get("k_shot_models"):
+            raise ConfigError(
+                f"{where}: train_with needs one model per fold scored at every K (no k_shot_models)"
+            )
+        out.suites[name] = merged
+    return out
 
 
 def jobs_of(preset: DictConfig, out_dir: Path, only: list[str] | None) -> list[Job]:
-    return [
-        Job(name, suite, fold_index, fold, model, seed, k_train, run_dir)
-        for name, suite in preset.suites.items()
-        if not only or name in only
-        for fold_index, fold in enumerate(folds_of(suite))
-        for seed in suite.get("seeds", [0])
-        for model in suite.models
-        for k_train in (suite.k_shots if per_k(suite, model) else [suite.train_k_shot])
-        for run_dir in [out_dir / "runs" / name / f"fold{fold_index}" / f"seed{seed}" / f"{model}_k{k_train}"]
-    ]
+    def folder(name: str, fold_index: int, seed: int, model: str, k_train: int) -> Path:
+        return out_dir / "runs" / name / f"fold{fold_index}" / f"seed{seed}" / f"{model}_k{k_train}"
+
+    jobs = []
+    for name, suite in preset.suites.items():
+        if only and name not in only:
+            continue
+        source = suite.get("train_with") or name
+        for fold_index, fold in enumerate(folds_of(suite)):
+            for seed in suite.get("seeds", [0]):
+                for model in suite.models:
+                    for k_train in suite.k_shots if per_k(suite, model) else [suite.train_k_shot]:
+                        run_dir = folder(name, fold_index, seed, model, k_train)
+                        train_dir = folder(source, fold_index, seed, model, k_train) / "train"
+                        train_suite = preset.suites[source]
+                        jobs.append(
+                            Job(
+                                name,
+                                suite,
+                                fold_index,
+                                fold,
+                                model,
+                                seed,
+                                k_train,
+                                run_dir,
+                                train_dir,
+                                train_suite,
+                            )
+                        )
+    return jobs
 
 
 def check_jobs(jobs: list[Job], extra: list[str]) -> list[dict]:
@@ -162,7 +262,7 @@ def check_jobs(jobs: list[Job], extra: list[str]) -> list[dict]:
     configs = []
     for job in jobs:
         try:
-            cfg = compose_config(job.overrides(extra), job.run_dir / "train", create=False)
+            cfg = compose_config(job.overrides(extra), job.train_dir, create=False)
             check_train_config(cfg)
             configs.append(plain(cfg))
         except Exception as error:
@@ -181,6 +281,7 @@ def run(
 ) -> tuple[Pooled, dict[str, Counter]]:
     """Every job's results, pooled per (suite, K, detector) over folds and seeds; and per suite, how
     many evaluations were reused from an earlier run into this folder and how many ran now."""
+    preset = resolved(preset, preset_name)
     check_preset(preset, preset_name, only)
     jobs = jobs_of(preset, out_dir, only)
     configs = check_jobs(jobs, extra)
@@ -192,7 +293,7 @@ def run(
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
     )
-    with progress:
+    with progress, reuse_sources():
         bar = progress.add_task("benchmark", total=len(jobs))
         for job, train_config in zip(jobs, configs):
             progress.update(bar, description=job.label)
@@ -229,12 +330,15 @@ def run(
 
 def _eval_config(job: Job, k: int, create: bool = True) -> DictConfig:
     """The config of ``metaad-eval`` scoring ``job``'s best checkpoint at K=``k``."""
-    suite, checkpoint = job.suite, job.run_dir / "train" / "checkpoints" / "best.ckpt"
+    suite, checkpoint = job.suite, job.train_dir / "checkpoints" / "best.ckpt"
     overrides = [f"ckpt_path={checkpoint}", f"+dataset.k_shot={k}", *QUIET]
     overrides += [f"+dataset.{key}={value}" for key, value in suite.get("eval_dataset", {}).items()]
     first_model = job.model == suite.models[0]
     overrides += [f"baselines={suite.get('baselines', 'all')}" if first_model else "baselines=none"]
     overrides += list(suite.get("eval_overrides", []))
+    streamed = suite.get("stream_k_shots")  # K values scored as streams too (default: every K)
+    if streamed is not None and k not in streamed:
+        overrides.append("stream=false")
     return compose_config(overrides, job.run_dir / f"eval_k{k}", "eval", create=create)
 
 
@@ -277,7 +381,7 @@ def _why_rerun(folder: Path, wanted: dict, results: str = "metrics.json", stored
 def _train(job: Job, extra: list[str], config: dict, console: Console) -> None:
     """Train ``job`` in its ``train`` folder; a training of the same config left by a killed
     benchmark resumes from its last checkpoint, one of another config is replaced."""
-    train_dir = job.run_dir / "train"
+    train_dir = job.train_dir
     overrides = job.overrides(extra)
     wanted, finished = _normal({"train": config}), _normal({"train": config, "finished": True})
     stored = _read_record(train_dir)
@@ -309,49 +413,81 @@ def _set_aside(folder: Path) -> Path:
 
 
 def _collect(collected: dict, suite: str, k: int, model: str, results: RunResults) -> None:
-    detectors = {model: results.test, **{f"baseline:{b}": v for b, v in results.baselines.items()}}
-    for detector, values in detectors.items():
-        for metric, summary in values.items():
-            collected[(suite, k, detector, metric)].append(summary)
+    """Each detector's test metrics, its validation ones as ``val/<metric>`` (they choose a
+    suite's best baseline where it says so) and its stream metrics as ``stream/<metric>``."""
+
+    def key(detector: str) -> str:
+        return model if detector == results.learner else f"baseline:{detector}"
+
+    parts = [("", {results.learner: results.test, **results.baselines}), ("val/", results.val)]
+    if results.stream is not None:
+        parts.append(("stream/", results.stream.detectors))
+    for prefix, detectors in parts:
+        for detector, values in detectors.items():
+            for metric, summary in values.items():
+                collected[(suite, k, key(detector), prefix + metric)].append(summary)
 
 
-def table_rows(pooled: Pooled, references: DictConfig, against: dict[str, str] | None = None) -> list[dict]:
+def table_rows(
+    pooled: Pooled,
+    references: DictConfig,
+    rules: dict[str, str] | None = None,
+    against: dict[str, str] | None = None,
+) -> list[dict]:
     """One row per (suite, K, detector) with AUROC and AUPR side by side, best AUROC first; each
-    with its verdict against the best baseline of its suite and K, or against the baseline
-    ``against`` names for its suite (its ``verdict_against``: patch kNN on images)."""
+    with its verdict against the best baseline of its suite and K, chosen by the suite's rule
+    (``rules[suite]``: ``val`` by the validation AUROC, ``test``, the default, by the test AUROC).
+    Series suites add the stream metrics, with a verdict on VUS-PR against the same baseline."""
     nan = Summary(math.nan, math.nan, 0)
+    rules = rules or {}
     out = []
     for (suite, k, detector), metrics in pooled.items():
+        rule = rules.get(suite, "test")
+        chooser = "val/auroc" if rule == "val" else "auroc"
         baselines = {
-            d: m["auroc"]
+            d: m.get(chooser, nan)
             for (s, kk, d), m in pooled.items()
             if s == suite and kk == k and d.startswith("baseline:")
         }
-        best_name = max(baselines, key=lambda d: baselines[d].mean, default="")
-        if f"baseline:{(against or {}).get(suite)}" in baselines:
+        known = {d: v for d, v in baselines.items() if not math.isnan(v.mean)}
+        best_name = max(known, key=lambda d: known[d].mean, default="")
+        if f"baseline:{(against or {}).get(suite)}" in baselines:  # the suite's verdict_against
             best_name = f"baseline:{against[suite]}"
-        best = baselines.get(best_name, nan)
+        best_metrics = pooled.get((suite, k, best_name), {})
+        best = best_metrics.get("auroc", nan)
         auroc = metrics["auroc"]
-        out.append(
-            {
-                "suite": suite,
-                "k_shot": k,
-                "detector": detector,
-                "auroc": auroc.mean,
-                "auroc_ci95": auroc.ci95,
-                "aupr": metrics.get("aupr", nan).mean,
-                "aupr_ci95": metrics.get("aupr", nan).ci95,
-                # at the run's threshold (learners only; baselines decide only with threshold.baselines)
-                "balanced_accuracy": metrics.get("balanced_accuracy", nan).mean,
-                "n_episodes": auroc.n_episodes,
-                "vs_best_baseline": auroc.mean - best.mean,
-                "best_baseline": best_name.removeprefix("baseline:"),
-                "verdict": verdict(auroc, best),
-                "reference": references.get(suite, {}).get(str(k), ""),
-            }
-        )
+        row = {
+            "suite": suite,
+            "k_shot": k,
+            "detector": detector,
+            "auroc": auroc.mean,
+            "auroc_ci95": auroc.ci95,
+            "aupr": metrics.get("aupr", nan).mean,
+            "aupr_ci95": metrics.get("aupr", nan).ci95,
+            # at the run's threshold (learners only; baselines decide only with threshold.baselines)
+            "balanced_accuracy": metrics.get("balanced_accuracy", nan).mean,
+            "n_episodes": auroc.n_episodes,
+            "vs_best_baseline": auroc.mean - best.mean,
+            "best_baseline": best_name.removeprefix("baseline:"),
+            "best_baseline_rule": rule,
+            "verdict": verdict(auroc, best),
+            "reference": references.get(suite, {}).get(str(k), ""),
+        }
+        if any(m.startswith("stream/") for m in metrics):
+            for metric in STREAM_METRICS:
+                value = metrics.get(f"stream/{metric}", nan)
+                row |= {f"stream_{metric}": value.mean, f"stream_{metric}_ci95": value.ci95}
+            vus, best_vus = metrics.get("stream/vus_pr", nan), best_metrics.get("stream/vus_pr", nan)
+            row["stream_entities"] = metrics.get("stream/auroc", nan).n
+            row["stream_vs_best_baseline"] = vus.mean - best_vus.mean
+            row["stream_verdict"] = verdict(vus, best_vus)
+        out.append(row)
     out.sort(key=lambda r: (r["suite"], r["k_shot"], -r["auroc"]))
     return out
+
+
+# the stream metrics in the tables (of metaad.evaluation.stream_metrics; each mean ± CI over entities)
+STREAM_METRICS = ("auroc", "aupr", "vus_pr", "best_f1", "f1_support")
 
 
 def headline(rows: list[dict]) -> list[str]:
@@ -369,9 +505,53 @@ def headline(rows: list[dict]) -> list[str]:
         base_auroc = f"{base['auroc']:.3f} ± {base['auroc_ci95']:.3f}" if base else ""
         lines.append(
             f"| {r['suite']} | {r['k_shot']} | {r['detector']} | {r['auroc']:.3f} ± {r['auroc_ci95']:.3f} | "
-            f"{r['best_baseline']} | {base_auroc} | {r['vs_best_baseline']:+.3f} | **{r['verdict']}** | "
+            f"{_best_name(r)} | {base_auroc} | {r['vs_best_baseline']:+.3f} | **{r['verdict']}** | "
             f"{_pct(r['balanced_accuracy'])} | {_pct(base['balanced_accuracy']) if base else ''} | "
             f"{r['reference']} |"
+        )
+    return lines
+
+
+def _best_name(row: dict) -> str:
+    """The best baseline's name, marked ``(val)`` where validation chose it."""
+    suffix = " (val)" if row.get("best_baseline_rule") == "val" and row["best_baseline"] else ""
+    return row["best_baseline"] + suffix
+
+
+def _ci(row: dict, key: str) -> str:
+    value = row.get(key, math.nan)
+    return "" if math.isnan(value) else f"{value:.3f} ± {row[key + '_ci95']:.3f}"
+
+
+def stream_headline(rows: list[dict]) -> list[str]:
+    """Series suites: each learner against the same best baseline on the streams (each held-out
+    entity's test part after the cut, a score a step; CIs over entities), verdict on VUS-PR."""
+    streamed = [r for r in rows if "stream_auroc" in r and not r["detector"].startswith("baseline:")]
+    if not streamed:
+        return []
+    by = {(r["suite"], r["k_shot"], r["detector"]): r for r in rows}
+    lines = [
+        "",
+        "Streams: each held-out entity's test part after the cut scored a step at a time (the W - 1 steps "
+        "before the cut as context), mean ± 95% CI over entities; the same best baseline as above; "
+        "F1 without point adjustment (best: at the stream's own best threshold, an upper bound; at "
+        "support thr.: at a threshold fitted from the K support windows alone, K >= 3):",
+        "",
+        "| suite | K | learner | AUROC | VUS-PR | best baseline | its AUROC | its VUS-PR | gap (VUS-PR) "
+        "| verdict (VUS-PR) | best F1 | its best F1 | F1 at support thr. | its F1 at support thr. "
+        "| entities |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in streamed:
+        base = by.get((r["suite"], r["k_shot"], f"baseline:{r['best_baseline']}"), {})
+        gap = r["stream_vs_best_baseline"]
+        lines.append(
+            f"| {r['suite']} | {r['k_shot']} | {r['detector']} | {_ci(r, 'stream_auroc')} | "
+            f"{_ci(r, 'stream_vus_pr')} | {_best_name(r)} | {_ci(base, 'stream_auroc')} | "
+            f"{_ci(base, 'stream_vus_pr')} | {'' if math.isnan(gap) else f'{gap:+.3f}'} | "
+            f"**{r['stream_verdict']}** | {_ci(r, 'stream_best_f1')} | {_ci(base, 'stream_best_f1')} | "
+            f"{_ci(r, 'stream_f1_support') or 'needs K >= 3'} | {_ci(base, 'stream_f1_support')} | "
+            f"{r['stream_entities']} |"
         )
     return lines
 
@@ -392,10 +572,16 @@ def what_ran(
                 if done["reused"]
                 else ""
             )
+            rule = suite.get("best_baseline", "test")
+            trained = f"; the models of `{suite.train_with}`" if suite.get("train_with") else ""
             judged = (
-                f"; verdicts against baseline {suite.verdict_against}" if suite.get("verdict_against") else ""
+                f"; verdicts against baseline {suite.verdict_against}"
+                if suite.get("verdict_against")
+                else f"; best baseline {BEST_BASELINE[rule]}"
             )
-            lines.append(f"- `{name}`: experiment `{suite.experiment}`; length: {note}{judged}{reused}")
+            lines.append(
+                f"- `{name}`: experiment `{suite.experiment}`{trained}; length: {note}{judged}{reused}"
+            )
     return lines
 
 
@@ -404,7 +590,7 @@ def compared(rows: list[dict], preset: DictConfig) -> list[str]:
     entity-only split beside the entity x time one): each learner's AUROC in both and the
     difference, with a CI from the two CIs (conservative: the episodes are paired)."""
     by = {(r["suite"], r["k_shot"], r["detector"]): r for r in rows}
-    lines = []
+    lines, streamed = [], False
     for name, suite in preset.suites.items():
         other = suite.get("compare_to")
         for r in rows:
@@ -414,12 +600,20 @@ def compared(rows: list[dict], preset: DictConfig) -> list[str]:
             if base is None:
                 continue
             ci = math.hypot(r["auroc_ci95"], base["auroc_ci95"])
-            lines.append(
+            line = (
                 f"| {name} | {other} | {r['k_shot']} | {r['detector']} | "
                 f"{r['auroc']:.3f} ± {r['auroc_ci95']:.3f} | "
                 f"{base['auroc']:.3f} ± {base['auroc_ci95']:.3f} | "
                 f"{r['auroc'] - base['auroc']:+.3f} ± {ci:.3f} |"
             )
+            if "stream_vus_pr" in r and "stream_vus_pr" in base:
+                streamed = True
+                ci = math.hypot(r["stream_vus_pr_ci95"], base["stream_vus_pr_ci95"])
+                line += (
+                    f" {_ci(r, 'stream_vus_pr')} | {_ci(base, 'stream_vus_pr')} | "
+                    f"{r['stream_vus_pr'] - base['stream_vus_pr']:+.3f} ± {ci:.3f} |"
+                )
+            lines.append(line)
     if not lines:
         return []
     header = [
@@ -429,6 +623,9 @@ def compared(rows: list[dict], preset: DictConfig) -> list[str]:
         "| suite | compared to | K | learner | AUROC | its AUROC there | difference |",
         "|---|---|---|---|---|---|---|",
     ]
+    if streamed:
+        header[-2] += " stream VUS-PR | its VUS-PR there | difference |"
+        header[-1] += "---|---|---|"
     return header + lines
 
 
@@ -454,21 +651,27 @@ def pixel_table(pooled: Pooled) -> list[str]:
 
 def write_tables(rows: list[dict], out_dir: Path, footer: list[str] = ()) -> str:
     with open(out_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(key for r in rows for key in r))  # series rows add stream columns
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [*headline(rows), "", "Every detector:", ""]
+    streamed = any("stream_auroc" in r for r in rows)
+    lines = [*headline(rows), *stream_headline(rows), "", "Every detector:", ""]
     lines += [
-        "| suite | K | detector | AUROC ± 95% CI | AUPR ± 95% CI | vs best baseline | bal. acc. | episodes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| suite | K | detector | AUROC ± 95% CI | AUPR ± 95% CI | vs best baseline | bal. acc. | episodes |"
+        + (" stream AUROC | stream VUS-PR | stream F1 at support thr. |" if streamed else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if streamed else ""),
     ]
     for r in rows:
         gap = "" if r["detector"].startswith("baseline:") else f"{r['vs_best_baseline']:+.3f}"
-        lines.append(
+        line = (
             f"| {r['suite']} | {r['k_shot']} | {r['detector']} | {r['auroc']:.3f} ± {r['auroc_ci95']:.3f} | "
             f"{r['aupr']:.3f} ± {r['aupr_ci95']:.3f} | {gap} | {_pct(r['balanced_accuracy'])} | "
             f"{r['n_episodes']} |"
         )
+        if streamed:
+            line += f" {_ci(r, 'stream_auroc')} | {_ci(r, 'stream_vus_pr')} | {_ci(r, 'stream_f1_support')} |"
+        lines.append(line)
     markdown = "\n".join([*lines, *footer]) + "\n"
     (out_dir / "results.md").write_text(markdown)
     return markdown
@@ -520,13 +723,13 @@ def main(cfg: DictConfig) -> None:
     preset_name = HydraConfig.get().runtime.choices.get("preset", "?")
     only = list(cfg.suites) if cfg.get("suites") else None
     pooled, counts = run(cfg.preset, out_dir, list(cfg.overrides), only, preset_name)
-    against = {name: s.verdict_against for name, s in cfg.preset.suites.items() if s.get("verdict_against")}
-    rows = table_rows(pooled, cfg.preset.get("references", {}), against)
-    markdown = write_tables(
-        rows,
-        out_dir,
-        [*pixel_table(pooled), *compared(rows, cfg.preset), *what_ran(cfg.preset, only, command, counts)],
-    )
+    preset = resolved(cfg.preset, preset_name)
+    rules = {name: suite.get("best_baseline", "test") for name, suite in preset.suites.items()}
+    against = {name: s.verdict_against for name, s in preset.suites.items() if s.get("verdict_against")}
+    rows = table_rows(pooled, preset.get("references", {}), rules, against)
+    note = preset.get("reference_note")
+    footer = [*pixel_table(pooled), *compared(rows, preset), *what_ran(preset, only, command, counts)]
+    markdown = write_tables(rows, out_dir, [*footer, *(["", str(note)] if note else [])])
     print_table(rows)
     print(markdown)
     console.print(f"results: {out_dir / 'results.md'} and {out_dir / 'results.csv'}")

@@ -6,6 +6,10 @@ and ``metaad-score`` rebuild a detector from a checkpoint without it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaad.apps.checks import TRAINER_INVARIANTS, check_dataset, check_trainer
-from metaad.checkpoint import build_learner
+from metaad.checkpoint import build_extractor, build_learner
 from metaad.detectors.base import Detector
 from metaad.evaluation.evaluator import Evaluator
 from metaad.evaluation.thresholds import Threshold
@@ -25,9 +29,39 @@ from metaad.evaluation.thresholds import Threshold
 def build_datamodule(cfg: DictConfig) -> Any:
     """Instantiate the dataset and load it now, so bad data stops the run before training."""
     check_dataset(cfg.dataset)
-    datamodule = instantiate(cfg.dataset)
+    extractor = build_extractor(cfg)  # a frozen backbone: the data become its patch features
+    datamodule = instantiate(cfg.dataset, **({} if extractor is None else {"extractor": extractor}))
+    if _reused is not None and OmegaConf.select(cfg, "dataset.source") is not None:
+        key = json.dumps(plain(cfg.dataset.source), sort_keys=True, default=str)
+        datamodule.source = functools.partial(_read_once, key, datamodule.source)
     datamodule.setup()
     return datamodule
+
+
+# inside reuse_sources(): the last source read in this process, by its resolved config
+_reused: dict[str, Any] | None = None
+
+
+@contextlib.contextmanager
+def reuse_sources() -> Iterator[None]:
+    """Within this block, runs of the same source config read it once (the benchmark's trainings
+    and evaluations of one suite and fold, one after another in one process). Only the last source
+    is kept, so memory is one data set; files are assumed not to change within the block."""
+    global _reused
+    _reused = {}
+    try:
+        yield
+    finally:
+        _reused = None
+
+
+def _read_once(key: str, source: Any) -> Any:
+    if _reused is None:
+        return source()
+    if key not in _reused:
+        _reused.clear()
+        _reused[key] = source()
+    return _reused[key]
 
 
 def build_baselines(cfg: DictConfig) -> dict[str, Detector]:
@@ -38,8 +72,9 @@ def build_threshold(cfg: DictConfig, key: str = "threshold") -> Threshold | None
     return instantiate(cfg[key]) if cfg.get(key) else None
 
 
-def build_training(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Any:
-    """The LightningModule that meta-trains the configured learner, with its evaluator."""
+def build_training(cfg: DictConfig, sample_shape: tuple[int, ...], score_chunk: int | None = None) -> Any:
+    """The LightningModule that meta-trains the configured learner, with its evaluator, which scores
+    ``score_chunk`` query samples at a time (default: the config's ``score_chunk``)."""
     from metaad.training.module import MetaTraining
 
     evaluator = Evaluator(
@@ -48,6 +83,7 @@ def build_training(cfg: DictConfig, sample_shape: tuple[int, ...]) -> Any:
         build_threshold(cfg, "baseline_threshold"),
         ci_over=cfg.get("ci_over") or "episode",
         learner=learner_name(cfg),
+        score_chunk=score_chunk if score_chunk is not None else cfg.get("score_chunk"),
         map_sigma=cfg.get("map_sigma") or 0.0,
     )
     return MetaTraining(build_learner(cfg, sample_shape), instantiate(cfg.model.optimizer), evaluator)
@@ -59,11 +95,24 @@ def learner_name(cfg: DictConfig) -> str:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list = ()) -> Any:
+    from metaad.training.callbacks import ProgressBar, SummaryToLogFile
+
     check_trainer(cfg.trainer)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # the model summary goes to the run's log file, not the console
+    if cfg.trainer.get("enable_model_summary", True):
+        configured.append(SummaryToLogFile())
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+        type(c).__name__.endswith("ProgressBar") for c in configured
+    ):
+        configured.append(ProgressBar())
     return instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=[*configured, *callbacks], **TRAINER_INVARIANTS
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=[*configured, *callbacks],
+        enable_model_summary=False,
+        **TRAINER_INVARIANTS,
     )
 
 

@@ -61,7 +61,14 @@ def check_train_config(cfg: DictConfig) -> None:
                 least = 0.0 if key == "weight_decay" else None
                 _number(f"model.optimizer.{key}", optimizer[key], positive=least is None, least=least)
     check_threshold(cfg.get("threshold"))
+    check_score_chunk(cfg)
     check_processes(cfg)
+
+
+def check_score_chunk(cfg: DictConfig) -> None:
+    """``score_chunk``: query samples scored at once, a positive integer or null (the whole batch)."""
+    if cfg.get("score_chunk") is not None:
+        _integer("score_chunk", cfg.score_chunk, 1, " or null")
 
 
 def check_dataset(dataset: DictConfig) -> None:

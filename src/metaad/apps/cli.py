@@ -44,7 +44,10 @@ def app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[]
             _report_thread_write_faults(config_name, run_dir)
             try:
                 _check_config_files(cfg)
-                return fn(cfg)
+                result = fn(cfg)
+                if run_dir is not None:
+                    _remove_if_unused(run_dir, before)
+                return result
             except Interrupted as stop:
                 if int(os.environ.get("LOCAL_RANK", "0")) > 0:
                     sys.exit(0)  # a DDP rank stopped with the first rank, which says it, once
@@ -227,6 +230,16 @@ def _entries_before(run_dir: Path) -> list[str] | None | str:
         listing = record[parent]
         return None if listing is None or run_dir.name not in listing else UNKNOWN
     return UNKNOWN
+
+
+def _remove_if_unused(run_dir: Path, before: list[str] | None | str) -> None:
+    """A run folder this run made and left holding nothing but empty log files (``metaad-score
+    output=scores.csv`` writes its table elsewhere) is removed, so every run does not leave one."""
+    if before is not None or not run_dir.is_dir():
+        return
+    entries = list(run_dir.iterdir())
+    if all(e.is_file() and e.suffix == ".log" and e.stat().st_size == 0 for e in entries):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _remove_what_this_run_created(run_dir: Path, before: list[str] | None | str) -> None:

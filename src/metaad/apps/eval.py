@@ -3,7 +3,9 @@
 The model, backbone, baselines and dataset are rebuilt from the config stored in the checkpoint
 (plain data, loaded with ``weights_only=True``); keys given under ``dataset`` replace the stored
 ones, e.g. ``+dataset.k_shot=10`` to evaluate the same model with more shots; ``baselines=all``
-scores another set of baselines beside it and ``threshold=...`` decides by another rule.
+scores another set of baselines beside it and ``threshold=...`` decides by another rule. On series
+data the learner and every baseline also score each held-out entity's test part after the cut a
+step at a time (the ``stream`` block; ``stream=false`` skips it), as metaad-train's test does.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +21,7 @@ from metaad import checkpoint as ckpt
 from metaad.apps.checks import (
     check_dataset,
     check_processes,
+    check_score_chunk,
     check_settings_of,
     check_threshold,
     check_trainer,
@@ -29,7 +32,7 @@ from metaad.errors import ConfigError, Interrupted
 from metaad.training.resume import SignalStop, command_line
 
 if TYPE_CHECKING:
-    from metaad.evaluation.results import RunResults
+    from metaad.evaluation.results import RunResults, StreamResults
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ def evaluate(cfg: DictConfig) -> RunResults:
     _refuse_stored_only(cfg)
     check_settings_of(cfg, "eval")
     check_trainer(cfg.trainer)
+    check_score_chunk(cfg)
     checkpoint = ckpt.load(cfg.ckpt_path)
     run_cfg = checkpoint.config
     run_cfg.dataset = OmegaConf.merge(run_cfg.dataset, cfg.dataset)
@@ -105,7 +109,9 @@ def check_held_out(checkpoint: ckpt.Checkpoint, test_tasks: list[str]) -> None:
 def _evaluate(
     cfg: DictConfig, checkpoint: ckpt.Checkpoint, run_cfg: DictConfig, run_dir: Path, stop: SignalStop
 ) -> RunResults:
-    from metaad.apps.build import build_datamodule, build_trainer, build_training
+    from metaad.apps import model_card
+    from metaad.apps.build import build_datamodule, build_trainer, build_training, plain
+    from metaad.apps.tracking import place_loggers, tensorboard_dirs
     from metaad.evaluation.report import print_summary
     from metaad.evaluation.results import RunResults
     from metaad.training.callbacks import StopOnSignal
@@ -113,10 +119,11 @@ def _evaluate(
     from metaad.training.module import quiet_lightning
 
     quiet_lightning()
+    cfg = place_loggers(cfg, run_dir)
     trainer = build_trainer(cfg, [StopOnSignal(stop)])
     check_launch(trainer)  # before any data is read or any process started
     datamodule = build_datamodule(run_cfg)
-    model = build_training(run_cfg, datamodule.sample_shape)
+    model = build_training(run_cfg, datamodule.sample_shape, cfg.get("score_chunk"))
     tasks = datamodule.task_names()
     check_held_out(checkpoint, tasks["test"])
     model.restore(checkpoint)
@@ -130,11 +137,28 @@ def _evaluate(
         data=getattr(datamodule, "data_name", None),
         checkpoint=str(cfg.ckpt_path),
         tasks={"trained_on": checkpoint.tasks, **tasks},
+        stream=measure_streams(model, datamodule) if trainer.is_global_zero and cfg.get("stream") else None,
     )
     if trainer.is_global_zero:
         results.write(run_dir / "metrics.json")
-        print_summary(results, run_dir)
+        kind = model_card.kind_of(getattr(datamodule, "preprocessing", None), datamodule.sample_shape)
+        model_card.write(run_dir, results, plain(run_cfg), kind)
+        print_summary(results, run_dir, tensorboard=next((d.parent for d in tensorboard_dirs(cfg)), None))
     return results
+
+
+def measure_streams(model: Any, datamodule: Any) -> StreamResults | None:
+    """Series data: each held-out entity's test part after the cut scored step by step by the
+    learner (its tested weights) and every baseline, one entity at a time; None for other data.
+    metaad-train's test and metaad-eval both measure through here."""
+    streams = datamodule.test_streams()
+    if streams is None:
+        return None
+    from metaad.evaluation.stream_metrics import evaluate_streams
+
+    learner = model.learner.cpu().eval()  # tested already: its streams are scored on the CPU
+    log.info("scoring the held-out entities' test parts after the cut as streams")
+    return evaluate_streams(model.evaluator.detectors(learner, with_baselines=True), streams)
 
 
 @app("eval")

@@ -14,10 +14,14 @@ from __future__ import annotations
 import csv
 import math
 import shlex
+import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -25,6 +29,7 @@ from rich.table import Table
 from metaad.apps.cli import app
 from metaad.apps.sweeps import expected_jobs, refused_jobs
 from metaad.errors import RunFolderError
+from metaad.evaluation.report import fitted, one_line
 from metaad.evaluation.results import RunResults
 
 # jobs without metrics named one per line below the table, at most this many
@@ -133,29 +138,62 @@ def write_tables(rows: list[dict], sweep: Path) -> None:
     (sweep / "sweep_summary.md").write_text("\n".join(lines) + "\n")
 
 
+# on the console (the files keep every column): the test AUROC and its CI in one column; what does
+# not fit the terminal is dropped from the right (named below the table), overrides and status fold
+SHOWN_COLUMNS = ("job", "overrides", "val/auroc", "test/auroc ± ci95", "status", "steps")
+FOLDING = ("overrides", "status")
+
+
+def _cell(row: dict, column: str) -> str:
+    if column == "test/auroc ± ci95":
+        auroc, ci = row["test/auroc"], row["test ci95"]
+        return "nan" if math.isnan(auroc) else f"{auroc:.4f} ± {ci:.4f}"
+    return _fmt(row[column])
+
+
 def show(rows: list[dict], sweep: Path, console: Console) -> None:
-    table = Table(title=f"{sweep}: {len(rows)} jobs, best validation AUROC first")
-    for column in COLUMNS:
-        table.add_column(column, justify="right" if column not in ("overrides", "status") else "left")
-    for i, row in enumerate(rows):
-        cells = [escape(_fmt(row[c])) for c in COLUMNS]
-        cells[-1] = cells[-1] if len(cells[-1]) <= 50 else cells[-1][:49] + "…"
-        table.add_row(*cells, style="bold green" if i == 0 and row["status"] == "done" else None)
+    """The table at the console's width: numbers never wrap, overrides and status fold, columns
+    that still do not fit are dropped and named; every path and command on one line."""
+
+    def build(columns: list[str]) -> Table:
+        table = Table(
+            title=f"{len(rows)} jobs, best validation AUROC first",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+        )
+        for column in columns:
+            folds = column in FOLDING
+            justify = "left" if folds else "right"
+            table.add_column(column, justify=justify, no_wrap=not folds, overflow="fold")
+        for i, row in enumerate(rows):
+            cells = [escape(_cell(row, c)) for c in columns]
+            style = "bold green" if i == 0 and row["status"] == "done" else None
+            table.add_row(*cells, style=style)
+        return table
+
+    table, dropped = fitted(build, list(SHOWN_COLUMNS), console.width, FOLDING)
+    one_line(console, f"sweep: {sweep}")
     console.print(table)
+    if dropped:
+        console.print(f"(not shown at this width: {', '.join(dropped)}; see sweep_summary.csv)")
     best = rows[0]
     if best["status"] == "done":
         console.print(
             f"best config (by val/auroc): job {best['job']}: {best['overrides'] or '(the only config)'}"
-            f"  val {best['val/auroc']:.4f}, test {best['test/auroc']:.4f} ± {best['test ci95']:.4f}"
+            f"  val {best['val/auroc']:.4f}, test {best['test/auroc']:.4f} ± {best['test ci95']:.4f}",
+            markup=False,
+            highlight=False,
         )
     missing = [row for row in rows if row["status"] != "done"]
     for row in missing[:SHOWN]:
         console.print(f"[yellow]job {escape(row['job'])}: {escape(row['status'])}[/yellow]", highlight=False)
     if len(missing) > SHOWN:
         console.print(f"[yellow]... and {len(missing) - SHOWN} more jobs without metrics[/yellow]")
-    console.print(f"tables: {sweep / 'sweep_summary.md'}, {sweep / 'sweep_summary.csv'}")
-    command = f"tensorboard --logdir {shlex.quote(str(sweep))}"
-    console.print(f"compare the runs: {command}", soft_wrap=True, markup=False, highlight=False)
+    console.print("tables: sweep_summary.md and sweep_summary.csv in the sweep folder")
+    logdir = sweep / "tensorboard" if (sweep / "tensorboard").is_dir() else sweep
+    one_line(console, f"compare the runs: tensorboard --logdir {shlex.quote(str(logdir))}")
 
 
 def latest_sweep(root: Path = Path("outputs/multirun")) -> Path:
@@ -172,8 +210,22 @@ def summarize_sweep(sweep: Path | None = None) -> list[dict]:
         raise SystemExit(f"sweep_dir={sweep}: no such folder")
     rows = summarize(sweep)
     write_tables(rows, sweep)
-    show(rows, sweep, Console(width=160))
+    show(rows, sweep, Console())
     return rows
+
+
+class SummarizeAtEnd(Callback):
+    """Hydra callback (``conf/train.yaml``): every ``-m`` sweep, a grid or an Optuna study, ends
+    with the table ``metaad-summarize`` prints and writes for its folder."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(str(config.hydra.sweep.dir))
+        if not job_dirs(sweep):
+            return  # nothing ran (every job refused): its message was the output
+        try:
+            summarize_sweep(sweep)
+        except (SystemExit, RunFolderError, OSError) as error:  # the sweep's results stand as they are
+            print(f"metaad-summarize: {error}", file=sys.stderr)
 
 
 @app("summarize")

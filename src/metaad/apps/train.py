@@ -85,34 +85,36 @@ def _train(
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
+    from metaad.apps import model_card
     from metaad.apps.build import build_datamodule, build_trainer, build_training, plain
+    from metaad.apps.eval import measure_streams
+    from metaad.apps.tracking import place_loggers, run_hparams, tensorboard_dirs
     from metaad.evaluation.report import print_summary
     from metaad.evaluation.results import RunResults
-    from metaad.training.callbacks import StopOnSignal, StoreConfig
+    from metaad.training.callbacks import StopOnSignal, StoreConfig, log_file_only
     from metaad.training.distributed import check_launch, job_scope
-    from metaad.training.module import quiet_lightning
+    from metaad.training.module import TENSORBOARD_DIR, log_run, quiet_lightning
 
     quiet_lightning()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    placed = place_loggers(cfg, run_dir, resumed.get(TENSORBOARD_DIR) if resumed else None)
     trainer = build_trainer(
-        _continue_curves(cfg, resumed["global_step"]) if resumed else cfg,
+        _continue_curves(placed, resumed["global_step"]) if resumed else placed,
         [StoreConfig(stored), StopOnSignal(stop)],
     )
     check_launch(trainer)  # before any data is read or any process started
     datamodule = build_datamodule(cfg)
     model = build_training(cfg, datamodule.sample_shape)
-    hparams = {key: plain(cfg[key]) for key in ("names", "dataset", "backbone", "model")} | {"seed": cfg.seed}
     with job_scope():
         if resumed is None:  # a resumed run's folder has them already
-            for logger in trainer.loggers:
-                logger.log_hyperparams(hparams, metrics={"hp/val_auroc": 0.0, "hp/test_auroc": 0.0})
+            log_run(trainer.loggers, run_hparams(cfg))
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        log.info(
+        log_file_only(
             "rank %d/%d trained %d steps; %s",
             trainer.global_rank,
             trainer.world_size,
             trainer.global_step,
-            json.dumps({key: hparams[key] for key in ("backbone", "model")}),
+            json.dumps({key: plain(cfg[key]) for key in ("backbone", "model")}),
         )
         best_val = model.val_auroc_best
         results = RunResults(
@@ -150,6 +152,7 @@ def _train(
     results = RunResults.from_report(
         model.report,
         **{f: getattr(results, f) for f in ("names", "k_shot", "seed", "data", "tasks")},
+        stream=measure_streams(model, datamodule) if trainer.is_global_zero and cfg.get("stream") else None,
         checkpoint=best,
         val_auroc_best=results.val_auroc_best,
         global_step=results.global_step,
@@ -157,7 +160,9 @@ def _train(
     )
     if trainer.is_global_zero:
         results.write(run_dir / "metrics.json")
-        print_summary(results, run_dir)
+        kind = model_card.kind_of(getattr(datamodule, "preprocessing", None), datamodule.sample_shape)
+        model_card.write(run_dir, results, stored, kind)
+        print_summary(results, run_dir, tensorboard=next((d.parent for d in tensorboard_dirs(placed)), None))
     return results
 
 

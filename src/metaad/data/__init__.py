@@ -6,7 +6,7 @@ a trained detector never pay for importing Lightning.
 
 from typing import Any
 
-from metaad.data.episodes import Episode, EpisodeDataset, EpisodeSampler
+from metaad.data.episodes import Episode, EpisodeDataset, EpisodeSampler, collate_episodes
 from metaad.data.errors import DataError
 from metaad.data.preprocessing import Preprocessing
 from metaad.data.tasks import LabelledData, TaskPool, split_tasks
@@ -20,6 +20,7 @@ __all__ = [
     "LabelledData",
     "Preprocessing",
     "TaskPool",
+    "collate_episodes",
     "split_tasks",
 ]
 

@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
-from metaad.data.episodes import EpisodeDataset, EpisodeSampler, check_episode_settings
+from metaad.data.episodes import (
+    EpisodeDataset,
+    EpisodeSampler,
+    Stream,
+    check_episode_settings,
+    collate_episodes,
+)
 from metaad.data.preprocessing import Preprocessing
-from metaad.data.tasks import DataError, LabelledData, TaskPool, entity_folds, split_tasks
+from metaad.data.tasks import (
+    DataError,
+    LabelledData,
+    StreamParts,
+    TaskPool,
+    asked_tasks,
+    entity_folds,
+    split_tasks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +98,23 @@ class EpisodeDataModule(pl.LightningDataModule):
         support_draw: str = "random",
         scaling: str = "none",
         scale_clip: float = 100.0,
+        synthetic_per_task: int = 64,
+        extractor: Any = None,
+        feature_cache: str = "outputs/cache/features",
+        feature_batch: int = 32,
     ) -> None:
         """Series settings (``conf/dataset/_series.yaml``): ``n_folds`` / ``fold`` deal the entities
         into folds (``val_tasks`` and ``test_tasks`` then null); ``protocol`` entity_time (the
         default) or entity (the leaking variant, to measure the leak); ``train_anomalies`` real |
         synthetic | real+synthetic | one_vs_rest; ``support_draw`` random | first (the first K
-        history windows); ``scaling: support`` standardises each episode by its support alone."""
+        history windows); ``scaling: support`` standardises each episode by its support alone.
+
+        Photographs (a source of 8-bit images, ``conf/dataset/image_folder.yaml``):
+        ``train_anomalies`` real | synthetic | real+synthetic, the synthetic ones
+        ``synthetic_per_task`` per training task of ``synthetic_kinds`` (cutpaste, noise), made from
+        the training tasks' normal images only; ``extractor`` (a frozen feature extractor, given by
+        ``metaad.apps.build`` when ``backbone`` is one) turns every image into patch features once,
+        cached under ``feature_cache``, ``feature_batch`` images at a time."""
         super().__init__()
         if protocol not in ("entity_time", "entity"):
             raise DataError(f"dataset.protocol must be 'entity_time' or 'entity', got {protocol!r}")
@@ -104,9 +130,17 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.folds = None if n_folds is None else (n_folds, fold, fold_seed)
         # injected anomalies for training (train_anomalies) and for validation entities without a
         # real incident before the cut; only series pools use them
+        # injected anomalies of series windows (the series pools use them), or the kinds of
+        # synthetic image defects (data.synthetic)
         from metaad.data.series import KINDS, SyntheticAnomalies
+        from metaad.data.synthetic import IMAGE_KINDS, check_kinds
 
-        synthetic = SyntheticAnomalies(tuple(synthetic_kinds or KINDS), seed=seed)
+        kinds = tuple(synthetic_kinds or ())
+        image_kinds = bool(kinds) and set(kinds) <= set(IMAGE_KINDS)
+        synthetic = SyntheticAnomalies(KINDS if image_kinds else kinds or KINDS, seed=seed)
+        self.synthetic_kinds = check_kinds(kinds if image_kinds else None)
+        self.synthetic_per_task = synthetic_per_task
+        self.extractor, self.feature_cache, self.feature_batch = extractor, feature_cache, feature_batch
         self.fixed_train_episodes = bool(fixed_train_episodes)
         n_queries = {
             "train": n_query,
@@ -161,6 +195,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         self.datasets: dict[str, EpisodeDataset] = {}
         self._preprocessing: Preprocessing | None = None
         self._data_name: str | None = None
+        self._streams: StreamParts | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Load the source and check every split can supply its episodes (idempotent)."""
@@ -170,6 +205,7 @@ class EpisodeDataModule(pl.LightningDataModule):
         args = dict(self.split_args)
         if self.folds is not None:
             args["val_tasks"], args["test_tasks"] = entity_folds(data.task_names, *self.folds)
+        data = self._images(data, args)
         if self.protocol == "entity" and data.period is not None:
             log.warning(
                 "%s: dataset.protocol=entity: meta-training and validation see the held-out entities' "
@@ -178,6 +214,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             )
         self.pools = split_tasks(data, **args)
         self._preprocessing, self._data_name = data.preprocessing, data.name
+        self._streams = data.streams
         if data.preprocessing.is_series:  # the scaling rule travels with the model's windows
             self._preprocessing = dataclasses.replace(
                 data.preprocessing,
@@ -196,6 +233,38 @@ class EpisodeDataModule(pl.LightningDataModule):
             for split, pool in self.pools.items()
         }
 
+    def _images(self, data: LabelledData, args: dict[str, Any]) -> LabelledData:
+        """8-bit images: synthetic defects of the training tasks, then patch features (if asked)."""
+        if data.x.dtype != np.uint8:
+            if self.extractor is not None:
+                raise DataError(
+                    f"{data.name}: the backbone is a frozen feature extractor of photographs, but this "
+                    "dataset holds no 8-bit images (use dataset=image_folder or elpv)"
+                )
+            return data
+        from metaad.data.synthetic import add_rotations, add_synthetic
+
+        asked = asked_tasks(
+            data, args["train_tasks"], args["val_tasks"], args["test_tasks"], args["require_disjoint"]
+        )
+        if "synthetic" in args["train_anomalies"]:
+            seed = self.episode_args["seed"]
+            data = add_synthetic(data, asked["train"], self.synthetic_per_task, self.synthetic_kinds, seed)
+        if self.extractor is None:
+            return data
+        turns = args["train_rotations"]
+        if turns:  # features cannot be turned: the turned images become tasks of their own
+            data = add_rotations(data, asked["train"], turns)
+            args["train_rotations"] = ()
+            if args["train_tasks"] is not None:
+                args["train_tasks"] = [
+                    *asked["train"],
+                    *(f"{t}/rot{d}" for d in turns for t in asked["train"]),
+                ]
+        from metaad.data.features import FeatureCache, with_features
+
+        return with_features(data, FeatureCache(self.feature_cache, self.extractor, self.feature_batch))
+
     @property
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample, e.g. ``(64,)`` or ``(1, 28, 28)``; needs :meth:`setup` first."""
@@ -212,6 +281,15 @@ class EpisodeDataModule(pl.LightningDataModule):
             pool = self.pools[split]
             named[split] = [str(t) for t in pool.tasks[: len(pool.tasks) // (1 + len(pool.rotations))]]
         return named
+
+    def test_streams(self) -> Iterator[Stream | str] | None:
+        """Each held-out entity's test part after the cut, one at a time (:meth:`EpisodeDataset.streams`;
+        a line where one cannot be measured); None for data that is not a series of entities."""
+        if not self.datasets:
+            raise RuntimeError("call setup() before asking for test_streams")
+        if self._streams is None:
+            return None
+        return self.datasets["test"].streams(self._streams)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -235,6 +313,7 @@ class EpisodeDataModule(pl.LightningDataModule):
             drop_last=split == "train",
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate_episodes,
             **kwargs,
         )
 

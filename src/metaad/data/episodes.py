@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
-from metaad.data.tasks import DataError, TaskPool
+from metaad.data.tasks import DataError, StreamParts, TaskPool
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,20 @@ class Episode(NamedTuple):
     task: Tensor  # () task id of the normal task
     query_task: Tensor  # (Q,) task id each query sample comes from (-1: an in-task anomaly)
     index: Tensor | None = None  # () the episode's index in its split (EpisodeDataset sets it)
+    query_masks: Tensor | None = None  # (Q, H, W) bool defect maps (all False for normals), or None
+
+
+def collate_episodes(episodes: list[Episode]) -> Episode:
+    """A meta-batch: each field stacked (a leading ``B``); a field None in every episode stays None."""
+    from torch.utils.data import default_collate
+
+    fields = []
+    for values in zip(*episodes, strict=True):
+        absent = [v is None for v in values]
+        if any(absent) and not all(absent):
+            raise DataError("a meta-batch mixes episodes with and without a field (query_masks or index)")
+        fields.append(None if absent[0] else default_collate(list(values)))
+    return Episode(*fields)
 
 
 class EpisodeDataset(Dataset):
@@ -116,6 +130,9 @@ class EpisodeDataset(Dataset):
         if self.pool.lenient:
             self._check_series()
             return
+        if self.pool.support_rows is not None:
+            self._check_held_out()
+            return
         need_normal = self.k_shot + self.n_normals
         for t in self.pool.tasks:
             have_n, have_a = len(self.pool.normal_rows[t]), self.pool.n_anomalies(t)
@@ -134,6 +151,23 @@ class EpisodeDataset(Dataset):
                     f"{self.n_anomalies} (dataset.n_query x dataset.anomaly_ratio); "
                     f"lower n_query or anomaly_ratio{alone}"
                 )
+
+    def _check_held_out(self) -> None:
+        """Held-out tasks with their own support rows (an image folder's ``train/good``): K of those,
+        the queries from the task's other rows, all drawn without replacement."""
+        pool = self.pool
+        for t in pool.tasks:
+            counts = (len(pool.support_rows[t]), len(pool.normal_rows[t]), pool.n_anomalies(t))
+            needs = (self.k_shot, self.n_normals, self.n_anomalies)
+            what = ("support normals (train/good)", "normal queries (test/good)", "anomalous queries")
+            for have, need, name in zip(counts, needs, what, strict=True):
+                if have < need:
+                    raise DataError(
+                        f"{pool.name}: {self.split} task {t!r} has {have} {name} but an episode needs "
+                        f"{need} (dataset.k_shot={self.k_shot}, n_query={self.n_query}, "
+                        f"{self.n_normals} normal and {self.n_anomalies} anomalous queries); lower k_shot, "
+                        "n_query or anomaly_ratio"
+                    )
 
     def _check_series(self) -> None:
         """Series val/test pools: the support from history, queries from the task's own periods.
@@ -207,15 +241,11 @@ class EpisodeDataset(Dataset):
             support_rows, normals = normals[: self.k_shot], normals[self.k_shot :]
             anomalies = pool.draw_anomalies(rng, task, self.n_anomalies, replace=pool.lenient)
         else:  # series: the support from the entity's history, queries from its own period
-            history = pool.support_rows[task]
-            support_rows = (
-                history[: self.k_shot]
-                if self.support_draw == "first"
-                else rng.choice(history, self.k_shot, replace=False)
-            )
+            support_rows = self._history_support(rng, task)
             own = pool.normal_rows[task]
-            normals = rng.choice(own, self.n_normals, replace=len(own) < self.n_normals)
-            anomalies = pool.draw_anomalies(rng, task, self.n_anomalies, replace=True)
+            repeat = pool.lenient and len(own) < self.n_normals
+            normals = rng.choice(own, self.n_normals, replace=repeat)
+            anomalies = pool.draw_anomalies(rng, task, self.n_anomalies, replace=pool.lenient)
         query_rows = np.concatenate([normals, anomalies])
         label = np.concatenate([np.zeros(self.n_normals), np.ones(self.n_anomalies)])
         order = rng.permutation(self.n_query)
@@ -223,6 +253,7 @@ class EpisodeDataset(Dataset):
         support, query = pool.take(support_rows), pool.take(query_rows)
         if self.scaling == "support":
             support, query = scale_by_support(support, query, self.scale_clip)
+        masks = pool.take_masks(query_rows)
         return Episode(
             support=torch.from_numpy(support),
             query=torch.from_numpy(query),
@@ -230,7 +261,61 @@ class EpisodeDataset(Dataset):
             task=torch.tensor(pool.task_id[task]),
             query_task=torch.from_numpy(pool.task_ids(query_rows)).long(),
             index=torch.tensor(i),
+            query_masks=None if masks is None else torch.from_numpy(masks),
         )
+
+    def _history_support(self, rng: np.random.Generator, task: str) -> np.ndarray:
+        history = self.pool.support_rows[task]
+        if self.support_draw == "first":
+            return history[: self.k_shot]
+        return rng.choice(history, self.k_shot, replace=False)
+
+    def streams(self, parts: StreamParts) -> Iterator[Stream | str]:
+        """Each entity's test part from the time cut on, as a :class:`Stream`, one at a time.
+
+        The ``W - 1`` steps before the cut are context (so the window ending at the cut's first
+        step is scored); the support is the one of the entity's first episode here (the same draw,
+        ``support_draw`` included) and the series is scaled by it as its episodes are. A part that
+        cannot be measured (shorter than a window, or only normal or only anomalous steps from
+        the cut on) gives a line saying so instead.
+        """
+        pool, values = self.pool, self.pool.x
+        window = int(values.shape[1])
+        names = {pool.task_id[t]: t for t in pool.tasks}
+        for p in range(len(parts.entity)):
+            task = names.get(int(parts.entity[p]))
+            if task is None:  # not an entity of this split (or left out of it)
+                continue
+            first = max(int(parts.start[p]), int(parts.cut[p]) - (window - 1))
+            stop = int(parts.stop[p])
+            if stop - first < window:
+                yield f"{task}: {stop - first} step(s) from the cut on (with context), fewer than a window"
+                continue
+            labels = parts.labels(first + window - 1, stop)
+            if labels.all() or not labels.any():
+                kind = "anomalous" if labels.all() else "normal"
+                yield f"{task}: every step from the cut on is {kind}; a stream metric needs both"
+                continue
+            i = pool.tasks.index(task)  # evaluation cycles the tasks: episode i is entity i's first
+            rng = np.random.default_rng([self.seed, SPLIT_ID[self.split], 0, i])
+            support, series = pool.take(self._history_support(rng, task)), values.steps(first, stop)
+            if self.scaling == "support":
+                mean, spread = support_statistics(support)
+                support = scale_with(support, mean, spread, self.scale_clip)
+                series = scale_with(series, mean, spread, self.scale_clip)
+            yield Stream(task, support, series, labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """One entity's series to score step by step: ``support`` ``(K, W, D)`` (what the detector adapts
+    to), ``series`` ``(T, D)`` whose first ``W - 1`` steps are context, ``labels`` ``(T - W + 1,)``
+    0/1 of the steps that get a score (the last of each window)."""
+
+    entity: str
+    support: np.ndarray
+    series: np.ndarray
+    labels: np.ndarray
 
 
 def scale_by_support(

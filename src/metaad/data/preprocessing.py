@@ -16,6 +16,12 @@ windows: ``window`` and ``stride``, the source's columns and the ones it selecte
 rule (``scaling=support``: each metric standardised by the support's mean and spread only,
 :func:`metaad.data.episodes.scale_by_support`); :meth:`Preprocessing.series_values` applies the
 column selection to a user's series.
+
+A model of patch features (a frozen extractor's output, :mod:`metaad.data.features`) records the
+images' shape (``image_shape``, e.g. ``(3, 224, 224)``) and the extractor's ``identity()``
+(``extractor``): :meth:`Preprocessing.transform` turns raw photos into those images as above, then
+runs the extractor, which the caller attaches with :meth:`Preprocessing.with_extractor` after
+checking it is the one the model was trained with.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import math
 import sys
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -54,6 +60,10 @@ class Preprocessing:
     columns: tuple[str, ...] | None = None
     scaling: str = "none"
     scale_clip: float = 100.0
+    image_shape: tuple[int, ...] | None = None
+    extractor: dict[str, Any] | None = None
+    # the extractor module itself: attached at run time (with_extractor), never stored
+    extractor_module: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         try:
@@ -82,13 +92,27 @@ class Preprocessing:
         if not isinstance(self.invert, (bool, np.bool_)):
             raise DataError(f"preprocessing: invert must be true or false, got {self.invert!r}")
         object.__setattr__(self, "invert", bool(self.invert))
+        if (self.image_shape is None) != (self.extractor is None):
+            raise DataError(
+                "preprocessing: a model of patch features needs image_shape and extractor together"
+            )
+        if self.image_shape is not None:
+            if not isinstance(self.extractor, dict):
+                raise DataError(
+                    f"preprocessing: extractor must be its identity (a dict), got {self.extractor!r}"
+                )
+            image_shape = tuple(int(s) for s in self.image_shape)
+            if len(image_shape) != 3 or min(image_shape) < 1:
+                raise DataError(f"preprocessing: image_shape must be (channels, H, W), got {image_shape}")
+            object.__setattr__(self, "image_shape", image_shape)
+        pixels = self.image_shape or shape
         if self.image_size is not None:
             if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)):
                 raise DataError(f"preprocessing: image_size must be an integer, got {self.image_size!r}")
-            if len(shape) != 3 or shape[1:] != (self.image_size, self.image_size):
+            if len(pixels) != 3 or pixels[1:] != (self.image_size, self.image_size):
                 raise DataError(
                     f"preprocessing: image_size {self.image_size} needs samples of shape "
-                    f"(channels, {self.image_size}, {self.image_size}), got {shape}"
+                    f"(channels, {self.image_size}, {self.image_size}), got {pixels}"
                 )
             object.__setattr__(self, "image_size", int(self.image_size))
         self._check_series(shape)
@@ -147,6 +171,8 @@ class Preprocessing:
             "invert": self.invert,
             "image_size": self.image_size,
         }
+        if self.extractor is not None:
+            plain |= {"image_shape": list(self.image_shape), "extractor": self.extractor}
         if self.is_series:
             plain |= {
                 "window": self.window,
@@ -163,7 +189,7 @@ class Preprocessing:
         """The inverse of :meth:`to_dict`; unknown keys are refused, named."""
         if not isinstance(d, dict):
             raise DataError(f"preprocessing: expected a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"extractor_module"}
         unknown = sorted(set(d) - known, key=str)
         if unknown:
             raise DataError(f"preprocessing: unknown key(s) {unknown}; known keys are {sorted(known)}")
@@ -230,6 +256,29 @@ class Preprocessing:
 
     # --- raw samples -> model inputs --------------------------------------------------------------
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one raw sample after resizing: the images for a model of patch features."""
+        return self.image_shape or self.sample_shape
+
+    def with_extractor(self, module: Any) -> Preprocessing:
+        """This preprocessing with the frozen extractor that makes its patch features, which must be
+        the one the model was trained with (its ``identity()`` equal to the stored one)."""
+        if self.extractor is None:
+            raise DataError("preprocessing: this model takes no patch features; it needs no extractor")
+        from metaad.data.features import extractor_identity
+
+        identity = extractor_identity(module)
+        if identity != self.extractor:
+            differ = sorted(
+                k for k in set(identity) | set(self.extractor) if identity.get(k) != self.extractor.get(k)
+            )
+            raise DataError(
+                f"the feature extractor differs from the one the model was trained with in {differ}: "
+                f"{[identity.get(k) for k in differ]} against {[self.extractor.get(k) for k in differ]}"
+            )
+        return replace(self, extractor_module=module)
+
     def transform(self, x: Any) -> np.ndarray:
         """Raw samples as the user has them -> ``(N, *sample_shape)`` float32.
 
@@ -237,7 +286,21 @@ class Preprocessing:
         rows, or a pandas DataFrame (its columns are matched to ``feature_names`` by name). Images
         may come as ``(N, H, W)``, ``(N, C, H, W)`` or flattened rows; 8-bit or boolean pixels
         (a boolean pixel is white, 255, as Pillow reads a 1-bit PNG) are resized as 8-bit planes.
+        A model of patch features: the images as above, then the attached extractor's features.
         """
+        if self.extractor is not None:
+            if self.extractor_module is None:
+                name = self.extractor.get("name", self.extractor)
+                raise DataError(
+                    f"this model scores patch features of the extractor {name}; load it with "
+                    "metaad.load(checkpoint), which rebuilds the extractor"
+                )
+            from metaad.data.features import extract
+
+            images = replace(self, sample_shape=self.image_shape, image_shape=None, extractor=None).transform(
+                x
+            )
+            return extract(self.extractor_module, images)
         raw = self._frame_values(x) if _is_frame(x) else _as_array(x)
         if raw.dtype.kind not in "biuf":
             raise DataError(f"samples must be numeric, got dtype {raw.dtype}")
@@ -318,9 +381,14 @@ class Preprocessing:
         raise DataError(f"expected samples of shape (N, {', '.join(map(str, shape))}), got shape {raw.shape}")
 
     def _resize(self, block: np.ndarray) -> np.ndarray:
-        """``(b, C, H, W)`` -> ``(b, C, S, S)``: Lanczos per plane, 8-bit when the pixels are 8-bit."""
+        """``(b, C, H, W)`` -> ``(b, C, S, S)``: Lanczos per plane, 8-bit when the pixels are 8-bit:
+        whole numbers in 0..255 of any dtype (a photo read as float32 resizes as its source did)."""
         eight_bit = block.dtype == np.uint8 or (
-            block.dtype.kind in "iu" and block.size and 0 <= block.min() and block.max() <= 255
+            block.dtype.kind in "iuf"
+            and block.size
+            and 0 <= block.min()
+            and block.max() <= 255
+            and (block.dtype.kind != "f" or bool((block == np.round(block)).all()))
         )
         planes = block.astype(np.uint8 if eight_bit else np.float32)
         out = np.empty((*block.shape[:2], self.image_size, self.image_size), planes.dtype)

@@ -38,7 +38,7 @@ import numpy as np
 from metaad.data import store
 from metaad.data.errors import DataError
 from metaad.data.preprocessing import Preprocessing
-from metaad.data.tasks import AFTER, BEFORE, HISTORY, LabelledData
+from metaad.data.tasks import AFTER, BEFORE, HISTORY, LabelledData, StreamParts
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,12 @@ class Windows:
             out[i] = self.values.block(start, start + self.window)
         return out
 
+    def steps(self, start: int, stop: int) -> np.ndarray:
+        """The stored steps ``[start, stop)``, ``(stop - start, metrics)`` float32 (a stream's series)."""
+        if isinstance(self.values, np.ndarray):
+            return np.asarray(self.values[start:stop], np.float32)
+        return np.asarray(self.values.block(start, stop), np.float32)
+
 
 # --- the windows of one entity -------------------------------------------------------------------
 
@@ -108,6 +114,8 @@ class _Collector:
         self.names: list[str] = []
         self.index: dict[str, int] = {}
         self.straddling = 0
+        self.parts: list[tuple[int, int, int, int]] = []  # test parts: (entity, start, cut, stop)
+        self.runs: list[np.ndarray] = []  # their anomalous [start, stop) runs, storage steps
 
     def add(self, entity: str, offset: int, labels: np.ndarray, clock: np.ndarray, history: bool) -> None:
         """The windows of one contiguous part (history or test) of ``entity`` at storage ``offset``."""
@@ -117,6 +125,13 @@ class _Collector:
         w, n = self.cut.window, len(labels)
         if n < w:
             return
+        if not history:
+            first_after = int(np.searchsorted(clock, self.cut.time_cut, side="left"))
+            self.parts.append((code, offset, offset + first_after, offset + n))
+            edges = np.diff(np.concatenate([[0], labels.astype(np.int8), [0]]))
+            self.runs.append(
+                np.stack([np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)], axis=1) + offset
+            )
         local = np.arange(0, n - w + 1, self.cut.stride, dtype=np.int64)
         ends = local + w - 1
         counts = np.concatenate([[0], np.cumsum(labels, dtype=np.int64)])
@@ -164,7 +179,13 @@ class _Collector:
             finite_checked=True,
             period=np.concatenate(self.period),
             span=np.concatenate(self.span),
+            streams=self.streams(),
         )
+
+    def streams(self) -> StreamParts:
+        parts = np.array(self.parts, np.int64).reshape(-1, 4)
+        runs = np.concatenate(self.runs).astype(np.int64) if self.runs else np.zeros((0, 2), np.int64)
+        return StreamParts(parts[:, 0], parts[:, 1], parts[:, 2], parts[:, 3], runs.reshape(-1, 2))
 
 
 def series_preprocessing(
@@ -601,6 +622,7 @@ def series_table(
             finite_checked=True,
             period=saved["period"],
             span=saved["span"],
+            streams=_saved_streams(saved),
         )
 
     # first pass: the clock's range (time, and the split column if any), to place the cut
@@ -649,8 +671,22 @@ def series_table(
             anomalous=data.anomalous,
             period=data.period,
             span=data.span,
+            stream_parts=np.stack(
+                [data.streams.entity, data.streams.start, data.streams.cut, data.streams.stop], axis=1
+            ),
+            stream_runs=data.streams.anomalous,
         )
     return data
+
+
+def _saved_streams(saved) -> StreamParts | None:
+    """The test parts a store's ``windows.npz`` recorded (None from a store written before streams)."""
+    if "stream_parts" not in saved.files:
+        return None
+    parts = saved["stream_parts"].reshape(-1, 4)
+    return StreamParts(
+        parts[:, 0], parts[:, 1], parts[:, 2], parts[:, 3], saved["stream_runs"].reshape(-1, 2)
+    )
 
 
 def _numbered(chunks):

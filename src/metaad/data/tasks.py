@@ -34,7 +34,17 @@ from metaad.data.errors import DataError
 from metaad.data.preprocessing import Preprocessing
 from metaad.data.values import refuse_extreme
 
-__all__ = ["DataError", "LabelledData", "TaskPool", "check_time_leaks", "entity_folds", "split_tasks"]
+__all__ = [
+    "DataError",
+    "LabelledData",
+    "StreamParts",
+    "TaskPool",
+    "asked_tasks",
+    "check_category_leaks",
+    "check_time_leaks",
+    "entity_folds",
+    "split_tasks",
+]
 
 SPLITS = ("train", "val", "test")
 TRAIN, VAL, TEST = 0, 1, 2
@@ -42,8 +52,39 @@ TRAIN, VAL, TEST = 0, 1, 2
 HISTORY, BEFORE, AFTER = 0, 1, 2
 TRAIN_ANOMALIES = ("real", "synthetic", "real+synthetic", "one_vs_rest")
 PARTITIONS = ("train", "test")
+# 8-bit pixels as model inputs: float64 value * (1/255), rounded once to float32 (Preprocessing.transform)
+_EIGHT_BIT = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
 ROTATIONS = (90, 180, 270)
 _CHUNK = 65536
+
+
+@dataclass(frozen=True)
+class StreamParts:
+    """Where each entity's labelled test part lies in the stored series, to score it as a stream.
+
+    One row per contiguous test part (one per entity for per-entity files, possibly several for a
+    long table): ``entity`` its task code, ``start`` / ``cut`` / ``stop`` storage steps (its first
+    step, its first step on or after the time cut, one past its last). ``anomalous`` holds the
+    storage ``[start, stop)`` runs of labelled anomalous steps, sorted: a few numbers a segment,
+    never a label per step kept in memory.
+    """
+
+    entity: np.ndarray  # (P,) int
+    start: np.ndarray  # (P,) int64
+    cut: np.ndarray  # (P,) int64
+    stop: np.ndarray  # (P,) int64
+    anomalous: np.ndarray  # (S, 2) int64
+
+    def labels(self, start: int, stop: int) -> np.ndarray:
+        """0/1 per storage step in ``[start, stop)``."""
+        out = np.zeros(stop - start, np.int64)
+        runs = self.anomalous
+        first = int(np.searchsorted(runs[:, 1], start, side="right")) if len(runs) else 0
+        for a, b in runs[first:]:
+            if a >= stop:
+                break
+            out[max(a, start) - start : min(b, stop) - start] = 1
+        return out
 
 
 @dataclass(frozen=True)
@@ -59,7 +100,16 @@ class LabelledData:
     ``x`` may be a read-only memory map (a source read into a store, ``data.store``): nothing here
     reads all of it, and episodes read only their rows. With ``names``, ``task`` holds integer codes
     into it (millions of rows need no string per row). ``finite_checked`` says the source already
-    refused NaN and inf while reading, so the check here need not read ``x`` again.
+    refused NaN and inf while reading, so the check here need not read ``x`` again. Images may be
+    held as 8-bit pixels (``uint8``, a quarter of the memory): a pool hands them out as
+    ``value * (1/255)`` in float32, the arithmetic of :meth:`Preprocessing.transform`.
+
+    Images with defect maps carry ``masks`` ``(N, H, W)`` bool (all False for a normal image; the
+    size of the source's images, also when ``x`` later holds patch features). ``made_from``: for a
+    row made from another (a synthetic anomaly pasted onto a normal image, a turned copy), that
+    row; -1 for rows read from files. ``support_partition`` ("train"): a held-out task's support
+    comes from its rows of that partition and its queries from the others (an image folder's
+    ``train/good`` and ``test/``), while meta-training uses every row of its own tasks.
     """
 
     x: np.ndarray  # (N, *sample_shape) float32
@@ -73,6 +123,11 @@ class LabelledData:
     # series windows: each row's period (HISTORY / BEFORE / AFTER) and its [start, end] on the clock
     period: np.ndarray | None = None
     span: np.ndarray | None = None
+    masks: np.ndarray | None = None  # (N, H, W) bool defect maps, or None
+    made_from: np.ndarray | None = None  # (N,) int64: the row a synthetic row was made from, or -1
+    support_partition: str | None = None
+    # series: each entity's labelled test part in the stored series (scored as a stream)
+    streams: StreamParts | None = None
 
     def __post_init__(self) -> None:
         if self.x.ndim < 2 or len(self.x) == 0:
@@ -99,6 +154,7 @@ class LabelledData:
                 )
             if self.anomalous is None:
                 raise DataError(f"{self.name}: series windows need anomaly labels (all False where unknown)")
+        self._check_images(n)
         if self.preprocessing is None:
             object.__setattr__(self, "preprocessing", Preprocessing(self.x.shape[1:]))
         elif self.preprocessing.sample_shape != self.x.shape[1:]:
@@ -122,6 +178,35 @@ class LabelledData:
                     f"{self.name}: {len(rows)} row(s) contain NaN or inf (first rows: {rows[:5].tolist()})"
                 )
         refuse_extreme(self.x, self.name)
+
+    def _check_images(self, n: int) -> None:
+        if self.x.dtype == np.uint8 and self.x.ndim != 4:
+            raise DataError(f"{self.name}: 8-bit samples are images (N, channels, H, W), got {self.x.shape}")
+        if self.masks is not None:
+            if self.anomalous is None:
+                raise DataError(f"{self.name}: defect masks need anomaly labels (a task's own anomalies)")
+            if self.masks.dtype != bool or self.masks.ndim != 3 or len(self.masks) != n:
+                got = f"{self.masks.dtype} {self.masks.shape}"
+                raise DataError(f"{self.name}: masks must be (N={n}, H, W) bool, got {got}")
+            normal_marked = ~self.anomalous & self.masks.reshape(n, -1).any(axis=1)
+            if normal_marked.any():
+                raise DataError(
+                    f"{self.name}: {int(normal_marked.sum())} normal row(s) have defect pixels in their "
+                    f"masks (first rows: {np.flatnonzero(normal_marked)[:5].tolist()})"
+                )
+        if self.made_from is not None:
+            made = np.asarray(self.made_from)
+            if len(made) != n or made.dtype.kind not in "iu" or (len(made) and made.max() >= n):
+                raise DataError(f"{self.name}: made_from must be (N={n},) row numbers or -1")
+            derived = np.flatnonzero(made >= 0)
+            if len(derived) and (made[made[derived]] >= 0).any():
+                raise DataError(f"{self.name}: made_from must name rows read from files, not made ones")
+        if self.support_partition is not None:
+            if self.partition is None or self.support_partition not in PARTITIONS:
+                raise DataError(
+                    f"{self.name}: support_partition must name a partition ('train' or 'test') of "
+                    f"partitioned data, got {self.support_partition!r}"
+                )
 
     @cached_property
     def _grouping(self) -> tuple[list[str], np.ndarray]:
@@ -189,6 +274,7 @@ class TaskPool:
     # series: a task short of anomalous windows has them drawn with replacement, one with none is
     # left out of its split (named in a warning) rather than stopping the run
     lenient: bool = False
+    masks: np.ndarray | None = field(default=None, repr=False)  # the data's (N, H, W) defect maps
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -232,7 +318,23 @@ class TaskPool:
         return _AnomalyRows(self)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        """The samples of ``rows`` (rotated copies, injected anomalies), ``(len(rows), *sample_shape)``."""
+        """The samples of ``rows`` (rotated copies, injected anomalies), ``(len(rows), *sample_shape)``;
+        8-bit images as float32 ``value * (1/255)``."""
+        out = self._take(rows)
+        return _EIGHT_BIT[out] if out.dtype == np.uint8 else out
+
+    def take_masks(self, rows: np.ndarray) -> np.ndarray | None:
+        """The defect maps of ``rows`` ``(len(rows), H, W)`` bool (rotated as their images), or None."""
+        if self.masks is None:
+            return None
+        turn, base = np.divmod(np.asarray(rows), len(self.x))
+        out = self.masks[base]
+        for j, degrees in enumerate(self.rotations, start=1):
+            if (turn == j).any():
+                out[turn == j] = np.rot90(out[turn == j], k=degrees // 90, axes=(-2, -1))
+        return out
+
+    def _take(self, rows: np.ndarray) -> np.ndarray:
         if self.synthetic is not None:
             variant, base = np.divmod(rows, len(self.x))
             out = self.x[base]
@@ -317,6 +419,12 @@ def split_tasks(
     digit (the same halves up to a few images) and samples its 4,000-image test set once; metaad
     draws each episode's query from these pools.
 
+    Photographs (``data.support_partition``, an image folder): a val/test task's support is drawn
+    from its ``train`` rows (``train/good``), its queries from its ``test`` rows; meta-training
+    uses every row of its tasks, their real defects and (``train_anomalies``) the synthetic ones
+    (rows with ``made_from``), which go where the image they were made from goes;
+    :func:`check_category_leaks` then checks that no held-out image reached meta-training.
+
     ``train_rotations`` (images): rotated copies (90, 180, 270 degrees) of the training tasks as
     new training tasks ``<task>/rot<degrees>`` (the Prototypical networks' Omniglot recipe); val
     and test tasks are never rotated.
@@ -353,7 +461,9 @@ def split_tasks(
         if time_cut:
             check_time_leaks(data, pools)
         return pools
-    if data.partition is not None:
+    if data.support_partition is not None:
+        _image_owners(data, owner, train_anomalies)
+    elif data.partition is not None:
         source_test = data.partition == "test"
         owner[(owner == TRAIN) & source_test] = -1  # meta-training sees source-train rows only
         if anomalies_from == "source_test":
@@ -397,6 +507,11 @@ def split_tasks(
         block = {t: (int(starts[i]), int(starts[i + 1])) for i, t in enumerate(anomaly_tasks)}
         task_id = {t: index[t] for t in tasks}
         task_id |= {f"{t}/rot{d}": index[t] + j * len(names) for j, d in enumerate(turns, 1) for t in tasks}
+        support_rows = None
+        if data.support_partition is not None and s != TRAIN:  # held out: support and queries apart
+            side = {t: data.partition[r] == data.support_partition for t, r in normal_rows.items()}
+            support_rows = {t: r[side[t]] for t, r in normal_rows.items()}
+            normal_rows = {t: r[~side[t]] for t, r in normal_rows.items()}
         pools[split] = TaskPool(
             x=data.x,
             tasks=all_tasks,
@@ -409,8 +524,75 @@ def split_tasks(
             anomaly_block=block,
             own_anomalies=own,
             n_task_ids=len(names),
+            support_rows=support_rows,
+            masks=data.masks,
         )
+    if data.support_partition is not None or data.made_from is not None:
+        check_category_leaks(data, pools)
     return pools
+
+
+def _image_owners(data: LabelledData, owner: np.ndarray, train_anomalies: str) -> None:
+    """Rows nobody may use under the held-out-category protocol (``owner`` set to -1 in place).
+
+    Val/test tasks: anomalies in the support partition (none in an image folder's ``train/good``)
+    and synthetic rows (they exist for meta-training only). Meta-training: real anomalies with
+    ``train_anomalies=synthetic``, synthetic ones with ``real``.
+    """
+    if train_anomalies not in TRAIN_ANOMALIES or train_anomalies == "one_vs_rest":
+        raise DataError(
+            "dataset.train_anomalies must be real, synthetic or real+synthetic for tasks with their own "
+            f"anomalies, got {train_anomalies!r}"
+        )
+    anomalous = data.anomalous if data.anomalous is not None else np.zeros(len(owner), bool)
+    made = data.made_from if data.made_from is not None else np.full(len(owner), -1)
+    held_out = (owner == VAL) | (owner == TEST)
+    owner[held_out & anomalous & (data.partition == data.support_partition)] = -1
+    owner[held_out & (made >= 0)] = -1
+    # a synthetic defect: an anomaly made from a normal image (a turned copy of a real defect is real)
+    synthetic = anomalous & (made >= 0) & ~anomalous[np.maximum(made, 0)]
+    if train_anomalies == "synthetic":
+        owner[(owner == TRAIN) & anomalous & ~synthetic] = -1
+    elif train_anomalies == "real":
+        owner[(owner == TRAIN) & synthetic] = -1
+
+
+def check_category_leaks(data: LabelledData, pools: dict[str, TaskPool]) -> None:
+    """Raise :class:`DataError` if meta-training or validation can reach a held-out task's images.
+
+    Every row the train and val pools can hand out (normals, anomalies, supports, rotated copies),
+    and the row each synthetic one was made from, must belong to a task that is not held out
+    (a test task not also listed in their split), and no row may be in two splits. Built so by
+    :func:`split_tasks`; this checks it, so a synthesis or a split that leaks stops the run.
+    """
+    made = data.made_from if data.made_from is not None else np.full(len(data.x), -1)
+    codes, names = data.task_codes, data.task_names
+    test_rows = pool_rows(pools["test"])
+    taken = {"test": np.unique(np.where(made[test_rows] >= 0, made[test_rows], test_rows))}
+    for split in ("train", "val"):
+        rows = pool_rows(pools[split])
+        origin = np.where(made[rows] >= 0, made[rows], rows)
+        listed = {names.index(t) for t in pools[split].tasks if t in names}
+        held_out = np.array(
+            sorted({names.index(t) for t in pools["test"].tasks if t in names} - listed), np.int64
+        )
+        leaked = np.isin(codes[origin], held_out)
+        if leaked.any():
+            row = int(rows[np.argmax(leaked)])
+            source = int(origin[np.argmax(leaked)])
+            made_note = f" (made from row {source})" if source != row else ""
+            raise DataError(
+                f"{data.name}: the {split} split can reach row {row}{made_note} of the held-out task "
+                f"{names[codes[source]]!r}: a leak of a held-out task into {split}"
+            )
+        taken[split] = np.unique(origin)
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = np.intersect1d(taken[a], taken[b])
+        if len(shared):
+            raise DataError(
+                f"{data.name}: row {int(shared[0])} (task {names[codes[shared[0]]]!r}) is used by both the "
+                f"{a} and the {b} split ({len(shared)} rows in all): a leak between splits"
+            )
 
 
 def _series_pools(
@@ -561,6 +743,19 @@ def entity_folds(names: Sequence[str], n_folds: int, fold: int, seed: int = 0) -
     return folds[(fold + 1) % n_folds], folds[fold]
 
 
+def asked_tasks(
+    data: LabelledData,
+    train_tasks: Sequence | None,
+    val_tasks: Sequence,
+    test_tasks: Sequence,
+    require_disjoint: bool = True,
+) -> dict[str, list[str]]:
+    """The task names of each split as :func:`split_tasks` reads the settings (wildcards expanded,
+    ``train_tasks: null`` = the rest), checked; for steps that must know the split first (synthetic
+    anomalies are made from the training tasks' images only)."""
+    return _asked_tasks(data, data.task_names, train_tasks, val_tasks, test_tasks, require_disjoint)
+
+
 def _asked_tasks(data, names, train_tasks, val_tasks, test_tasks, require_disjoint) -> dict[str, list[str]]:
     known = set(names)
     asked: dict[str, list[str]] = {}
@@ -593,7 +788,9 @@ def _asked_tasks(data, names, train_tasks, val_tasks, test_tasks, require_disjoi
 
 
 def _owners(data: LabelledData, codes: np.ndarray, members: list[list[int]], seed: int) -> np.ndarray:
-    """The split that owns each row (-1: none); a task listed in several splits has its rows dealt."""
+    """The split that owns each row (-1: none); a task listed in several splits has its rows dealt.
+    A row made from another (``made_from``) goes where that row goes, so a synthetic variant of a
+    validation image never lands in meta-training."""
     n_tasks = len(data.task_names)
     listed = np.zeros((len(SPLITS), n_tasks), bool)
     for s, tasks in enumerate(members):
@@ -605,11 +802,16 @@ def _owners(data: LabelledData, codes: np.ndarray, members: list[list[int]], see
         rng = np.random.default_rng([seed, 7919])
         order = np.argsort(codes, kind="stable")
         starts = np.searchsorted(codes[order], np.arange(n_tasks + 1))
+        made = data.made_from
         for t in shared:  # in natural task order; val + test sharing: val gets [0::2], test [1::2]
             splits = np.flatnonzero(listed[:, t])
-            rows = rng.permutation(order[starts[t] : starts[t + 1]])
+            rows = order[starts[t] : starts[t + 1]]
+            rows = rng.permutation(rows if made is None else rows[made[rows] < 0])
             for j, s in enumerate(splits):
                 owner[rows[j :: len(splits)]] = s
+        if made is not None:
+            derived = np.flatnonzero(made >= 0)
+            owner[derived] = owner[made[derived]]
     return owner
 
 

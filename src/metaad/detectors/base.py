@@ -52,10 +52,39 @@ class Learner(nn.Module):
         return self.score(self.adapt(support), query)
 
 
-def anomaly_scores(detector: Detector, support: Tensor, query: Tensor) -> Tensor:
-    """``score(adapt(support), query)`` for any detector."""
-    return detector.score(detector.adapt(support), query)
+def anomaly_scores(
+    detector: Detector, support: Tensor, query: Tensor, chunk_size: int | None = None
+) -> Tensor:
+    """``score(adapt(support), query)`` for any detector, the query ``chunk_size`` samples at a time
+    (:func:`score_in_chunks`)."""
+    return score_in_chunks(detector, detector.adapt(support), query, chunk_size)
 
+
+def score_in_chunks(detector: Detector, state: Any, query: Tensor, chunk_size: int | None) -> Tensor:
+    """``score(state, query)`` with at most ``chunk_size`` query samples, over all B episodes of the
+    batch, through the detector at once (at least one per episode); ``None``: the whole query.
+
+    A detector scores each query sample on its own (nothing transductive; the generic tests check
+    every learner and baseline), so the scores are those of the whole query (bitwise for most; to
+    float32 rounding where a batched matmul sums in another order for fewer rows) while memory is
+    bounded by the setting, not by the query size: a 4,000-image query through a conv net is gigabytes.
+    """
+    if chunk_size is None:
+        return detector.score(state, query)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"score_chunk must be a positive integer or null, got {chunk_size!r}")
+    per_episode = max(1, chunk_size // max(1, query.shape[0]))
+    if per_episode >= query.shape[1]:
+        return detector.score(state, query)
+    parts = [
+        detector.score(state, query[:, start : start + per_episode])
+        for start in range(0, query.shape[1], per_episode)
+    ]
+    return torch.cat(parts, 1)
+
+
+# query samples scored at once by the Python API (the apps: the config's score_chunk)
+SCORE_CHUNK = 1024
 
 _BLOCK = 2**24  # values of the differences a euclidean pairwise_distance forms at once
 

@@ -98,6 +98,7 @@ class Evaluator:
 
     ``ci_over``: ``episode`` (each episode one value) or ``task`` (episodes of one task, e.g. one
     entity of a series dataset, averaged first; the CI is over tasks, ``n_groups`` of them).
+    ``score_chunk``: query samples of a batch scored at once (None: all), which bounds memory.
 
     Test episodes that carry ``query_masks`` (B, Q, S, S) get pixel AUROC and PRO per episode from
     every detector that answers ``score_maps`` (not validation ones: nothing is selected on them),
@@ -113,6 +114,7 @@ class Evaluator:
         baseline_threshold: Threshold | None = None,
         ci_over: str = "episode",
         learner: str = "learner",
+        score_chunk: int | None = None,
         map_sigma: float = 0.0,
     ):
         if ci_over not in CI_OVER:
@@ -122,6 +124,7 @@ class Evaluator:
                 f"map_sigma (the anomaly maps' blur, pixels) must be a number >= 0, got {map_sigma!r}"
             )
         self.ci_over = ci_over
+        self.score_chunk = score_chunk
         self.map_sigma = float(map_sigma)
         self.baselines = dict(baselines or {})
         if learner in self.baselines:
@@ -164,7 +167,8 @@ class Evaluator:
                 batch.index if batch.index is not None else torch.arange(self._seen[key], self._seen[key] + n)
             )
             self._seen[key] += n
-            scored = score_episodes(detector, batch.support, batch.query, self.threshold_of(name))
+            threshold = self.threshold_of(name)
+            scored = score_episodes(detector, batch.support, batch.query, threshold, self.score_chunk)
             masks = getattr(batch, "query_masks", None)
             pixels = None
             if split == "test" and masks is not None and callable(getattr(detector, "score_maps", None)):

@@ -18,12 +18,30 @@ from metaad.evaluation.results import Summary
 
 
 def episode_auroc(scores: Tensor, labels: Tensor) -> Tensor:
-    """AUROC of each episode: P(anomaly scores above normal) with ties counted half. (B, Q) -> (B,)."""
-    pos, neg = labels.bool(), ~labels.bool()
-    diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # [b, i, j] = s_i - s_j
-    wins = (diff > 0).float() + 0.5 * (diff == 0).float()
-    pairs = pos.unsqueeze(2) & neg.unsqueeze(1)
-    return (wins * pairs).sum((1, 2)) / pairs.sum((1, 2)).clamp(min=1)
+    """AUROC of each episode: P(anomaly scores above normal) with ties counted half. (B, Q) -> (B,).
+
+    From the ranks (Mann-Whitney U, tied scores sharing their mean rank), in O(Q log Q) time and
+    O(Q) memory: the pairwise form took (B, Q, Q) tensors, gigabytes for 4,000-sample queries.
+    An episode without anomalies or without normals gets 0.
+    """
+    b, q = scores.shape
+    order = scores.argsort(dim=1, stable=True)
+    ordered = scores.gather(1, order)
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    run = starts.cumsum(1) - 1  # index of each sorted score's run of ties
+    position = torch.arange(q, dtype=torch.float64).expand(b, q)
+    first = torch.zeros(b, q, dtype=torch.float64).scatter_reduce(
+        1, run, position, "amin", include_self=False
+    )
+    last = torch.zeros(b, q, dtype=torch.float64).scatter_reduce(1, run, position, "amax", include_self=False)
+    mean_rank = ((first + last) / 2 + 1).gather(1, run)  # 1-based, ties share their mean
+    ranks = torch.empty_like(mean_rank).scatter_(1, order, mean_rank)
+    pos = labels.bool()
+    n_pos = pos.sum(1).double()
+    n_neg = q - n_pos
+    u = (ranks * pos).sum(1) - n_pos * (n_pos + 1) / 2
+    return torch.where(n_pos * n_neg > 0, u / (n_pos * n_neg).clamp(min=1), 0.0).to(scores.dtype)
 
 
 def episode_average_precision(scores: Tensor, labels: Tensor) -> Tensor:

@@ -98,12 +98,37 @@ Metrics = dict[str, Summary]  # metric name -> its summary over episodes
 
 
 @dataclass
+class StreamResults:
+    """Each held-out entity's test part after the time cut, scored step by step
+    (:mod:`metaad.evaluation.stream_metrics`): per detector (the learner first), each stream metric's
+    mean and 95% CI over entities. ``entities`` were measured; ``notes`` say what was not and why
+    (an entity without both kinds of step after the cut, a threshold that needs more support)."""
+
+    detectors: dict[str, Metrics]
+    entities: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        detectors = {
+            name: {m: s.to_json() for m, s in metrics.items()} for name, metrics in self.detectors.items()
+        }
+        return {"entities": self.entities, "detectors": detectors, "notes": self.notes}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> StreamResults:
+        detectors = {name: metrics_of(metrics) for name, metrics in value["detectors"].items()}
+        return cls(detectors, [str(e) for e in value["entities"]], [str(n) for n in value.get("notes") or []])
+
+
+@dataclass
 class RunResults:
     """What one run measured: the learner and each baseline on the test episodes, every detector
     on the validation episodes, and the threshold behind the learner's decisions.
 
     ``names`` are the run's names (``model``: the learner's name, ``dataset``, any others); they
-    are written at the top level of ``metrics.json``, as the fields that follow them.
+    are written at the top level of ``metrics.json``, as the fields that follow them. ``stream``
+    (series data only): the learner and every baseline scoring each held-out entity's test part
+    after the cut step by step.
     """
 
     names: dict[str, str]
@@ -120,6 +145,7 @@ class RunResults:
     val_auroc_best: float | None = None
     global_step: int | None = None
     null_reasons: dict[str, str] = field(default_factory=dict)
+    stream: StreamResults | None = None
 
     @property
     def learner(self) -> str:
@@ -170,6 +196,8 @@ class RunResults:
         }
         if self.threshold is not None:
             out["threshold"] = self.threshold
+        if self.stream is not None:
+            out["stream"] = self.stream.to_json()
         return finite(out, self.null_reasons)
 
     def write(self, path: Path) -> None:
@@ -190,6 +218,7 @@ class RunResults:
             if best is not None and (isinstance(best, bool) or not isinstance(best, int | float)):
                 raise ValueError(f"val_auroc_best is {best!r}, not a number")
             known = {f for f in cls.__dataclass_fields__ if f != "names"}
+            stream = value.get("stream")
             return cls(
                 names={k: v for k, v in value.items() if k not in known and isinstance(v, str)},
                 k_shot=int(value["k_shot"]),
@@ -204,6 +233,7 @@ class RunResults:
                 val_auroc_best=math.nan if best is None and "val_auroc_best" in value else best,
                 global_step=value.get("global_step"),
                 null_reasons=dict(value.get(NULL_REASONS) or {}),
+                stream=None if stream is None else StreamResults.from_json(stream),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             what = f"no {error}" if isinstance(error, KeyError) else str(error)

@@ -23,15 +23,17 @@ are aligned to the scores' end (:func:`align`), never padded with made-up scores
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from metaad.data.episodes import Stream
 from metaad.detectors.base import Detector, leave_one_out_scores, score_stream
 from metaad.evaluation.metrics import summarize
-from metaad.evaluation.results import Summary
+from metaad.evaluation.results import StreamResults, Summary
 from metaad.evaluation.thresholds import EPS
 
 
@@ -269,3 +271,49 @@ def summarize_streams(results: list[StreamMetrics], groups: Tensor | None = None
         if all(v is not None for v in values):
             out[name] = summarize(torch.tensor(values, dtype=torch.float64), groups)
     return out
+
+
+def evaluate_streams(
+    detectors: Mapping[str, Detector], streams: Iterable[Stream | str], q: float = 1.0, margin: float = 1.0
+) -> StreamResults:
+    """Every detector on every stream (:func:`evaluate_stream`), summarised over entities.
+
+    ``streams`` yields one entity's :class:`~metaad.data.episodes.Stream` at a time (memory is that
+    of one entity's series), or a line saying why one cannot be measured, kept as a note. A detector
+    whose scores are not finite on a stream is left out of that entity's values, named in a note:
+    a NaN is never a measurement. ``f1_support`` needs K >= 3 support windows; below, it is left
+    out with a note, never NaN.
+    """
+    values: dict[str, list[StreamMetrics]] = {name: [] for name in detectors}
+    groups: dict[str, list[int]] = {name: [] for name in detectors}
+    entities: list[str] = []
+    notes: list[str] = []
+    k_shot = None
+    for stream in streams:
+        if isinstance(stream, str):
+            notes.append(f"left out: {stream}")
+            continue
+        if stream.entity not in entities:
+            entities.append(stream.entity)
+        support, series = torch.from_numpy(stream.support), torch.from_numpy(stream.series)
+        k_shot = support.shape[0]
+        for name, detector in detectors.items():
+            try:
+                measured = evaluate_stream(detector, support, series, stream.labels, q=q, margin=margin)
+            except ValueError as error:
+                notes.append(f"{name} on {stream.entity}: not measured ({error})")
+                continue
+            values[name].append(measured)
+            groups[name].append(entities.index(stream.entity))
+    if k_shot is not None and k_shot < 3:
+        notes.append(
+            f"f1_support not measured at K={k_shot}: the support threshold needs the leave-one-out "
+            "scores of at least 3 support windows"
+        )
+    summaries = {}
+    for name in detectors:
+        if values[name]:
+            summary = summarize_streams(values[name], torch.tensor(groups[name]))
+            summary.pop("best_f1_threshold")  # a raw score, on each entity's own scale: no mean
+            summaries[name] = summary
+    return StreamResults(summaries, entities, notes)

@@ -88,10 +88,15 @@ class Scored(NamedTuple):
 
 
 def score_episodes(
-    detector: Detector, support: Tensor, query: Tensor, threshold: Threshold | None = None
+    detector: Detector,
+    support: Tensor,
+    query: Tensor,
+    threshold: Threshold | None = None,
+    chunk_size: int | None = None,
 ) -> Scored:
-    """Raw scores as in evaluation, plus what ``threshold`` needs to decide (leave-one-out if it must)."""
-    scores = anomaly_scores(detector, support, query)
+    """Raw scores as in evaluation, plus what ``threshold`` needs to decide (leave-one-out if it must);
+    the query goes through the detector ``chunk_size`` samples at a time (``score_chunk``)."""
+    scores = anomaly_scores(detector, support, query, chunk_size)
     if threshold is None or support.shape[1] < threshold.min_k_shot:
         return Scored(scores, None, None)
     if threshold.normalise == "none" and not threshold.uses_support_scores:
@@ -258,3 +263,13 @@ class Fixed(Threshold):
 
     def params(self) -> dict[str, Any]:
         return {**super().params(), "value": self.value}
+
+
+class Logit(Fixed):
+    """The MAML family's own rule, as OC-MAML reports it: anomalous when sigmoid(logit) > 0.5, that
+    is a raw score (the adapted network's logit) above 0. Named for what it is, not as a fixed value."""
+
+    rule = "logit"
+
+    def __init__(self, baselines: bool = False) -> None:
+        super().__init__(0.0, "none", baselines)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.callbacks import Checkpoint, RichProgressBar
 
 from metaad import checkpoint as ckpt
 from metaad.errors import Interrupted
@@ -123,3 +124,36 @@ class StoreConfig(pl.Callback):
                 datamodule.task_names(),
             )
         )
+
+
+FILE_LOG = logging.getLogger("metaad.log_file")
+FILE_LOG.propagate = False
+
+
+def log_file_only(message: str, *args: Any) -> None:
+    """``message`` in the run's log file (the root logger's file handlers, Hydra's ``<app>.log``)
+    and never on the console: what one reads when looking into a run, not while it runs."""
+    FILE_LOG.handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    FILE_LOG.setLevel(logging.INFO)
+    FILE_LOG.info(message, *args)
+
+
+class SummaryToLogFile(pl.Callback):
+    """Lightning's model summary (``trainer.enable_model_summary``), written to the run's log file
+    instead of the console."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            from pytorch_lightning.utilities.model_summary import summarize
+
+            log_file_only("model summary:\n%s", summarize(pl_module, max_depth=1))
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's progress bar without ``v_num`` (the logger's version: the run's name, which the
+    console says once at the end), so the epoch's metrics keep to one line more often."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics

@@ -8,6 +8,7 @@ contact with Lightning's internals (loggers, dataloaders of a loop, ranks) is he
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 
 from metaad import checkpoint as ckpt
@@ -28,6 +29,28 @@ from metaad.evaluation.evaluator import Evaluator, Report
 log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 DECISION_METRICS = ("f1", "precision", "recall", "balanced_accuracy")
+# TensorBoard's HPARAMS metrics, each written once, when known: the best validation AUROC at the
+# end of training, the test AUROC at the end of testing
+HP_METRICS = ("hp/val_auroc", "hp/test_auroc")
+# where a checkpoint says its run's TensorBoard events are, so a resumed run continues them
+TENSORBOARD_DIR = "tensorboard_dir"
+
+
+def log_run(loggers: Iterable[Any], params: dict[str, Any]) -> None:
+    """Each logger gets the settings that define the run; TensorBoard's HPARAMS also the names of
+    :data:`HP_METRICS`, without values (no placeholder at step 0: the values come when known)."""
+    for logger in loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params)  # rank 0 only, as Lightning's loggers do
+            continue
+        if rank_zero_only.rank != 0:  # the other ranks' TensorBoard writes nothing
+            continue
+        from torch.utils.tensorboard.summary import hparams
+
+        logger.hparams.update(params)  # its hparams.yaml
+        writer = logger.experiment._get_file_writer()  # Lightning's own way to these summaries
+        for summary in hparams(params, dict.fromkeys(HP_METRICS, 0.0)):  # the names only
+            writer.add_summary(summary)
 
 
 def quiet_lightning() -> None:
@@ -123,7 +146,7 @@ class MetaTraining(pl.LightningModule):
         best = max(self.val_auroc_best, auroc)
         # every rank holds the gathered records, so these are equal on all ranks
         self.log("val/auroc", auroc, prog_bar=True, sync_dist=True)
-        logged = {"val/aupr": summary["aupr"].mean, "val/auroc_best": best, "hp/val_auroc": best}
+        logged = {"val/aupr": summary["aupr"].mean, "val/auroc_best": best}
         logged |= {f"val/{m}": summary[m].mean for m in DECISION_METRICS if m in summary}
         values = report.per_episode_thresholds.get(("val", name))
         if values is not None:
@@ -133,6 +156,11 @@ class MetaTraining(pl.LightningModule):
         self.log_dict(logged, sync_dist=True)
         if not self.trainer.sanity_checking:
             self._log_pictures("val", report)
+
+    def on_fit_end(self) -> None:
+        if math.isfinite(self.val_auroc_best):  # else never validated: no value to show
+            for logger in self.loggers:
+                logger.log_metrics({"hp/val_auroc": self.val_auroc_best}, step=self.global_step)
 
     def on_test_epoch_start(self) -> None:
         self.evaluator.reset()
@@ -203,6 +231,9 @@ class MetaTraining(pl.LightningModule):
     # --- checkpoint state ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["val_auroc_best"] = self.val_auroc_best
+        folders = [lg.log_dir for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+        if folders:
+            checkpoint[TENSORBOARD_DIR] = str(folders[0])
         if self.evaluator.threshold is not None:
             checkpoint[ckpt.THRESHOLD] = self.evaluator.threshold.state_dict()
 
