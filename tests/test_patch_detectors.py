@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from PIL import Image
 from sklearn.covariance import empirical_covariance, ledoit_wolf_shrinkage
 
 import metaad
+from metaad.data.episodes import Episode
 from metaad.detectors.base import anomaly_scores, leave_one_out_scores
 from metaad.detectors.patch import PaDiM, PatchKNN, aggregate, greedy_coreset
 from metaad.detectors.patch_adapter import PatchAdapter
@@ -225,19 +225,7 @@ def piped(category: str, part: str, n: int) -> tuple[torch.Tensor, torch.Tensor]
     return random_features(x), torch.from_numpy(np.stack(masks))
 
 
-class MaskedEpisode(NamedTuple):
-    """Episodes with the contract's ``query_masks`` (B, Q, S, S) beside the usual fields."""
-
-    support: torch.Tensor
-    query: torch.Tensor
-    label: torch.Tensor
-    task: torch.Tensor
-    query_task: torch.Tensor
-    index: torch.Tensor | None
-    query_masks: torch.Tensor
-
-
-def piped_episodes(categories: list[str], k: int = 8, n: int = 8) -> MaskedEpisode:
+def piped_episodes(categories: list[str], k: int = 8, n: int = 8) -> Episode:
     """One episode per category: K train/good support, n test/good and n test/impurity queries."""
     parts = []
     for category in categories:
@@ -247,7 +235,7 @@ def piped_episodes(categories: list[str], k: int = 8, n: int = 8) -> MaskedEpiso
         parts.append((support, torch.cat([good, bad]), torch.cat([good_masks, bad_masks])))
     b = len(parts)
     label = torch.cat([torch.zeros(n), torch.ones(n)]).long().expand(b, -1)
-    return MaskedEpisode(
+    return Episode(
         torch.stack([p[0] for p in parts]),
         torch.stack([p[1] for p in parts]),
         label,
