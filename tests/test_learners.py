@@ -135,8 +135,9 @@ def train_class_episodes() -> tuple[EpisodeDataset, Episode]:
 # fomaml and ocmaml differ from maml only in flags the gradient tests check (tests/test_maml.py).
 # Learners that start as strong no-learning detectors are checked to beat that start elsewhere: the
 # covariance prior (Mahalanobis) in tests/test_covariance.py; the residual learner, the detector
-# combination and the channel weighting (the series baselines) in tests/test_series_detectors.py.
-STARTS_AS_A_BASELINE = {"covariance", "residual", "combination", "channel_weighting"}
+# combination and the channel weighting (the series baselines) in tests/test_series_detectors.py; the
+# patch adapter (patch kNN) in tests/test_patch_detectors.py.
+STARTS_AS_A_BASELINE = {"covariance", "residual", "combination", "channel_weighting", "patch_adapter"}
 
 
 @pytest.mark.parametrize(

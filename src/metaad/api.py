@@ -57,9 +57,10 @@ from metaad.evaluation.thresholds import NonFiniteScores, Threshold, leave_one_o
 PYOD = "pyod:"  # metaad.baseline("pyod:IForest"): a PyOD detector by its class name
 
 
-def baseline_configs() -> dict[str, dict[str, Any]]:
-    """Every baseline ``baselines=all`` scores beside a learner, by name: the one registry is
-    ``conf/baselines/`` (a file's ``defaults`` are read first, as Hydra composes them)."""
+def baseline_configs(file: str = "all") -> dict[str, dict[str, Any]]:
+    """Every baseline one file of ``conf/baselines/`` names (``all``: those ``baselines=all`` scores
+    beside a learner), by name: the one registry is that folder (a file's ``defaults`` are read
+    first, as Hydra composes them)."""
     folder = resources.files("metaad.conf") / "baselines"
 
     def read(name: str) -> dict[str, Any]:
@@ -70,7 +71,20 @@ def baseline_configs() -> dict[str, dict[str, Any]]:
                 merged |= read(entry)
         return merged | {key: value for key, value in node.items() if key != "defaults"}
 
-    return read("all")
+    return read(file)
+
+
+# The files whose baselines metaad.baseline(name) builds: the sample baselines and the patch ones
+# (on patch features (C, h, w), with anomaly maps).
+API_BASELINES = ("all", "patch")
+
+
+def api_baseline_configs() -> dict[str, dict[str, Any]]:
+    """The baselines :func:`baseline` finds by name (:data:`API_BASELINES`)."""
+    found: dict[str, dict[str, Any]] = {}
+    for file in API_BASELINES:
+        found |= baseline_configs(file)
+    return found
 
 
 @dataclass(frozen=True)
@@ -293,6 +307,29 @@ class FewShotDetector:
         """Anomaly score of each sample; higher = more anomalous. A series model: one score per
         step from the first full window on, ``T - W + 1`` of them (see :meth:`scored_steps`)."""
         return self._scores(X).double().numpy()[0]
+
+    def anomaly_maps(
+        self, X: Any, size: int | tuple[int, int] | None = None, sigma: float = 0.0
+    ) -> np.ndarray:
+        """Where each sample is anomalous: a patch detector's patch scores (higher = more anomalous),
+        ``(N, h, w)`` on its patch grid, or upsampled bilinearly to ``size`` (an image's ``(H, W)``)
+        and blurred by a Gaussian of ``sigma`` pixels unless 0. The image score
+        (:meth:`decision_function`) is taken from these patch scores (their maximum or top mean)."""
+        from metaad.evaluation.pixel_metrics import upsample_maps
+
+        self._require_fit()
+        if not callable(getattr(self.detector, "score_maps", None)):
+            raise TypeError(
+                f"{self.name} scores whole samples and has no anomaly maps; the patch detectors have them "
+                "(metaad.baseline('patch_knn'), 'padim', or a patch learner such as model=patch_adapter)"
+            )
+        query = self._inputs(X, fitting=False)[None]
+        with torch.no_grad():
+            maps = self.detector.score_maps(self.state_, query)[0].detach().float()
+        self._require_finite(maps.flatten(1).amax(1, keepdim=True).T, query[0], "anomaly map")
+        if size is not None:
+            maps = upsample_maps(maps, size, sigma)
+        return maps.double().numpy()
 
     def normalised_scores(self, X: Any) -> np.ndarray:
         """The scores on the threshold's scale (z-scores with ``normalise=zscore``)."""
@@ -583,7 +620,7 @@ class BaselineDetector(FewShotDetector):
 
             detector = PyOD(self.baseline.removeprefix(PYOD), **settings)
         else:
-            configs = baseline_configs()
+            configs = api_baseline_configs()
             if self.baseline not in configs:
                 raise ValueError(
                     f"metaad.baseline: unknown baseline {self.baseline!r}; choose one of {sorted(configs)} "
@@ -612,7 +649,7 @@ def load(path: str | Path, threshold: Threshold | None = None) -> LoadedDetector
 def baseline(
     name: str, threshold: Threshold | str | None = "support_quantile", **settings: Any
 ) -> BaselineDetector:
-    """A no-learning baseline by name (:func:`baseline_configs`, as ``metaad-train`` scores it), behind
+    """A no-learning baseline by name (:func:`api_baseline_configs`, as ``metaad-train`` scores it), behind
     the same API; ``settings`` replace its configured ones. ``pyod:<Name>`` is any PyOD detector
     (``pip install pyod``), fitted on the support set, ``settings`` its constructor's arguments.
 

@@ -152,8 +152,10 @@ def build_learner(cfg: DictConfig, sample_shape: tuple[int, ...]) -> torch.nn.Mo
     """The learner of ``cfg.model`` on a backbone sized for ``sample_shape``, without the optimizer
     (training's, not the learner's)."""
     learner = OmegaConf.masked_copy(cfg.model, [key for key in cfg.model if key != "optimizer"])
-    if "backbone" not in inspect.signature(get_class(cfg.model._target_)).parameters:
-        return instantiate(learner)  # a learner on the raw inputs (the covariance prior)
+    parameters = inspect.signature(get_class(cfg.model._target_)).parameters
+    if "backbone" not in parameters:  # a learner on the raw inputs (covariance prior, patch adapter)
+        sized = {"sample_shape": list(sample_shape)} if "sample_shape" in parameters else {}
+        return instantiate(learner, **sized)
     return instantiate(learner, backbone=instantiate(cfg.backbone, sample_shape=list(sample_shape)))
 
 

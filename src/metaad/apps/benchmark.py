@@ -428,7 +428,12 @@ def _collect(collected: dict, suite: str, k: int, model: str, results: RunResult
                 collected[(suite, k, key(detector), prefix + metric)].append(summary)
 
 
-def table_rows(pooled: Pooled, references: DictConfig, rules: dict[str, str] | None = None) -> list[dict]:
+def table_rows(
+    pooled: Pooled,
+    references: DictConfig,
+    rules: dict[str, str] | None = None,
+    against: dict[str, str] | None = None,
+) -> list[dict]:
     """One row per (suite, K, detector) with AUROC and AUPR side by side, best AUROC first; each
     with its verdict against the best baseline of its suite and K, chosen by the suite's rule
     (``rules[suite]``: ``val`` by the validation AUROC, ``test``, the default, by the test AUROC).
@@ -446,6 +451,8 @@ def table_rows(pooled: Pooled, references: DictConfig, rules: dict[str, str] | N
         }
         known = {d: v for d, v in baselines.items() if not math.isnan(v.mean)}
         best_name = max(known, key=lambda d: known[d].mean, default="")
+        if f"baseline:{(against or {}).get(suite)}" in baselines:  # the suite's verdict_against
+            best_name = f"baseline:{against[suite]}"
         best_metrics = pooled.get((suite, k, best_name), {})
         best = best_metrics.get("auroc", nan)
         auroc = metrics["auroc"]
@@ -567,9 +574,13 @@ def what_ran(
             )
             rule = suite.get("best_baseline", "test")
             trained = f"; the models of `{suite.train_with}`" if suite.get("train_with") else ""
+            judged = (
+                f"; verdicts against baseline {suite.verdict_against}"
+                if suite.get("verdict_against")
+                else f"; best baseline {BEST_BASELINE[rule]}"
+            )
             lines.append(
-                f"- `{name}`: experiment `{suite.experiment}`{trained}; length: {note}; best baseline "
-                f"{BEST_BASELINE[rule]}{reused}"
+                f"- `{name}`: experiment `{suite.experiment}`{trained}; length: {note}{judged}{reused}"
             )
     return lines
 
@@ -616,6 +627,26 @@ def compared(rows: list[dict], preset: DictConfig) -> list[str]:
         header[-2] += " stream VUS-PR | its VUS-PR there | difference |"
         header[-1] += "---|---|---|"
     return header + lines
+
+
+def pixel_table(pooled: Pooled) -> list[str]:
+    """Pixel AUROC and PRO (anomaly maps against defect masks) of every detector that has them."""
+    found = {key: m for key, m in sorted(pooled.items()) if "pixel_auroc" in m or "pro" in m}
+    if not found:
+        return []
+    lines = [
+        "",
+        "Anomaly maps against the defect masks (pixel AUROC; PRO: area under the per-region overlap "
+        "curve to FPR 0.3, normalised), mean ± 95% CI over episodes:",
+        "",
+        "| suite | K | detector | pixel AUROC | PRO | episodes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (suite, k, detector), m in found.items():
+        cells = [f"{m[x].mean:.3f} ± {m[x].ci95:.3f}" if x in m else "" for x in ("pixel_auroc", "pro")]
+        n = max(m[x].n_episodes for x in ("pixel_auroc", "pro") if x in m)
+        lines.append(f"| {suite} | {k} | {detector} | {cells[0]} | {cells[1]} | {n} |")
+    return lines
 
 
 def write_tables(rows: list[dict], out_dir: Path, footer: list[str] = ()) -> str:
@@ -691,12 +722,13 @@ def main(cfg: DictConfig) -> None:
     OmegaConf.save(cfg.preset, out_dir / "preset.yaml")
     preset_name = HydraConfig.get().runtime.choices.get("preset", "?")
     only = list(cfg.suites) if cfg.get("suites") else None
-    rows, counts = run(cfg.preset, out_dir, list(cfg.overrides), only, preset_name)
+    pooled, counts = run(cfg.preset, out_dir, list(cfg.overrides), only, preset_name)
     preset = resolved(cfg.preset, preset_name)
     rules = {name: suite.get("best_baseline", "test") for name, suite in preset.suites.items()}
-    rows = table_rows(rows, preset.get("references", {}), rules)
+    against = {name: s.verdict_against for name, s in preset.suites.items() if s.get("verdict_against")}
+    rows = table_rows(pooled, preset.get("references", {}), rules, against)
     note = preset.get("reference_note")
-    footer = [*compared(rows, preset), *what_ran(preset, only, command, counts)]
+    footer = [*pixel_table(pooled), *compared(rows, preset), *what_ran(preset, only, command, counts)]
     markdown = write_tables(rows, out_dir, [*footer, *(["", str(note)] if note else [])])
     print_table(rows)
     print(markdown)

@@ -84,6 +84,7 @@ def build_training(cfg: DictConfig, sample_shape: tuple[int, ...], score_chunk: 
         ci_over=cfg.get("ci_over") or "episode",
         learner=learner_name(cfg),
         score_chunk=score_chunk if score_chunk is not None else cfg.get("score_chunk"),
+        map_sigma=cfg.get("map_sigma") or 0.0,
     )
     return MetaTraining(build_learner(cfg, sample_shape), instantiate(cfg.model.optimizer), evaluator)
 

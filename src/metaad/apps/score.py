@@ -34,7 +34,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 ID_NAMES = ("id", "ids")
 
 
-def read_samples(path: str | Path, role: str, channels: int = 1) -> tuple[list[str], Any]:
+def read_samples(
+    path: str | Path, role: str, channels: int = 1, any_size: bool = False
+) -> tuple[list[str], Any]:
     """Ids and raw samples from a CSV (a data frame: columns are matched by name), an NPZ/NPY, or a
     folder of images (an array of raw pixel values, grayscale or RGB for a 1- or 3-channel model).
 
@@ -45,7 +47,7 @@ def read_samples(path: str | Path, role: str, channels: int = 1) -> tuple[list[s
     """
     path = Path(path)
     if path.is_dir():
-        ids, x = _read_images(path, role, channels)
+        ids, x = _read_images(path, role, channels, any_size)
     elif not path.is_file():
         raise DataError(f"{role}={path}: no such file or folder")
     elif path.suffix.lower() == ".csv":
@@ -128,16 +130,19 @@ def _numeric(x: np.ndarray, path: Path, role: str) -> np.ndarray:
     return x
 
 
-def _read_images(folder: Path, role: str, channels: int) -> tuple[list[str], np.ndarray]:
+def _read_images(
+    folder: Path, role: str, channels: int, any_size: bool = False
+) -> tuple[list[str], np.ndarray | list[np.ndarray]]:
     """Pixel values (0-255) of every image in ``folder`` as a viewer shows them (upright, 16-bit scaled;
-    :mod:`metaad.data.images`), sorted by name: (N, H, W) or (N, 3, H, W)."""
+    :mod:`metaad.data.images`), sorted by name: (N, H, W) or (N, 3, H, W); with ``any_size`` (a model
+    that resizes) images of several sizes come as a list of (H, W) or (3, H, W) arrays."""
     from metaad.data.images import read_image
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     images = []
     for file in files:
         pixels = read_image(file, channels, where=f"{role}: {file}").astype(np.float32)
-        if images and pixels.shape != images[0].shape:
+        if images and pixels.shape != images[0].shape and not any_size:
             raise DataError(
                 f"{role}: {file} is {pixels.shape[1]}x{pixels.shape[0]} pixels but {files[0].name} is "
                 f"{images[0].shape[1]}x{images[0].shape[0]}; the images of a folder need one size"
@@ -145,6 +150,8 @@ def _read_images(folder: Path, role: str, channels: int) -> tuple[list[str], np.
         images.append(pixels)
     if not images:
         return [], np.empty((0,))
+    if len({image.shape for image in images}) > 1:
+        return [f.name for f in files], [im if channels == 1 else im.transpose(2, 0, 1) for im in images]
     x = np.stack(images)
     return [f.name for f in files], x if channels == 1 else x.transpose(0, 3, 1, 2)
 
@@ -158,9 +165,12 @@ def check_images_fit(path: str, role: str, shape: tuple[int, ...]) -> None:
         )
 
 
-def read_for_model(path: str, role: str, shape: tuple[int, ...]) -> tuple[list[str], Any]:
-    """:func:`read_samples` with the channels of a model of samples of ``shape``."""
-    return read_samples(path, role, shape[0] if len(shape) == 3 else 1)
+def read_for_model(
+    path: str, role: str, shape: tuple[int, ...], any_size: bool = False
+) -> tuple[list[str], Any]:
+    """:func:`read_samples` with the channels of a model of samples of ``shape`` (``any_size``: a
+    folder's images may differ in size, the model resizing them)."""
+    return read_samples(path, role, shape[0] if len(shape) == 3 else 1, any_size)
 
 
 def fit_support(detector: Any, support: Any, where: str) -> None:
@@ -278,6 +288,8 @@ def score(cfg: DictConfig) -> Any:
     if blocking is not None:
         raise DataError(f"output={output}: {blocking} is a file, so the folder to write in cannot be made")
     check_output(output, [Path(cfg[role]) for role in ("ckpt_path", *PAIRS[kind])], cfg.get("overwrite"))
+    if kind == "samples" and (maps := maps_folder(cfg, output)) is not None:
+        check_maps_folder(maps)
     check_threshold(cfg.get("threshold"))
     threshold = instantiate(cfg.threshold) if cfg.get("threshold") is not None else None
     detector = load(cfg.ckpt_path, threshold=threshold)
@@ -302,11 +314,15 @@ def score(cfg: DictConfig) -> Any:
 def _score_samples(cfg: DictConfig, detector: Any, output: Path) -> Any:
     import pandas as pd
 
-    shape = tuple(detector.preprocessing.sample_shape)
+    steps = detector.preprocessing
+    shape = tuple(getattr(steps, "input_shape", steps.sample_shape))  # a patch-feature model's images
+    resizes = steps.image_size is not None  # photos of any size: each is resized as in training
     for role in ("support", "query"):
         check_images_fit(cfg[role], role, shape)
-    support_ids, support = read_for_model(cfg.support, "support", shape)
-    query_ids, query = read_for_model(cfg.query, "query", shape)
+    support_ids, support = read_for_model(cfg.support, "support", shape, any_size=resizes)
+    query_ids, query = read_for_model(cfg.query, "query", shape, any_size=resizes)
+    support = _to_model_size(support, steps)
+    photos, query = query, _to_model_size(query, steps)
     fit_support(detector, support, f"support={cfg.support}")
     try:
         scores, normalised = detector.decision_function(query), detector.normalised_scores(query)
@@ -315,12 +331,87 @@ def _score_samples(cfg: DictConfig, detector: Any, output: Path) -> Any:
     is_anomaly = (normalised > detector.threshold_).astype(int)
     table = pd.DataFrame(dict(zip(COLUMNS, (query_ids, scores, normalised, is_anomaly), strict=True)))
     write_atomically(output, lambda path: table.to_csv(path, index=False))
+    maps = maps_folder(cfg, output)
+    written = ""
+    if maps is not None and callable(getattr(detector.detector, "score_maps", None)):
+        write_heat_maps(detector, query_ids, query, maps, float(cfg.get("map_sigma") or 0.0), photos)
+        written = f", a heat map per image -> {maps}"
     print(
         f"{len(table)} query samples scored against {len(support_ids)} normal support samples: "
         f"{int(is_anomaly.sum())} anomalies at threshold {detector.threshold_rule.rule} = "
-        f"{detector.threshold_:.4g} (normalise={detector.threshold_rule.normalise}) -> {output}"
+        f"{detector.threshold_:.4g} (normalise={detector.threshold_rule.normalise}) -> {output}{written}"
     )
     return table
+
+
+def _to_model_size(images: Any, steps: Any) -> np.ndarray:
+    """Photos of several sizes (a list) resized to the model's input by its own preprocessing's
+    resize, one at a time (what ``transform`` does to an array of them), so they stack."""
+    if not isinstance(images, list):
+        return images
+    planes = [image if image.ndim == 3 else image[None] for image in images]
+    resized = np.stack([steps._resize(image[None])[0] for image in planes])
+    return resized if images[0].ndim == 3 else resized[:, 0]
+
+
+MAPS_MARK = ".metaad-score-maps"  # in a maps folder metaad-score made: its PNGs may be replaced
+
+
+def maps_folder(cfg: DictConfig, output: Path) -> Path | None:
+    """Where the heat maps of a folder of query images go: ``maps_dir``, or beside the scores table
+    (``<output stem>_maps/``); None when the query is not a folder of images or ``maps_dir=false``."""
+    if cfg.get("maps_dir") is False or not Path(cfg.query).is_dir():
+        return None
+    given = cfg.get("maps_dir")
+    if given is not None and (not isinstance(given, str) or not given):
+        raise ConfigError(
+            f"maps_dir must be the path of a folder, null (beside output) or false, got {given!r}"
+        )
+    sigma = cfg.get("map_sigma") or 0.0
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or sigma < 0:
+        raise ConfigError(f"map_sigma must be a number of pixels >= 0, got {sigma!r}")
+    return Path(given) if given else output.with_name(f"{output.stem}_maps")
+
+
+def check_maps_folder(folder: Path) -> None:
+    """The heat maps go into a new or empty folder, or one metaad-score made: never among the user's files."""
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"maps_dir={folder} is a file; give a folder for the heat maps")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MAPS_MARK).is_file():
+        raise DataError(
+            f"maps_dir={folder} holds files metaad-score did not write; the heat maps go into a new or empty "
+            "folder (or one an earlier metaad-score made): give another maps_dir"
+        )
+
+
+def heat_map_name(image_id: str) -> str:
+    """``<image file name>.map.png``: one per input file, whatever its extension."""
+    return f"{Path(image_id).name}.map.png"
+
+
+def write_heat_maps(
+    detector: Any, ids: list[str], images: np.ndarray, folder: Path, sigma: float, photos: Any = None
+) -> None:
+    """Each query image with its anomaly map over it, one PNG per image, every map on one colour
+    scale (the lowest to the highest patch score of these images). ``images`` as the model takes
+    them; ``photos`` (default: ``images``) as given, possibly of several sizes: each picture is its
+    photo, at its own size, the map upsampled to it."""
+    import torch
+    from PIL import Image
+
+    from metaad.evaluation.pictures import heat_map_overlay
+    from metaad.evaluation.pixel_metrics import upsample_maps
+
+    photos = images if photos is None else photos
+    patch_maps = detector.anomaly_maps(images)
+    low, high = float(patch_maps.min()), float(patch_maps.max())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MAPS_MARK).write_text("heat maps written by metaad-score; it may replace its *.map.png here\n")
+    for image_id, photo, patch_map in zip(ids, photos, patch_maps, strict=True):
+        pixels = photo.transpose(1, 2, 0) if photo.ndim == 3 else photo
+        amap = upsample_maps(torch.from_numpy(patch_map), tuple(pixels.shape[:2]), sigma).double().numpy()
+        picture = Image.fromarray(heat_map_overlay(pixels, amap, low, high))
+        write_atomically(folder / heat_map_name(image_id), lambda path, p=picture: p.save(path, format="PNG"))
 
 
 def _score_series(cfg: DictConfig, detector: Any, output: Path) -> Any:

@@ -24,10 +24,11 @@ from torch import Tensor
 from metaad.data.episodes import Episode
 from metaad.detectors.base import Detector
 from metaad.evaluation.metrics import EpisodeMetrics
+from metaad.evaluation.pixel_metrics import PIXEL_METRICS, episode_pixel_metrics
 from metaad.evaluation.results import Summary
 from metaad.evaluation.thresholds import NonFiniteScores, Scored, Threshold, score_episodes
 
-FIELDS = ("index", "scores", "labels", "normalised", "support_normalised", "task")
+FIELDS = ("index", "scores", "labels", "normalised", "support_normalised", "task", *PIXEL_METRICS)
 CI_OVER = ("episode", "task")
 
 
@@ -39,10 +40,17 @@ class Records:
     k_shot: int = 0
 
     def add(
-        self, index: Tensor, scored: Scored, labels: Tensor, k_shot: int, task: Tensor | None = None
+        self,
+        index: Tensor,
+        scored: Scored,
+        labels: Tensor,
+        k_shot: int,
+        task: Tensor | None = None,
+        pixels: dict[str, Tensor] | None = None,
     ) -> None:
         self.k_shot = k_shot
         values = (index, scored.scores.detach(), labels, scored.normalised, scored.support_normalised, task)
+        values += tuple((pixels or {}).get(name) for name in PIXEL_METRICS)
         for name, value in zip(FIELDS, values):
             if value is not None:
                 self.parts[name].append(value.cpu())
@@ -91,6 +99,12 @@ class Evaluator:
     ``ci_over``: ``episode`` (each episode one value) or ``task`` (episodes of one task, e.g. one
     entity of a series dataset, averaged first; the CI is over tasks, ``n_groups`` of them).
     ``score_chunk``: query samples of a batch scored at once (None: all), which bounds memory.
+
+    Test episodes that carry ``query_masks`` (B, Q, S, S) get pixel AUROC and PRO per episode from
+    every detector that answers ``score_maps`` (not validation ones: nothing is selected on them),
+    its maps upsampled to (S, S) (blurred by ``map_sigma`` pixels unless 0); summarised over
+    episodes like the others (an episode whose anomalies have no defect pixel has none, and is left
+    out of those two).
     """
 
     def __init__(
@@ -101,11 +115,17 @@ class Evaluator:
         ci_over: str = "episode",
         learner: str = "learner",
         score_chunk: int | None = None,
+        map_sigma: float = 0.0,
     ):
         if ci_over not in CI_OVER:
             raise ValueError(f"ci_over must be one of {CI_OVER}, got {ci_over!r}")
+        if isinstance(map_sigma, bool) or not isinstance(map_sigma, int | float) or not map_sigma >= 0:
+            raise ValueError(
+                f"map_sigma (the anomaly maps' blur, pixels) must be a number >= 0, got {map_sigma!r}"
+            )
         self.ci_over = ci_over
         self.score_chunk = score_chunk
+        self.map_sigma = float(map_sigma)
         self.baselines = dict(baselines or {})
         if learner in self.baselines:
             raise ValueError(
@@ -149,8 +169,13 @@ class Evaluator:
             self._seen[key] += n
             threshold = self.threshold_of(name)
             scored = score_episodes(detector, batch.support, batch.query, threshold, self.score_chunk)
+            masks = getattr(batch, "query_masks", None)
+            pixels = None
+            if split == "test" and masks is not None and callable(getattr(detector, "score_maps", None)):
+                maps = detector.score_maps(detector.adapt(batch.support), batch.query)
+                pixels = episode_pixel_metrics(maps, masks, self.map_sigma)
             self.records.setdefault(key, Records()).add(
-                ids, scored, batch.label, batch.support.shape[1], batch.task
+                ids, scored, batch.label, batch.support.shape[1], batch.task, pixels
             )
 
     def gather(self) -> None:
@@ -189,6 +214,9 @@ class Evaluator:
                     continue
                 summary = EpisodeMetrics()
                 summary.update(records.get("scores"), records.get("labels"))
+                for metric in PIXEL_METRICS:
+                    if records.get(metric) is not None:
+                        summary.values[metric].append(records.get(metric))
                 normalised = records.get("normalised")
                 if threshold is not None and normalised is None:
                     notes[name] = threshold.too_few(records.k_shot)

@@ -134,5 +134,14 @@ class EpisodeMetrics:
         return {name: torch.cat(chunks) for name, chunks in self.values.items()}
 
     def compute(self, groups: Tensor | None = None) -> dict[str, Summary]:
-        """Each metric's summary; with ``groups`` (E,) episodes are averaged within a group first."""
-        return {name: summarize(values, groups) for name, values in self.per_episode().items()}
+        """Each metric's summary; with ``groups`` (E,) episodes are averaged within a group first.
+        Episodes where a metric is undefined (NaN: a pixel metric without a defect pixel) are left
+        out of that metric's summary; one defined nowhere is not reported."""
+        summaries = {}
+        for name, values in self.per_episode().items():
+            defined = ~torch.isnan(values)
+            if defined.all():
+                summaries[name] = summarize(values, groups)
+            elif defined.any():
+                summaries[name] = summarize(values[defined], None if groups is None else groups[defined])
+        return summaries

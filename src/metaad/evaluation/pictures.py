@@ -13,6 +13,9 @@ global backend switch), written with ``add_figure``:
   order within an episode is kept.
 - ``test/embeddings`` (``add_embedding``, learners with ``embed``): support, query and support
   mean (the prototype) embeddings of a few test episodes, for TensorBoard's projector.
+- ``<stage>/anomaly_maps`` (patch learners, episodes with defect masks): a few anomalous test
+  queries, each its anomaly map beside its ground-truth mask (:func:`maps_figure`);
+  :func:`heat_map_overlay` is the picture ``metaad-score`` writes per image (the map over the image).
 """
 
 from __future__ import annotations
@@ -137,3 +140,52 @@ def episode_embeddings(
         ]
         metadata.append([f"episode {b}", task, "support mean"])
     return {"mat": vectors, "metadata": metadata, "metadata_header": ["episode", "task", "kind"]}
+
+
+def heat_map_overlay(
+    image: np.ndarray, amap: np.ndarray, low: float, high: float, alpha: float = 0.5
+) -> np.ndarray:
+    """The image (H, W) or (H, W, 3), any range (shown min to max), with ``amap`` (H, W) over it in
+    the ``inferno`` colours, ``low`` to ``high`` mapped to the scale's ends: (H, W, 3) uint8."""
+    from matplotlib import colormaps
+
+    gray = image.astype(np.float64)
+    span = np.ptp(gray)
+    gray = (gray - gray.min()) / span if span > 0 else np.zeros_like(gray)
+    rgb = np.repeat(gray[..., None], 3, axis=2) if gray.ndim == 2 else gray
+    level = np.clip((amap - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(amap)
+    colours = colormaps["inferno"](level)[..., :3]
+    return np.round(255 * ((1 - alpha) * rgb + alpha * colours)).astype(np.uint8)
+
+
+def maps_figure(maps: Tensor, masks: Tensor, n_examples: int = 4) -> Figure:
+    """Anomaly maps (N, S, S) beside their masks (N, S, S), one row per query, each map on its own scale."""
+    n = min(n_examples, len(maps))
+    fig = Figure(figsize=(4.4, 2.2 * n), dpi=100)
+    for i in range(n):
+        left, right = fig.add_subplot(n, 2, 2 * i + 1), fig.add_subplot(n, 2, 2 * i + 2)
+        left.imshow(maps[i].numpy(), cmap="inferno")
+        right.imshow(masks[i].float().numpy(), cmap="gray", vmin=0, vmax=1)
+        left.set_title("anomaly map" if i == 0 else "", fontsize=8)
+        right.set_title("defect mask" if i == 0 else "", fontsize=8)
+        for ax in (left, right):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def episode_maps(detector: Any, batch: Episode, n_examples: int = 4, sigma: float = 0.0) -> Figure | None:
+    """:func:`maps_figure` of the first anomalous queries of a batch with masks (None without)."""
+    from metaad.evaluation.pixel_metrics import upsample_maps
+
+    masks = getattr(batch, "query_masks", None)
+    if masks is None or not callable(getattr(detector, "score_maps", None)):
+        return None
+    with torch.no_grad():
+        maps = detector.score_maps(detector.adapt(batch.support[:1]), batch.query[:1])[0].float().cpu()
+    chosen = batch.label[0].bool().cpu()
+    if not chosen.any():
+        return None
+    full = upsample_maps(maps[chosen], tuple(masks.shape[-2:]), sigma)
+    return maps_figure(full, masks[0].cpu()[chosen], n_examples)

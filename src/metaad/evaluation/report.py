@@ -105,6 +105,12 @@ def print_summary(
     console.print(table)
     if dropped:
         console.print(f"(not shown at this width: {', '.join(dropped)}; see metrics.json)")
+    for label, value in rows:  # detectors with anomaly maps, on data with defect masks
+        if "pixel_auroc" in value or "pro" in value:
+            cells = [
+                f"{m} {value[m].mean:.3f} ± {value[m].ci95:.3f}" for m in ("pixel_auroc", "pro") if m in value
+            ]
+            console.print(f"anomaly maps of {label}: {', '.join(cells)}")
     if results.threshold:
         print_threshold(results.threshold, console)
     if results.stream is not None:

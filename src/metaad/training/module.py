@@ -165,6 +165,7 @@ class MetaTraining(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.evaluator.reset()
         self._embeddings: dict[str, Any] | None = None
+        self._maps: Any = None
 
     def test_step(self, batch: Episode, batch_idx: int, dataloader_idx: int = 0) -> None:
         split = self._loader(dataloader_idx).dataset.split
@@ -172,6 +173,8 @@ class MetaTraining(pl.LightningModule):
         embed = getattr(self.learner, "embed", None)
         if split == "test" and batch_idx == 0 and callable(embed) and self._embeddings is None:
             self._embeddings = pictures.episode_embeddings(embed, batch)
+        if split == "test" and batch_idx == 0 and self._maps is None and self.trainer.is_global_zero:
+            self._maps = pictures.episode_maps(self.learner, batch, sigma=self.evaluator.map_sigma)
 
     def on_test_epoch_end(self) -> None:
         shares = {
@@ -222,6 +225,8 @@ class MetaTraining(pl.LightningModule):
         )
         if split == "test" and getattr(self, "_embeddings", None) is not None:
             writer.add_embedding(**self._embeddings, tag="test/embeddings", global_step=self.global_step)
+        if split == "test" and getattr(self, "_maps", None) is not None:
+            writer.add_figure("test/anomaly_maps", self._maps, global_step=self.global_step)
 
     # --- checkpoint state ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
