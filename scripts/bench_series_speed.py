@@ -89,7 +89,7 @@ def main() -> None:
     z_state = zscore.adapt(support)
     contenders["metaad RobustZScore.score_stream"] = (lambda: score_stream(zscore, z_state, series, w), t)
     with tempfile.TemporaryDirectory() as run_dir:
-        sizes = {}
+        sizes, learners = {}, {}
         for name in args.models:
             cfg = compose_config(["backbone=tcn", f"model={name}", "logger=none"], Path(run_dir) / name)
             learner = build_learner(cfg, (w, d)).eval()
@@ -102,6 +102,7 @@ def main() -> None:
                     return score_stream(learner, state, series, w)
 
             contenders[f"{name} + tcn, one causal pass ({sizes[name]:,} parameters)"] = (run, t)
+            learners[name] = (learner, state)
         if "protonet" in args.models:
             cfg = compose_config(["backbone=tcn", "model=protonet", "logger=none"], Path(run_dir) / "window")
             protonet = build_learner(cfg, (w, d)).eval()
@@ -124,6 +125,14 @@ def main() -> None:
         with torch.inference_mode():
             one_pass = score_stream(protonet, p_state, short, w)
         torch.testing.assert_close(one_pass, by_window(), rtol=1e-4, atol=1e-4)
+    piece = series[:, : min(t, 2000)]
+    for name, (learner, state) in learners.items():  # every learner's one pass, window by window
+        with torch.inference_mode():
+            one_pass = score_stream(learner, state, piece, w)
+            windowed = windowed_stream_scores(learner, state, piece, w)
+        torch.testing.assert_close(
+            one_pass, windowed, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}"
+        )
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(args.repeats):
         for name, (fn, _) in contenders.items():

@@ -190,9 +190,59 @@ def test_series_baselines_stream_equals_window_by_window(detector):
     assert hasattr(model, "score_stream")
     support = series_episodes().support
     series = torch.randn(3, 120, D, generator=torch.Generator().manual_seed(4))
+    series[:, 50 : 50 + W] = support[:, 1]  # a support window itself: distances of 0 from cancellation
     state = model.adapt(support)
     expected = model.score(state, sliding_windows(series, W).contiguous())
     torch.testing.assert_close(score_stream(model, state, series, W), expected)
+
+
+@pytest.mark.parametrize("kernels", [0, 1, 3, 9])
+def test_window_products_equal_a_convolution_across_chunks(kernels, monkeypatch):
+    """Both ways (lags with diagonal sums for few kernels, overlap-save FFT for more), the products
+    of every window with each episode's kernels equal a float64 convolution's, with the series cut
+    into many chunks and FFT blocks (the last one running past the series)."""
+    from metaad.detectors import base
+
+    monkeypatch.setattr(base, "_PRODUCT_CHUNK", 64)
+    g = torch.Generator().manual_seed(8)
+    series = torch.randn(2, 1000, D, generator=g, dtype=torch.float64)
+    windows = torch.randn(2, kernels, W, D, generator=g, dtype=torch.float64)
+    expected = torch.zeros(2, 1000 - W + 1, kernels, dtype=torch.float64)
+    if kernels:
+        for i in range(2):
+            expected[i] = torch.nn.functional.conv1d(series[i].T[None], windows[i].transpose(1, 2))[0].T
+    products = base.window_products(series, windows)
+    assert products.shape == (2, 1000 - W + 1, kernels)
+    torch.testing.assert_close(products, expected, rtol=1e-12, atol=1e-11)
+
+
+def test_baselines_on_equal_inputs_share_one_pass_with_a_basis_of_their_kernels(monkeypatch):
+    """PCA's mean and components lie in the span of the K standardised support windows kNN uses: in
+    one pass, the products are taken with K basis windows, not 1 + r + K, and every baseline's
+    scores equal its own pass and its scores of every window cut out."""
+    from metaad.detectors import base
+
+    names = ["zscore", "pca", "knn", "pca_step", "mean", "nn"]
+    baselines = BaselineScores(names)
+    batch = synthetic_entities(2, k=6)
+    series = torch.cat([batch.query[:, i] for i in range(batch.query.shape[1])], 1)  # (2, 10 W, 4)
+    adapted = baselines.adapt(batch.support)
+    calls = []
+    window_products = base.window_products
+    monkeypatch.setattr(
+        base, "window_products", lambda x, k: calls.append(k.shape[1]) or window_products(x, k)
+    )
+    shared = baselines.score_stream(adapted, series, W)
+    # pca + knn: 6 basis windows, not 1 + 5 + 6; mean + nn on the raw series: all 7 (a float32
+    # support's mean is rounded off the support windows' span)
+    assert sorted(calls) == [6, 7]
+    expected = baselines.score(adapted, sliding_windows(series, W).contiguous())
+    torch.testing.assert_close(shared, expected, rtol=1e-6, atol=1e-6)
+    for i, (detector, state) in enumerate(zip(baselines.detectors, adapted[0])):
+        own = score_stream(detector, state, series, W).double()
+        torch.testing.assert_close(
+            ((own.clamp(min=0) + baselines.eps).log() - adapted[1][:, i : i + 1]).float(), shared[..., i]
+        )
 
 
 @pytest.mark.parametrize("unit", ["window", "step"])

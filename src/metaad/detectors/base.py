@@ -8,7 +8,8 @@ API (:mod:`metaad.api`) scores with one without it.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -134,16 +135,75 @@ def sliding_windows(series: Tensor, window: int) -> Tensor:
     return series.unfold(1, window, 1).transpose(-1, -2)
 
 
+_PRODUCT_CHUNK = 2**19  # values of the intermediate products held at once in window_products (4-8 MB)
+_FFT_WORK = 64  # W M (lags times kernels) from which window_products goes by FFT (below, lags are faster)
+
+
 def window_products(series: Tensor, kernels: Tensor) -> Tensor:
     """Inner products of every window of ``series`` (B, T, D) with each of an episode's fixed windows
-    ``kernels`` (B, M, W, D) -> (B, T - W + 1, M), in one grouped convolution (no window is cut out).
+    ``kernels`` (B, M, W, D) -> (B, T - W + 1, M), without cutting out a window.
     With :func:`window_sq_norms` this gives the distance of every window to support windows or
-    directions in one pass: ``|x - s|^2 = |x|^2 - 2 <x, s> + |s|^2``."""
+    directions in one pass: ``|x - s|^2 = |x|^2 - 2 <x, s> + |s|^2``.
+
+    Few lags and kernels: one matrix product of the steps with every kernel's every lag, then each
+    window's sum along a diagonal. More: overlap-save FFT correlation, whose cost per step grows
+    with ``D M`` rather than ``W D M`` (a float64 convolution, the obvious way, runs several times slower
+    than either on a CPU). A chunk of steps at a time, so memory stays that of the series plus
+    ``_PRODUCT_CHUNK`` values.
+    """
     b, t, d = series.shape
     m, w = kernels.shape[1:3]
-    weight = kernels.permute(0, 1, 3, 2).reshape(b * m, d, w)
-    out = torch.nn.functional.conv1d(series.transpose(1, 2).reshape(1, b * d, t), weight, groups=b)
-    return out.view(b, m, t - w + 1).transpose(1, 2)
+    if m == 0:
+        return series.new_zeros(b, t - w + 1, 0)
+    if w * m >= _FFT_WORK:
+        return _products_by_fft(series, kernels)
+    return _products_by_lags(series, kernels)
+
+
+def _products_by_lags(series: Tensor, kernels: Tensor) -> Tensor:
+    """``(T, D) @ (D, W M)``: every step against every kernel's every lag, summed along diagonals."""
+    b, t, d = series.shape
+    m, w = kernels.shape[1:3]
+    steps = t - w + 1
+    lags = kernels.permute(0, 3, 2, 1).reshape(b, d, w * m)  # column l M + j: lag l of kernel j
+    chunk = max(64, _PRODUCT_CHUNK // (w * m))
+    parts = []
+    for start in range(0, steps, chunk):
+        n = min(chunk, steps - start)
+        per_lag = torch.bmm(series[:, start : start + n + w - 1], lags)  # (B, n + W - 1, W M)
+        # [b, s, l, j] = per_lag[b, s + l, l M + j]: lag l of kernel j against step s + l
+        diagonal = per_lag.as_strided((b, n, w, m), (per_lag.stride(0), w * m, w * m + m, 1))
+        parts.append(diagonal.sum(2))
+    return torch.cat(parts, 1)
+
+
+def _products_by_fft(series: Tensor, kernels: Tensor) -> Tensor:
+    """Overlap-save: blocks of ``L`` steps overlapping by ``W - 1``, each block's spectrum times the
+    (flipped) kernels' spectra, summed over metrics as one complex matrix product per frequency;
+    the last ``L - W + 1`` steps of each block's inverse are its windows' products."""
+    b, t, d = series.shape
+    m, w = kernels.shape[1:3]
+    steps = t - w + 1
+    size = max(64, 1 << (8 * w - 1).bit_length())  # L, a power of two about 8 W
+    hop = size - w + 1
+    frequencies = size // 2 + 1
+    spectra = torch.fft.rfft(kernels.flip(2), n=size, dim=2)  # (B, M, F, D)
+    spectra = spectra.permute(0, 2, 3, 1).reshape(b * frequencies, d, m)
+    per_chunk = max(1, _PRODUCT_CHUNK // (frequencies * max(d, m)))  # blocks at a time
+    out = series.new_empty(b, steps, m)
+    for start in range(0, steps, per_chunk * hop):
+        n = min(per_chunk * hop, steps - start)
+        blocks = -(-n // hop)
+        piece = series[:, start : start + blocks * hop + w - 1]
+        short = blocks * hop + w - 1 - piece.shape[1]
+        if short:  # the last block runs past the series: zeros, whose products are dropped
+            piece = torch.nn.functional.pad(piece, (0, 0, 0, short))
+        x = torch.fft.rfft(piece.unfold(1, size, hop), dim=-1)  # (B, blocks, D, F)
+        x = x.permute(0, 3, 1, 2).reshape(b * frequencies, blocks, d)
+        y = torch.bmm(x, spectra).view(b, frequencies, blocks, m)
+        y = torch.fft.irfft(y, n=size, dim=1)[:, w - 1 :]  # (B, hop, blocks, M)
+        out[:, start : start + n] = y.permute(0, 2, 1, 3).reshape(b, blocks * hop, m)[:, :n]
+    return out
 
 
 def window_sq_norms(series: Tensor, window: int) -> Tensor:
@@ -152,6 +212,70 @@ def window_sq_norms(series: Tensor, window: int) -> Tensor:
     steps = series.double().pow(2).sum(-1)
     running = torch.nn.functional.pad(steps.cumsum(1), (1, 0))
     return (running[:, window:] - running[:, :-window]).to(series.dtype)
+
+
+class WindowKernels(NamedTuple):
+    """How a detector that scores a window by its inner products with fixed windows of its episode
+    (support windows, their mean, principal directions) scores a series: what it computes them on,
+    with which windows, and how products and squared window norms become its scores.
+    :func:`score_kernels` runs several of these over one series in one pass."""
+
+    inputs: Tensor  # (B, T, D) the series as the detector sees it (columns chosen, scaled)
+    kernels: Tensor  # (B, M, W, D) the fixed windows
+    finish: Callable[[Tensor, Tensor], Tensor]  # products (B, S, M), |window|^2 (B, S) -> scores (B, S)
+
+
+def _span(kernels: Tensor) -> tuple[Tensor, Tensor] | None:
+    """An orthonormal basis of the kernels' span and each kernel's coefficients in it, ``(B, R, W, D)``
+    and ``(B, M, R)``, when the span has fewer dimensions than there are kernels (else ``None``):
+    the rank as ``numpy.linalg.matrix_rank`` takes it, the largest over the episodes."""
+    b, m = kernels.shape[:2]
+    flat = kernels.flatten(2)
+    u, values, vh = torch.linalg.svd(flat, full_matrices=False)
+    tolerance = values[:, :1] * max(flat.shape[1:]) * torch.finfo(flat.dtype).eps
+    rank = int((values > tolerance).sum(1).max()) if values.numel() else 0
+    if rank >= m:
+        return None
+    return vh[:, :rank].reshape(b, rank, *kernels.shape[2:]), u[:, :, :rank] * values[:, None, :rank]
+
+
+def score_kernels(parts: Sequence[WindowKernels], window: int) -> list[Tensor]:
+    """Each part's scores of every window ``(B, T - W + 1)``, in one pass per distinct input: parts
+    on equal inputs (detectors that standardise alike) share their squared window norms and one
+    :func:`window_products` with a basis of all their kernels' span, so kernels that are combinations
+    of others (principal directions and the mean of the support windows are combinations of the
+    support windows) cost nothing more."""
+    groups: list[list[int]] = []
+    for i, part in enumerate(parts):
+        for group in groups:
+            first = parts[group[0]].inputs
+            if part.inputs is first or (
+                part.inputs.shape == first.shape
+                and part.inputs.dtype == first.dtype
+                and torch.equal(part.inputs, first)
+            ):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    scores: list[Tensor | None] = [None] * len(parts)
+    for group in groups:
+        inputs = parts[group[0]].inputs
+        kernels = torch.cat([parts[i].kernels.to(inputs.dtype) for i in group], 1)
+        # the basis costs an SVD of the kernels: worth it when the series is longer than that
+        span = _span(kernels) if min(kernels.shape[1], kernels[0, 0].numel()) < inputs.shape[1] else None
+        if span is None:
+            products = window_products(inputs, kernels)
+        else:
+            basis, coefficients = span
+            products = window_products(inputs, basis) @ coefficients.transpose(1, 2)
+        sq_norms = window_sq_norms(inputs, window)
+        start = 0
+        for i in group:
+            m = parts[i].kernels.shape[1]
+            scores[i] = parts[i].finish(products[..., start : start + m], sq_norms)
+            start += m
+    return scores  # type: ignore[return-value]
 
 
 def score_stream(detector: Detector, state: Any, series: Tensor, window: int, chunk: int = 4096) -> Tensor:

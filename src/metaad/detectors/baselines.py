@@ -9,13 +9,14 @@ batched over episodes and cheap; the scikit-learn ones fit one estimator per epi
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor
 
-from metaad.detectors.base import check_distance, pairwise_distance, window_products, window_sq_norms
+from metaad.detectors.base import WindowKernels, check_distance, pairwise_distance, score_kernels
 
 _CHUNK_ELEMENTS = 2**24  # values of a chunk of pairwise distances (nearest-neighbour leave-one-out)
 _CANDIDATES = 4  # nearest candidates of a rough distance whose exact distances are computed
@@ -42,8 +43,11 @@ class SupportMeanDistance:
         ).reshape(x.shape[:2])
 
     def score_stream(self, state: Tensor, series: Tensor, window: int) -> Tensor:
-        """Every window of a series (B, T, D) in one pass (one convolution with the mean window)."""
-        return _stream_distances(state, series, window, self.distance).squeeze(-1)
+        """Every window of a series (B, T, D) in one pass (its products with the mean window)."""
+        return score_kernels([self.stream_kernels(state, series, window)], window)[0].to(series.dtype)
+
+    def stream_kernels(self, state: Tensor, series: Tensor, window: int) -> WindowKernels:
+        return _distance_kernels(state, series, window, self.distance, lambda d: d.squeeze(-1))
 
 
 class NearestNeighbourDistance:
@@ -96,22 +100,29 @@ class NearestNeighbourDistance:
         return torch.cat(parts, 1)
 
     def score_stream(self, state: Tensor, series: Tensor, window: int) -> Tensor:
-        """Every window of a series (B, T, D) in one pass (one convolution with the support windows)."""
-        return _stream_distances(state, series, window, self.distance).min(-1).values
+        """Every window of a series (B, T, D) in one pass (its products with the support windows)."""
+        return score_kernels([self.stream_kernels(state, series, window)], window)[0].to(series.dtype)
+
+    def stream_kernels(self, state: Tensor, series: Tensor, window: int) -> WindowKernels:
+        return _distance_kernels(state, series, window, self.distance, lambda d: d.min(-1).values)
 
 
-def _stream_distances(rows: Tensor, series: Tensor, window: int, distance: str) -> Tensor:
+def _distance_kernels(
+    rows: Tensor, series: Tensor, window: int, distance: str, reduce: Callable[[Tensor], Tensor]
+) -> WindowKernels:
     """``pairwise_distance`` of every window of ``series`` (B, T, D) to flattened windows ``rows``
-    (B, M, W*D) -> (B, T - W + 1, M), without cutting out a window."""
+    (B, M, W*D), reduced over the M, as products with ``rows`` (float64, no window cut out)."""
     b, d = series.shape[0], series.shape[-1]
-    products = window_products(series.double(), rows.double().view(b, -1, window, d))
-    sq = window_sq_norms(series.double(), window).unsqueeze(-1)
-    row_sq = rows.double().pow(2).sum(-1).unsqueeze(1)
-    if distance == "euclidean":
-        out = (sq - 2 * products + row_sq).clamp(min=0)
-    else:
-        out = 1.0 - products / (sq.sqrt() * row_sq.sqrt()).clamp(min=1e-12)
-    return out.to(series.dtype)
+    rows = rows.double()
+    row_sq = rows.pow(2).sum(-1).unsqueeze(1)
+
+    def finish(products: Tensor, sq_norms: Tensor) -> Tensor:
+        sq = sq_norms.unsqueeze(-1)
+        if distance == "euclidean":
+            return reduce((sq - 2 * products + row_sq).clamp(min=0))
+        return reduce(1.0 - products / (sq.sqrt() * row_sq.sqrt()).clamp(min=1e-12))
+
+    return WindowKernels(series.double(), rows.view(b, -1, window, d), finish)
 
 
 class Mahalanobis:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaad.detectors.base import leave_one_out_scores, score_stream, window_products, window_sq_norms
+from metaad.detectors.base import WindowKernels, leave_one_out_scores, score_kernels, score_stream
 from metaad.detectors.baselines import NearestNeighbourDistance, SupportMeanDistance
 
 MAD_TO_SD = 1.4826  # the MAD of a normal distribution is 0.6745 sd
@@ -69,9 +69,17 @@ class SeriesInput:
         x = x.double()
         return torch.sign(x) * torch.log1p(x.abs()) if self.signlog else x
 
-    def prepare_series(self, series: Tensor) -> Tensor:
-        """A series ``(B, T, D)`` -> ``(B, T, D')``, as :meth:`prepare` treats a window."""
-        return self.prepare(series.unsqueeze(1))[:, 0]
+    def standardise_series(
+        self, series: Tensor, centre: Tensor, scale: Tensor, weight: Tensor, mean: Tensor | None = None
+    ) -> Tensor:
+        """A series ``(B, T, D)`` -> ``((x - centre) / scale) weight - mean`` ``(B, T, D')`` in float64,
+        ``x`` its values as :meth:`prepare` treats a window's. One pass over the series (a stream's
+        cost is in such passes): the float64 result of a single multiply-add, no float64 copy first."""
+        if self.columns is not None or self.signlog:
+            series = self.prepare(series.unsqueeze(1))[:, 0]
+        factor = weight / scale
+        shift = -centre * factor if mean is None else -centre * factor - mean
+        return torch.addcmul(shift, series, factor)
 
 
 def _standardiser(steps: Tensor, ignore_constant: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -118,7 +126,7 @@ class RobustZScore(SeriesInput):
 
     def score_stream(self, state: tuple[Tensor, Tensor, Tensor], series: Tensor, window: int) -> Tensor:
         """One pass: per-step z, then the max (mean) over metrics and a sliding one over ``window`` steps."""
-        z = self._z(state, self.prepare_series(series))  # (B, T, D)
+        z = self.standardise_series(series, *state).abs_()  # (B, T, D)
         if self.reduce == "max":
             return F.max_pool1d(z.amax(-1).unsqueeze(1), window, stride=1)[:, 0].to(series.dtype)
         return F.avg_pool1d(z.mean(-1).unsqueeze(1), window, stride=1)[:, 0].to(series.dtype)
@@ -187,22 +195,36 @@ class PCAReconstruction(SeriesInput):
         return error.to(query.dtype)
 
     def score_stream(self, state: PCAState, series: Tensor, window: int) -> Tensor:
-        """One pass: ``|r|^2 - |C r|^2`` of every window from one convolution with the mean and the
-        components (orthonormal rows), or per step then a sliding max (``step``)."""
-        z = self.prepare_series(series)
-        z = (z - state.centre) / state.scale * state.weight  # (B, T, D)
+        """One pass: ``|r|^2 - |C r|^2`` of every window from its products with the mean and the
+        components (orthonormal rows) (:meth:`stream_kernels`), or per step then a sliding max."""
+        parts = self.stream_kernels(state, series, window)
+        if parts is not None:
+            return score_kernels([parts], window)[0].to(series.dtype)
+        r = self.standardise_series(series, state.centre, state.scale, state.weight, state.mean)
+        # I - C'C projects onto what the components miss: one (D, D) product per step
+        eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+        residual = r @ (eye - state.components.transpose(1, 2) @ state.components)
+        error = residual.pow(2).sum(-1).unsqueeze(1)
+        return F.max_pool1d(error, window, stride=1)[:, 0].to(series.dtype)
+
+    def stream_kernels(self, state: PCAState, series: Tensor, window: int) -> WindowKernels | None:
+        """The window unit's kernels: the support mean and the components (``None`` for ``step``)."""
         if self.unit == "step":
-            r = z - state.mean
-            residual = r - (r @ state.components.transpose(1, 2)) @ state.components
-            error = residual.pow(2).sum(-1).unsqueeze(1)
-            return F.max_pool1d(error, window, stride=1)[:, 0].to(series.dtype)
+            return None
+        z = self.standardise_series(series, state.centre, state.scale, state.weight)
         b, d = z.shape[0], z.shape[-1]
-        kernels = torch.cat([state.mean, state.components], 1).view(b, -1, window, d)
-        products = window_products(z, kernels)  # (B, S, 1 + r)
+        kept = int((state.components.abs().sum(-1) > 0).sum(1).max())  # rows beyond are zero
+        components = state.components[:, :kept]
+        kernels = torch.cat([state.mean, components], 1).view(b, -1, window, d)
         mean_sq = state.mean.pow(2).sum(-1)  # (B, 1)
-        centred_sq = window_sq_norms(z, window) - 2 * products[..., 0] + mean_sq
-        projection = products[..., 1:] - (state.mean @ state.components.transpose(1, 2))
-        return (centred_sq - projection.pow(2).sum(-1)).clamp(min=0).to(series.dtype)
+        mean_projection = state.mean @ components.transpose(1, 2)  # (B, 1, r)
+
+        def finish(products: Tensor, sq_norms: Tensor) -> Tensor:
+            centred_sq = sq_norms - 2 * products[..., 0] + mean_sq
+            projection = products[..., 1:] - mean_projection
+            return (centred_sq - projection.pow(2).sum(-1)).clamp(min=0)
+
+        return WindowKernels(z, kernels, finish)
 
 
 class KNNDistance(SeriesInput):
@@ -232,15 +254,26 @@ class KNNDistance(SeriesInput):
         return d.topk(k, dim=-1, largest=False).values.mean(-1).to(query.dtype)
 
     def score_stream(self, state: tuple[Tensor, ...], series: Tensor, window: int) -> Tensor:
-        """One pass: the squared distance of every window to every support window from one convolution."""
+        """One pass: the squared distance of every window to every support window from their products."""
+        return score_kernels([self.stream_kernels(state, series, window)], window)[0].to(series.dtype)
+
+    def stream_kernels(self, state: tuple[Tensor, ...], series: Tensor, window: int) -> WindowKernels:
+        """The kernels: the standardised support windows."""
         rows, centre, scale, weight = state
-        z = (self.prepare_series(series) - centre) / scale * weight
+        z = self.standardise_series(series, centre, scale, weight)
         b, d = z.shape[0], z.shape[-1]
-        products = window_products(z, rows.view(b, -1, window, d))  # (B, S, K)
-        sq = window_sq_norms(z, window).unsqueeze(-1) - 2 * products + rows.pow(2).sum(-1).unsqueeze(1)
+        row_sq = rows.pow(2).sum(-1).unsqueeze(1)  # (B, 1, K)
         k = min(self.k, rows.shape[1])
-        nearest = sq.clamp(min=0).sqrt().topk(k, dim=-1, largest=False).values
-        return nearest.mean(-1).to(series.dtype)
+
+        def finish(products: Tensor, sq_norms: Tensor) -> Tensor:
+            # the nearest by |s|^2 - 2 <x, s> (one pass over the K), |x|^2 added to those only
+            partial = torch.add(row_sq, products, alpha=-2)
+            if k == 1:
+                return (partial.amin(-1) + sq_norms).clamp(min=0).sqrt()
+            nearest = partial.topk(k, dim=-1, largest=False).values + sq_norms.unsqueeze(-1)
+            return nearest.clamp(min=0).sqrt().mean(-1)
+
+        return WindowKernels(z, rows.view(b, -1, window, d), finish)
 
 
 # The detectors a learner may combine by name (metaad.detectors.combination): short names, no settings.
@@ -303,10 +336,22 @@ class BaselineScores:
         return ((raw.clamp(min=0) + self.eps).log() - reference.unsqueeze(1)).to(query.dtype)
 
     def score_stream(self, adapted: tuple[list, Tensor, Tensor], series: Tensor, window: int) -> Tensor:
-        """Normalised scores of every window of ``series`` ``(B, T - W + 1, M)``, each baseline in one
-        pass where it can."""
+        """Normalised scores of every window of ``series`` ``(B, T - W + 1, M)``: baselines that score
+        by products with fixed windows in one shared pass (:func:`score_kernels`), each other in
+        its own."""
         states, reference, _ = adapted
+        dtype, series = series.dtype, series.double()  # once for all (each works in float64)
+        kernels = {}
+        for i, (d, s) in enumerate(zip(self.detectors, states)):
+            parts = d.stream_kernels(s, series, window) if hasattr(d, "stream_kernels") else None
+            if parts is not None:
+                kernels[i] = parts
+        shared = dict(zip(kernels, score_kernels(list(kernels.values()), window)))
         raw = torch.stack(
-            [score_stream(d, s, series, window).double() for d, s in zip(self.detectors, states)], -1
+            [
+                shared[i].double() if i in shared else score_stream(d, s, series, window).double()
+                for i, (d, s) in enumerate(zip(self.detectors, states))
+            ],
+            -1,
         )
-        return ((raw.clamp(min=0) + self.eps).log() - reference.unsqueeze(1)).to(series.dtype)
+        return ((raw.clamp(min=0) + self.eps).log() - reference.unsqueeze(1)).to(dtype)
