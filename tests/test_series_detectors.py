@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from metaad.apps.checks import check_train_config
 from metaad.data.episodes import Episode
 from metaad.detectors.backbones import TCN
 from metaad.detectors.base import leave_one_out_scores, score_stream, sliding_windows, windowed_stream_scores
@@ -26,6 +27,7 @@ from metaad.detectors.series_baselines import (
     RobustZScore,
 )
 from metaad.detectors.siamese import Siamese
+from metaad.errors import ConfigError
 from metaad.evaluation.metrics import episode_auroc
 from tests.conftest import LEARNERS
 
@@ -320,8 +322,13 @@ def test_series_configs_build_what_they_name(compose_cfg):
     baselines = build_baselines(cfg)
     assert {"zscore", "pca", "pca_step", "knn", "zscore_signlog", "mean_euclidean"} <= set(baselines)
     assert baselines["pca_signlog"].signlog and baselines["pca_step"].unit == "step"
-    subset = compose_cfg(["baselines=series_subset", "+dataset.baseline_columns=[0]"])
+    subset = compose_cfg(["baselines=series_subset", "baseline_columns=[0]"])
     assert build_baselines(subset)["knn_subset"].columns == [0]
+    # the telemanom experiments name their telemetry column; the datamodule never sees the setting
+    smap = compose_cfg(["experiment=smap", "baselines=series_subset"])
+    assert build_baselines(smap)["pca_subset"].columns == [0] and "baseline_columns" not in smap.dataset
+    with pytest.raises(ConfigError, match=r"score a subset of the columns: name it with baseline_columns="):
+        check_train_config(compose_cfg(["baselines=series_subset"]))
 
 
 # --- learners that can learn what transfers ---------------------------------------------------

@@ -407,6 +407,6 @@ def test_every_shipped_config_can_be_stored_in_a_checkpoint(tmp_path, group, opt
     group must pass it (a new learner, baseline or source is allowed by its config alone)."""
     from metaad.checkpoint import check_targets, stored_config
 
-    needs = {"series_subset": ["experiment=smap", "+dataset.baseline_columns=[0]"]}.get(option, [])
+    needs = {"series_subset": ["experiment=smap", "baseline_columns=[0]"]}.get(option, [])
     cfg = compose_in(tmp_path / "run", [*needs, f"{group}={option}"])
     check_targets(stored_config(cfg), f"{group}={option}")

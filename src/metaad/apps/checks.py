@@ -63,6 +63,24 @@ def check_train_config(cfg: DictConfig) -> None:
     check_threshold(cfg.get("threshold"))
     check_score_chunk(cfg)
     check_processes(cfg)
+    check_baseline_columns(cfg)
+
+
+def check_baseline_columns(cfg: DictConfig) -> None:
+    """Baselines on a subset of the columns (``baselines=series_subset``) need the subset named."""
+    baselines = cfg.get("baselines") or {}
+    wanted = [
+        name
+        for name, conf in baselines.items()
+        if isinstance(conf, DictConfig)
+        and "columns" in conf
+        and "baseline_columns" in str(OmegaConf.to_container(conf).get("columns"))
+    ]
+    if wanted and OmegaConf.is_missing(cfg, "baseline_columns"):
+        raise ConfigError(
+            f"baselines {wanted[:4]} score a subset of the columns: name it with baseline_columns=[...] "
+            "(e.g. baseline_columns=[0], a telemanom channel's telemetry; experiment=smap and msl set it)"
+        )
 
 
 def check_score_chunk(cfg: DictConfig) -> None:
