@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-GB = 1e9
+from bench_store import measured_train  # a script beside this one
+
 BIN = Path(sys.executable).parent
 # experiment ("default": the default run) -> overrides that shorten it without changing a batch's size
 EXPERIMENTS: dict[str, list[str]] = {
@@ -56,16 +57,9 @@ EXPERIMENTS: dict[str, list[str]] = {
 
 
 def measured(cmd: list[str], run_dir: Path, log_file: Path) -> dict:
-    """One ``metaad-train`` on one thread: wall time, peak memory (ru_maxrss from os.wait4), the
-    evaluation batch it scored and its test AUROC."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    start = time.perf_counter()
-    with open(log_file, "w") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"metaad-train failed (log: {log_file}):\n{shlex.join(cmd)}")
+    """One ``metaad-train`` on one thread (bench_store's measurement: wall time, peak memory from
+    os.wait4, test AUROC), with the evaluation batch it scored."""
+    run = measured_train(cmd, run_dir, log_file)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads(
         subprocess.run(
@@ -76,9 +70,9 @@ def measured(cmd: list[str], run_dir: Path, log_file: Path) -> dict:
         ).stdout
     )
     return {
-        "wall_s": wall,
-        "peak_gb": usage.ru_maxrss * 1024 / GB,
-        "test_auroc": metrics["test"]["auroc"]["mean"],
+        "wall_s": run["wall_s"],
+        "peak_gb": run["peak_gb"],
+        "test_auroc": run["test_auroc"],
         "data": metrics.get("data"),
         **config,
         "model": metrics["model"],
