@@ -35,7 +35,7 @@ from tests.conftest import event_dir, run_app
 
 BIN = Path(sys.executable).parent
 
-TINY = ["debug=quick", "trainer.max_epochs=2", "dataset.meta_batch_size=4"]
+TINY = ["experiment=digits", "debug=quick", "trainer.max_epochs=2", "dataset.meta_batch_size=4"]
 
 
 # --- fast: the pieces -------------------------------------------------------------------------
